@@ -1,0 +1,58 @@
+"""Microbenchmarks: python bench/run.py [--quick] [--device cpu|cuda] [--ops softmax,layer_norm,...]
+
+Each kernel's output is validated against the float64 reference, then it is timed against the
+PyTorch peers in the same run. Results go to bench/results/<device>-kernels.{json,md} and one plot
+per op (with --quick, to build/bench-quick/ so that committed figures are not overwritten).
+"""
+
+import argparse
+import importlib
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from common import format_table, machine_info, measure_ceilings, run_case, write_results  # noqa: E402
+
+MODULES = ["bench_softmax", "bench_layernorm", "bench_attention"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="few sizes, short timings (a smoke run)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ops", default="", help="comma-separated op names to run (default: all)")
+    ap.add_argument("--out", default=None, help="output folder (default bench/results, or build/bench-quick)")
+    ap.add_argument("--stem", default=None, help="file name stem (default <device>-kernels)")
+    args = ap.parse_args(argv)
+
+    import fusedformer  # noqa: F401  (registers the ops)
+
+    out = args.out or (os.path.join(HERE, "..", "build", "bench-quick") if args.quick else os.path.join(HERE, "results"))
+    stem = args.stem or f"{args.device}-kernels"
+    wanted = {s.strip() for s in args.ops.split(",") if s.strip()}
+    info = machine_info(args.device)
+    print(", ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+    ceilings = measure_ceilings(args.device, args.quick)
+    print("ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()), flush=True)
+    results = []
+    for modname in MODULES:
+        mod = importlib.import_module(modname)
+        for case in mod.cases(args.device, args.quick):
+            if wanted and case.op not in wanted:
+                continue
+            r = run_case(case, args.device, args.quick, ceilings)
+            results.append(r)
+            print(format_table([r]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(results))
+    write_results(results, ceilings, info, out, stem, f"fusedformer kernel benchmarks ({args.device})")
+    print(f"\nwrote {os.path.normpath(out)}/{stem}.json, .md and plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+// Argument checks shared by the CPU and CUDA ops: general helpers, softmax and the norms.
+#include <c10/util/Exception.h>
+
+#include "fusedformer/common.h"
+
+namespace fusedformer {
+
+void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
+  auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
+                   " must be float32, bfloat16 or float16, got ", st);
+}
+
+void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                      const char* op) {
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": ", b_name, " must have the dtype of ", a_name,
+                   " (", a.scalar_type(), "), got ", b.scalar_type());
+}
+
+void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                       const char* op) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", b_name, " must be on the device of ", a_name, " (",
+              a.device(), "), got ", b.device());
+}
+
+void check_nonempty(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.numel() > 0, op, ": ", name, " must not be empty, got shape ", t.sizes());
+}
+
+at::Tensor broadcast_mask(const at::Tensor& mask, at::IntArrayRef target, const char* op, const char* name) {
+  auto st = mask.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kBool || at::isFloatingType(st), op, ": ", name,
+                   " must be a bool tensor (True = keep) or a floating additive mask, got ", st);
+  bool ok = mask.dim() <= static_cast<int64_t>(target.size());
+  for (int64_t i = 1; ok && i <= mask.dim(); ++i) {
+    int64_t ms = mask.size(-i), ts = target[target.size() - i];
+    ok = ms == ts || ms == 1;
+  }
+  TORCH_CHECK_VALUE(ok, op, ": ", name, " of shape ", mask.sizes(), " does not broadcast to ", target);
+  // convert before expanding, so a broadcast mask is never materialized
+  at::Tensor m = (st == at::kBool || st == at::kFloat) ? mask : mask.to(at::kFloat);
+  return m.expand(target);
+}
+
+SoftmaxProblem prepare_softmax(const at::Tensor& x, int64_t dim, const std::optional<at::Tensor>& mask,
+                               bool is_causal) {
+  const char* op = "fusedformer.softmax";
+  check_float_dtype(x, op, "input");
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": input must have at least one dimension, got a scalar");
+  check_nonempty(x, op, "input");
+  TORCH_CHECK_INDEX(dim >= -x.dim() && dim < x.dim(), op, ": dim must be in [", -x.dim(), ", ", x.dim() - 1,
+                    "] for an input of ", x.dim(), " dimensions, got ", dim);
+  SoftmaxProblem p;
+  p.dim = dim < 0 ? dim + x.dim() : dim;
+  p.moved = p.dim != x.dim() - 1;
+  TORCH_CHECK_VALUE(!is_causal || x.dim() >= 2, op, ": is_causal needs an input of at least 2 dimensions, got ",
+                    x.dim());
+  at::Tensor m;
+  if (mask.has_value() && mask->defined()) {
+    check_same_device(x, "input", *mask, "mask", op);
+    m = broadcast_mask(*mask, x.sizes(), op, "mask");
+  }
+  if (is_causal && p.moved) {
+    // causal masking refers to the caller's last two dims; with another softmax dim it is applied
+    // as an explicit mask before the dim is moved.
+    int64_t L = x.size(-2), S = x.size(-1);
+    auto keep = at::ones({L, S}, x.options().dtype(at::kBool)).tril();
+    if (!m.defined()) {
+      m = keep.expand(x.sizes());
+    } else if (m.scalar_type() == at::kBool) {
+      m = m.logical_and(keep);
+    } else {
+      m = m.masked_fill(keep.logical_not(), -std::numeric_limits<float>::infinity());
+    }
+    p.causal = false;
+  } else {
+    p.causal = is_causal;
+  }
+  if (p.moved) {
+    p.x = x.movedim(p.dim, -1).contiguous();
+    if (m.defined()) m = m.movedim(p.dim, -1);
+  } else {
+    p.x = x.contiguous();
+  }
+  p.mask = m;
+  return p;
+}
+
+void check_softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, int64_t dim) {
+  const char* op = "fusedformer.softmax backward";
+  check_float_dtype(y, op, "output");
+  check_same_dtype(y, "output", grad_y, "grad_output", op);
+  check_same_device(y, "output", grad_y, "grad_output", op);
+  TORCH_CHECK_VALUE(grad_y.sizes() == y.sizes(), op, ": grad_output must have the output's shape ", y.sizes(),
+                    ", got ", grad_y.sizes());
+  TORCH_CHECK_INDEX(dim >= -y.dim() && dim < y.dim(), op, ": dim ", dim, " out of range for ", y.dim(),
+                    " dimensions");
+}
+
+NormProblem prepare_norm(const char* op, const at::Tensor& input, at::IntArrayRef normalized_shape,
+                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& residual, double eps) {
+  check_float_dtype(input, op, "input");
+  const int64_t k = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK_VALUE(k >= 1, op, ": normalized_shape must name at least one dimension, got ", normalized_shape);
+  TORCH_CHECK_VALUE(input.dim() >= k && input.sizes().slice(input.dim() - k) == normalized_shape, op,
+                    ": normalized_shape ", normalized_shape, " must match the trailing dimensions of input, got ",
+                    input.sizes());
+  check_nonempty(input, op, "input");
+  TORCH_CHECK_VALUE(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  NormProblem p;
+  p.n = c10::multiply_integers(normalized_shape);
+  p.rows = input.numel() / p.n;
+  p.stat_shape.assign(input.sizes().begin(), input.sizes().end() - k);
+  p.x = input.contiguous();
+  auto param = [&](const std::optional<at::Tensor>& t, const char* name) -> at::Tensor {
+    if (!t.has_value() || !t->defined()) return {};
+    check_float_dtype(*t, op, name);
+    check_same_device(input, "input", *t, name, op);
+    TORCH_CHECK_VALUE(t->sizes() == normalized_shape, op, ": ", name, " must have shape ", normalized_shape,
+                      " (normalized_shape), got ", t->sizes());
+    return t->to(at::kFloat).contiguous();
+  };
+  p.weight = param(weight, "weight");
+  p.bias = param(bias, "bias");
+  if (residual.has_value() && residual->defined()) {
+    check_same_dtype(input, "input", *residual, "residual", op);
+    check_same_device(input, "input", *residual, "residual", op);
+    TORCH_CHECK_VALUE(residual->sizes() == input.sizes(), op, ": residual must have the input's shape ",
+                      input.sizes(), ", got ", residual->sizes());
+    p.residual = residual->contiguous();
+  }
+  return p;
+}
+
+at::Tensor param_grad(const at::Tensor& g, const std::optional<at::Tensor>& param) {
+  if (!param.has_value() || !param->defined()) return g;
+  return g.to(param->scalar_type()).view(param->sizes());
+}
+
+}  // namespace fusedformer

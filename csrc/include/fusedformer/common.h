@@ -1,0 +1,76 @@
+// Argument checking and shape logic shared by the CPU and CUDA implementations of every op.
+// Each check raises a Python exception (through TORCH_CHECK*) whose message names the argument,
+// what was expected and what was given.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace fusedformer {
+
+// float32, bfloat16 or float16; anything else is a TypeError naming `name`.
+void check_float_dtype(const at::Tensor& t, const char* op, const char* name);
+void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                      const char* op);
+void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                       const char* op);
+void check_nonempty(const at::Tensor& t, const char* op, const char* name);
+// `mask` (bool or floating) must broadcast to `target`; returns it, bool or float32, expanded to `target`.
+at::Tensor broadcast_mask(const at::Tensor& mask, at::IntArrayRef target, const char* op, const char* name);
+
+// ---------------------------------------------------------------------------------------------
+// softmax
+
+struct SoftmaxProblem {
+  at::Tensor x;     // contiguous, the softmax dim moved last
+  at::Tensor mask;  // undefined, or expanded to x's (moved) shape
+  int64_t dim;      // wrapped dim of the caller's tensor
+  bool moved;       // dim was not the last one: the result must be moved back
+  bool causal;      // causal applies to the last two dims of x (only when the softmax dim is last)
+};
+SoftmaxProblem prepare_softmax(const at::Tensor& x, int64_t dim, const std::optional<at::Tensor>& mask,
+                               bool is_causal);
+void check_softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, int64_t dim);
+
+// ---------------------------------------------------------------------------------------------
+// layer_norm / rms_norm
+
+struct NormProblem {
+  at::Tensor x;         // contiguous
+  at::Tensor residual;  // contiguous or undefined
+  at::Tensor weight;    // float32 contiguous (n) or undefined
+  at::Tensor bias;      // float32 contiguous (n) or undefined
+  int64_t rows, n;
+  std::vector<int64_t> stat_shape;  // input.shape[:-len(normalized_shape)]
+};
+NormProblem prepare_norm(const char* op, const at::Tensor& input, at::IntArrayRef normalized_shape,
+                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& residual, double eps);
+// grad_weight / grad_bias are computed in float32; this casts them to the parameter's dtype.
+at::Tensor param_grad(const at::Tensor& g, const std::optional<at::Tensor>& param);
+
+// ---------------------------------------------------------------------------------------------
+// attention
+
+struct AttnProblem {
+  at::Tensor q, k, v;  // (B, H, L|S, E|Ev) views, batch dims flattened (no copy where possible)
+  at::Tensor mask;     // undefined or (B, Hq, L, S) expanded view; bool, or float32 when floating
+  std::vector<int64_t> batch_shape;
+  int64_t B, Hq, Hkv, L, S, E, Ev;
+  std::vector<int64_t> out_shape;  // batch_shape + (Hq, L, Ev) (or (L, Ev) for rank-2 inputs)
+  std::vector<int64_t> lse_shape;  // batch_shape + (Hq, L)
+  uint64_t seed;
+};
+inline constexpr int64_t kMaxHeadDim = 256;
+AttnProblem prepare_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
+                              const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
+                              double dropout_p, const std::optional<at::Tensor>& seed);
+// (B, H, L, E)-shaped view of a tensor laid out like `like_shape` (used for grad_out / out / lse)
+at::Tensor flatten_batch(const at::Tensor& t, int64_t keep_dims);
+void check_attention_bwd(const AttnProblem& p, const at::Tensor& grad_out, const at::Tensor& out,
+                         const at::Tensor& lse);
+
+}  // namespace fusedformer

@@ -1,0 +1,161 @@
+// Interface between the ATen glue (csrc/cpu/*.cpp) and the CPU kernels (csrc/cpu/kernels/*.cpp).
+//
+// The kernels include no torch header: they see raw pointers, sizes and element strides, and are
+// compiled once per instruction set. kernels() returns the table for the instruction set chosen at
+// run time (the best the CPU supports, or FUSEDFORMER_CPU_CAPABILITY / set_isa()).
+#pragma once
+
+#include <cstdint>
+
+namespace fusedformer::cpu {
+
+enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+enum class MaskKind : int { None = 0, Bool = 1, Float = 2 };
+
+inline constexpr int kMaxMaskDims = 8;
+
+// Strided element offset of a row, for broadcast masks: row r is decomposed over `sizes`
+// (row-major, the last entry varies fastest) and weighted by `strides` (0 for broadcast dims).
+struct RowIndexer {
+  int ndim = 0;
+  int64_t sizes[kMaxMaskDims] = {};
+  int64_t strides[kMaxMaskDims] = {};
+  int64_t offset(int64_t r) const {
+    int64_t off = 0;
+    for (int d = ndim - 1; d >= 0; --d) {
+      off += (r % sizes[d]) * strides[d];
+      r /= sizes[d];
+    }
+    return off;
+  }
+};
+
+// y = softmax(x * scale + mask) over contiguous rows of length n.
+struct SoftmaxFwdArgs {
+  DType dtype;
+  const void* x;
+  void* y;
+  int64_t rows, n;
+  float scale;
+  MaskKind mask_kind;
+  const void* mask;     // bool (uint8, true = keep) or float32 (additive)
+  RowIndexer mask_row;  // element offset of each row's mask
+  int64_t mask_col_stride;
+  bool causal;          // row r is query (r % causal_rows); keeps columns j <= that
+  int64_t causal_rows;
+};
+
+// grad_x = scale * y * (grad_y - sum(grad_y * y)) over contiguous rows.
+struct SoftmaxBwdArgs {
+  DType dtype;
+  const void* grad_y;
+  const void* y;
+  void* grad_x;
+  int64_t rows, n;
+  float scale;
+};
+
+// LayerNorm / RMSNorm forward over contiguous rows of length n. With `residual`, the input is
+// h = x + residual (written to h_out in the input dtype) and the norm is taken of h.
+struct NormFwdArgs {
+  DType dtype;
+  bool rms;
+  const void* x;
+  const void* residual;  // nullable
+  void* y;
+  void* h_out;           // nullable; required with residual
+  const float* weight;   // nullable, n
+  const float* bias;     // nullable, n (layer norm only)
+  float* mean;           // rows (layer norm only)
+  float* rstd;           // rows
+  int64_t rows, n;
+  float eps;
+};
+
+// Backward: grad_x (= grad of the residual too) from grad_y and, with the residual form, grad_h.
+struct NormBwdArgs {
+  DType dtype;
+  bool rms;
+  const void* grad_y;
+  const void* grad_h;  // nullable: gradient flowing into the h output
+  const void* x;       // the normalized input (h with the residual form)
+  const float* mean;   // layer norm only
+  const float* rstd;
+  const float* weight;  // nullable
+  void* grad_x;
+  float* grad_weight;  // nullable, n
+  float* grad_bias;    // nullable, n
+  int64_t rows, n;
+};
+
+// Attention over (B, H, L, E) tensors addressed by element strides. Query head h reads key/value
+// head h / (Hq / Hkv). The output is contiguous (B, Hq, L, Ev); lse is (B, Hq, L) float32, the
+// natural-log log-sum-exp of each row's scaled logits (+inf for a row whose keys are all masked).
+struct AttnTensor {
+  const void* data;
+  int64_t sb, sh, sl, se;  // strides of batch, head, position, feature
+};
+
+struct AttnFwdArgs {
+  DType dtype;
+  AttnTensor q, k, v;
+  void* out;
+  float* lse;
+  int64_t B, Hq, Hkv, L, S, E, Ev;
+  MaskKind mask_kind;
+  const void* mask;  // bool (uint8) or float32, broadcast to (B, Hq, L, S) by its strides
+  int64_t m_sb, m_sh, m_sl, m_ss;
+  bool causal;  // top-left aligned: query i keeps key j <= i
+  float scale;
+  float dropout_p;
+  uint64_t seed;
+};
+
+struct AttnBwdArgs {
+  AttnFwdArgs fwd;       // inputs as in the forward (out and lse are read)
+  AttnTensor grad_out;   // (B, Hq, L, Ev)
+  void* grad_q;          // contiguous (B, Hq, L, E)
+  void* grad_k;          // contiguous (B, Hkv, S, E)
+  void* grad_v;          // contiguous (B, Hkv, S, Ev)
+};
+
+struct KernelTable {
+  const char* name;
+  void (*softmax_fwd)(const SoftmaxFwdArgs&);
+  void (*softmax_bwd)(const SoftmaxBwdArgs&);
+  void (*norm_fwd)(const NormFwdArgs&);
+  void (*norm_bwd)(const NormBwdArgs&);
+  void (*attention_fwd)(const AttnFwdArgs&);
+  void (*attention_bwd)(const AttnBwdArgs&);
+};
+
+#define FF_DECLARE_KERNELS(ns)                     \
+  namespace ns {                                   \
+  void softmax_fwd(const SoftmaxFwdArgs&);         \
+  void softmax_bwd(const SoftmaxBwdArgs&);         \
+  void norm_fwd(const NormFwdArgs&);               \
+  void norm_bwd(const NormBwdArgs&);               \
+  void attention_fwd(const AttnFwdArgs&);          \
+  void attention_bwd(const AttnBwdArgs&);          \
+  }
+
+// The kernel table in use.
+const KernelTable& kernels();
+// Names of the instruction sets this build has and this CPU runs, best last.
+const char* const* available_isas(int* count);
+// Selects an instruction set by name ("generic", "avx2", "avx512"); false if unavailable.
+bool set_isa(const char* name);
+
+// Threading, implemented with ATen's parallel primitives (csrc/cpu/parallel.cpp).
+// f(begin, end) is called on disjoint chunks covering [begin, end).
+void parallel_for(int64_t begin, int64_t end, int64_t grain, void (*f)(void*, int64_t, int64_t), void* ctx);
+template <typename F>
+inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  parallel_for(
+      begin, end, grain,
+      [](void* c, int64_t b, int64_t e) { (*static_cast<const F*>(c))(b, e); },
+      const_cast<void*>(static_cast<const void*>(&f)));
+}
+int num_threads();
+
+}  // namespace fusedformer::cpu

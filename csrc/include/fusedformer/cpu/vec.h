@@ -1,0 +1,269 @@
+// Portable SIMD layer for the CPU kernels.
+//
+// Kernel translation units are compiled once per instruction set (generic, AVX2, AVX-512) with
+// FF_ISA naming the namespace; everything here lives in that namespace so that the copies never
+// collide at link time. The vector type is a GCC/Clang vector extension: the compiler lowers it to
+// the widest registers the target flags allow (ymm for AVX2, zmm for AVX-512, xmm pairs / NEON on
+// the generic build), so one kernel source serves every target.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#ifndef FF_ISA
+#error "kernel translation units are compiled with FF_ISA=<namespace>"
+#endif
+
+#include "fusedformer/cpu/kernels.h"
+
+namespace fusedformer::cpu::FF_ISA {
+
+#if defined(__AVX512F__)
+inline constexpr int W = 16;
+#elif defined(__AVX2__)
+inline constexpr int W = 8;
+#else
+// Generic build: 16 lanes, lowered by the compiler to what the baseline target has. Its lane count
+// equals AVX-512's, so the 16-lane code paths are exercised on any machine.
+inline constexpr int W = 16;
+#endif
+
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+typedef uint32_t vu __attribute__((vector_size(W * 4)));
+typedef uint16_t vh __attribute__((vector_size(W * 2)));
+
+#define FF_INLINE inline __attribute__((always_inline))
+
+FF_INLINE vf vzero() { return vf{}; }
+FF_INLINE vf vset1(float s) { return vf{} + s; }
+FF_INLINE vf vload(const float* p) {
+  vf v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+FF_INLINE void vstore(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
+FF_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
+FF_INLINE vf vmin(vf a, vf b) { return a < b ? a : b; }
+FF_INLINE vf vabs(vf a) { return (vf)((vu)a & 0x7fffffffu); }
+FF_INLINE vf vselect(vi m, vf a, vf b) { return m ? a : b; }
+
+FF_INLINE float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+// max that ignores NaN lanes (a NaN row is caught by the sum that follows, which becomes NaN)
+FF_INLINE float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// lane index vector {0, 1, ..., W-1}
+FF_INLINE vi viota() {
+  vi r;
+  for (int i = 0; i < W; ++i) r[i] = i;
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// exp. Inputs may be -inf (masked logits: result 0), +inf (result inf) or NaN (result NaN).
+// Results below 2^-126 are flushed to zero.
+
+// 2^x
+FF_INLINE vf vexp2(vf x) {
+  vf xc = x < -127.f ? vset1(-127.f) : x;
+  xc = xc > 128.f ? vset1(128.f) : xc;
+  // round to nearest (|xc| < 2^22)
+  const vf magic = vset1(12582912.f);
+  vf n = (xc + magic) - magic;
+  vf f = xc - n;  // [-0.5, 0.5]
+  // 2^f = e^(f ln2), Taylor to degree 7 (error < 1e-8 relative on [-0.5, 0.5])
+  const float c1 = 0.6931471805599453f, c2 = 0.2402265069591007f, c3 = 0.05550410866482158f,
+              c4 = 0.009618129107628477f, c5 = 0.0013333558146428443f, c6 = 0.00015403530393381608f,
+              c7 = 1.525273380405984e-05f;
+  vf p = vset1(c7);
+  p = p * f + c6;
+  p = p * f + c5;
+  p = p * f + c4;
+  p = p * f + c3;
+  p = p * f + c2;
+  p = p * f + c1;
+  p = p * f + 1.0f;
+  vi ni = __builtin_convertvector(n, vi);
+  vf scale = (vf)((ni + 127) << 23);  // n = -127 -> 0, n = 128 -> inf
+  return p * scale;
+}
+
+// e^x, with the argument reduction split in two (Cody-Waite) so large |x| keeps full precision
+FF_INLINE vf vexp(vf x) {
+  const float log2e = 1.4426950408889634f;
+  const float ln2_hi = 0.693145751953125f, ln2_lo = 1.428606765330187e-06f;
+  vf xc = x < -88.f ? vset1(-88.f) : x;
+  xc = xc > 89.f ? vset1(89.f) : xc;
+  const vf magic = vset1(12582912.f);
+  vf n = (xc * log2e + magic) - magic;
+  vf r = xc - n * ln2_hi;
+  r = r - n * ln2_lo;  // |r| <= ln2/2
+  const float c2 = 0.5f, c3 = 0.16666666666666666f, c4 = 0.041666666666666664f,
+              c5 = 0.008333333333333333f, c6 = 0.001388888888888889f, c7 = 0.0001984126984126984f;
+  vf p = vset1(c7);
+  p = p * r + c6;
+  p = p * r + c5;
+  p = p * r + c4;
+  p = p * r + c3;
+  p = p * r + c2;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  vi ni = __builtin_convertvector(n, vi);
+  vf scale = (vf)((ni + 127) << 23);
+  vf res = p * scale;
+  // below e^-88 the result is flushed to zero (also for -inf); NaN propagates through p
+  return x < -87.33654f ? vzero() : res;
+}
+
+// ---------------------------------------------------------------------------------------------
+// scalar conversions for bfloat16 / float16 storage (raw uint16 bits)
+
+FF_INLINE float bits_to_float(uint32_t u) {
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+FF_INLINE uint32_t float_to_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  return u;
+}
+FF_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+FF_INLINE uint16_t float_to_bf16(float f) {
+  uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN, sign kept
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return uint16_t(u >> 16);
+}
+FF_INLINE float half_to_float(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  if (exp == 0) {
+    float v = float(mant) * 5.9604644775390625e-08f;  // mant * 2^-24, exact
+    return bits_to_float(float_to_bits(v) | sign);
+  }
+  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (mant << 13));
+  return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+FF_INLINE uint16_t float_to_half(float f) {
+  uint32_t u = float_to_bits(f);
+  uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  u &= 0x7fffffffu;
+  if (u >= 0x7f800000u) return sign | (u > 0x7f800000u ? 0x7e00u : 0x7c00u);  // NaN / inf
+  if (u >= 0x477ff000u) return sign | 0x7c00u;                                 // rounds to inf
+  if (u < 0x38800000u) {
+    // result is subnormal (or zero): let the FPU round by adding 0.5 (2^-1): the half subnormal
+    // step 2^-24 then sits at the last mantissa bit of the float sum.
+    float v = bits_to_float(u) + 0.5f;
+    return sign | uint16_t(float_to_bits(v) - 0x3f000000u);
+  }
+  uint32_t odd = (u >> 13) & 1u;
+  u += 0xc8000fffu + odd;  // rebias exponent (-112 << 23) and round to nearest even
+  return sign | uint16_t(u >> 13);
+}
+
+// ---------------------------------------------------------------------------------------------
+// storage types and vector loads / stores converting to and from float
+
+struct bf16_t {
+  uint16_t x;
+};
+struct f16_t {
+  uint16_t x;
+};
+
+FF_INLINE float to_float(float v) { return v; }
+FF_INLINE float to_float(bf16_t v) { return bf16_to_float(v.x); }
+FF_INLINE float to_float(f16_t v) { return half_to_float(v.x); }
+template <typename T>
+FF_INLINE T from_float(float v);
+template <>
+FF_INLINE float from_float<float>(float v) {
+  return v;
+}
+template <>
+FF_INLINE bf16_t from_float<bf16_t>(float v) {
+  return bf16_t{float_to_bf16(v)};
+}
+template <>
+FF_INLINE f16_t from_float<f16_t>(float v) {
+  return f16_t{float_to_half(v)};
+}
+
+FF_INLINE vf vload(const bf16_t* p) {
+  vh h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  vu u = __builtin_convertvector(h, vu) << 16;
+  return (vf)u;
+}
+FF_INLINE void vstore(bf16_t* p, vf v) {
+  vu u = (vu)v;
+  vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  vu q = (u >> 16) | 0x40u;
+  r = ((u & 0x7fffffffu) > 0x7f800000u) ? q : r;
+  vh h = __builtin_convertvector(r, vh);
+  __builtin_memcpy(p, &h, sizeof(h));
+}
+FF_INLINE vf vload(const f16_t* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__) && defined(__AVX2__)
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  vf v;
+  for (int i = 0; i < W; ++i) v[i] = half_to_float(p[i].x);
+  return v;
+#endif
+}
+FF_INLINE void vstore(f16_t* p, vf v) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__) && defined(__AVX2__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+#else
+  for (int i = 0; i < W; ++i) p[i].x = float_to_half(v[i]);
+#endif
+}
+
+// partial vectors: the first n (< W) lanes from memory, the rest `fill`
+template <typename T>
+FF_INLINE vf vload_n(const T* p, int n, float fill = 0.f) {
+  vf v = vset1(fill);
+  for (int i = 0; i < n; ++i) v[i] = to_float(p[i]);
+  return v;
+}
+template <typename T>
+FF_INLINE void vstore_n(T* p, vf v, int n) {
+  for (int i = 0; i < n; ++i) p[i] = from_float<T>(v[i]);
+}
+
+// Map the dtype tag of the argument structs to the storage type.
+template <typename F>
+FF_INLINE void dispatch_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::Float32:
+      f(float{});
+      break;
+    case DType::BFloat16:
+      f(bf16_t{});
+      break;
+    case DType::Float16:
+      f(f16_t{});
+      break;
+  }
+}
+
+}  // namespace fusedformer::cpu::FF_ISA

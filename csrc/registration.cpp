@@ -1,0 +1,38 @@
+// Every fusedformer op schema, declared once. Forward and backward are separate ops; the device
+// implementations live in csrc/cpu and csrc/cuda, autograd and fake (meta) registrations in
+// python/fusedformer/ops.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fusedformer, m) {
+  // softmax(x * scale + mask) along dim; mask is bool (True = keep) or additive; is_causal masks
+  // the last two dims (query i keeps key j <= i). Fully masked rows give zeros.
+  m.def("softmax_fwd(Tensor x, int dim, float scale, Tensor? mask, bool is_causal) -> Tensor");
+  m.def("softmax_bwd(Tensor grad_y, Tensor y, int dim, float scale) -> Tensor");
+
+  // layer_norm / rms_norm; with residual, the input is h = input + residual and h is returned as
+  // residual_out (an empty tensor without residual). mean and rstd are float32, one per row.
+  m.def(
+      "layer_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps, "
+      "Tensor? residual) -> (Tensor out, Tensor residual_out, Tensor mean, Tensor rstd)");
+  m.def(
+      "layer_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor input, Tensor mean, Tensor rstd, "
+      "Tensor? weight, bool has_bias, int[] normalized_shape) -> (Tensor grad_input, Tensor grad_weight, "
+      "Tensor grad_bias)");
+  m.def(
+      "rms_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, float eps, Tensor? residual) -> "
+      "(Tensor out, Tensor residual_out, Tensor rstd)");
+  m.def(
+      "rms_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor input, Tensor rstd, Tensor? weight, "
+      "int[] normalized_shape) -> (Tensor grad_input, Tensor grad_weight)");
+
+  // scaled dot-product attention, (..., H, L, E) layout, top-left causal alignment, GQA when the
+  // query has a multiple of the key/value heads. lse is float32 (..., H, L). seed (an integer
+  // tensor) keys the dropout mask so that the backward recomputes the same one.
+  m.def(
+      "attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
+      "bool is_causal, float scale, Tensor? seed) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
+      "Tensor? attn_mask, float dropout_p, bool is_causal, float scale, Tensor? seed) -> "
+      "(Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+}

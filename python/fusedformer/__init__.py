@@ -1,0 +1,44 @@
+"""fusedformer: fused attention, layer/RMS norm and softmax kernels for PyTorch, as custom ops
+(C++ on the CPU, CUDA on the GPU), with Transformer modules, models and generation built on them."""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C
+from . import ops
+from .ops import attention, layer_norm, rms_norm, softmax
+
+__version__ = "0.1.0"
+
+
+def cpu_capability() -> str:
+    """The instruction set the CPU kernels use now ("generic", "avx2" or "avx512")."""
+    return _C.cpu_capability()
+
+
+def available_cpu_capabilities() -> list:
+    """Instruction sets this build has and this CPU supports, best last."""
+    return _C.available_cpu_capabilities()
+
+
+def set_cpu_capability(name: str) -> None:
+    """Select the instruction set of the CPU kernels (for testing and benchmarking); the default is
+    the best available, or the FUSEDFORMER_CPU_CAPABILITY environment variable."""
+    _C.set_cpu_capability(name)
+
+
+def built_with_cuda() -> bool:
+    """Whether the CUDA kernels were compiled into this build."""
+    return _C.built_with_cuda()
+
+
+__all__ = [
+    "attention",
+    "layer_norm",
+    "rms_norm",
+    "softmax",
+    "ops",
+    "cpu_capability",
+    "available_cpu_capabilities",
+    "set_cpu_capability",
+    "built_with_cuda",
+]

@@ -1,0 +1,7 @@
+"""Functional API: the fused ops with the argument names of their torch.nn.functional namesakes."""
+
+from .attention import attention
+from .layernorm import layer_norm, rms_norm
+from .softmax import softmax
+
+__all__ = ["attention", "layer_norm", "rms_norm", "softmax"]

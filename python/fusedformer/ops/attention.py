@@ -1,0 +1,85 @@
+"""fusedformer.ops.attention: scaled dot-product attention, tiled with an online softmax."""
+
+import math
+from typing import Optional
+
+import torch
+
+_ops = torch.ops.fusedformer
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """As ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Shapes ``(..., H, L, E)`` for the query and ``(..., Hkv, S, E)`` / ``(..., Hkv, S, Ev)`` for key
+    and value; with ``enable_gqa``, ``H`` may be a multiple of ``Hkv``. ``attn_mask`` is bool
+    (True = keep) or additive, broadcastable to ``(..., H, L, S)``; ``is_causal`` keeps key j for
+    query i when j <= i (top-left aligned, as PyTorch's). Both may be given together. Head dims up to
+    256. Extra memory is O(L) per head: the L x S score matrix is never formed. A query whose keys
+    are all masked gets zeros (and zero gradients). An additive mask receives no gradient.
+    """
+    if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor):
+        raise TypeError("fusedformer.attention: query, key and value must be tensors")
+    if query.dim() >= 3 and key.dim() >= 3 and query.size(-3) != key.size(-3) and not enable_gqa:
+        raise ValueError(
+            f"fusedformer.attention: query has {query.size(-3)} heads and key {key.size(-3)}; "
+            "pass enable_gqa=True for grouped-query attention"
+        )
+    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "fusedformer.attention: attn_mask requires grad, but the fused kernel gives no gradient to the "
+            "mask; detach it or use torch.nn.functional.scaled_dot_product_attention"
+        )
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.size(-1))
+    dropout_p = float(dropout_p)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
+    out, _ = _ops.attention_fwd(query, key, value, attn_mask, dropout_p, bool(is_causal), float(scale), seed)
+    return out
+
+
+@torch.library.register_fake("fusedformer::attention_fwd")
+def _attention_fwd_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
+    out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
+    lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("fusedformer::attention_bwd")
+def _attention_bwd_fake(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, seed):
+    return (
+        torch.empty_like(query, memory_format=torch.contiguous_format),
+        torch.empty_like(key, memory_format=torch.contiguous_format),
+        torch.empty_like(value, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, dropout_p, is_causal, scale, seed = inputs
+    out, lse = output
+    ctx.dropout_p = dropout_p
+    ctx.is_causal = is_causal
+    ctx.scale = scale
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask, seed)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, out, lse, attn_mask, seed = ctx.saved_tensors
+    dq, dk, dv = _ops.attention_bwd(
+        grad_out, query, key, value, out, lse, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("fusedformer::attention_fwd", _backward, setup_context=_setup_context)

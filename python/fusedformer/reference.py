@@ -1,0 +1,148 @@
+"""Plain-PyTorch references of every fused op, computed in float64 on the CPU.
+
+They define the semantics the kernels must match (tests) and validate benchmark outputs. Each
+takes the arguments of the fused op and returns float64 CPU tensors (use ``.to(dtype)`` to compare).
+"""
+
+import math
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+
+def _f64(t):
+    return None if t is None else t.detach().to("cpu", torch.float64)
+
+
+def _masked_logits(z, mask, is_causal):
+    """z + mask (additive) or z where mask (bool), and the causal rule on the last two dims."""
+    if mask is not None:
+        mask = mask.detach().cpu()
+        if mask.dtype == torch.bool:
+            z = z.masked_fill(~mask, float("-inf"))
+        else:
+            z = z + mask.to(torch.float64)
+    if is_causal:
+        L, S = z.shape[-2], z.shape[-1]
+        keep = torch.ones(L, S, dtype=torch.bool).tril()
+        z = z.masked_fill(~keep, float("-inf"))
+    return z
+
+
+def _softmax_zero_masked(z, dim):
+    """softmax where a row with every entry -inf gives zeros instead of NaN."""
+    all_masked = torch.isneginf(z).all(dim=dim, keepdim=True)
+    p = torch.softmax(z.masked_fill(all_masked, 0.0), dim=dim)
+    return p.masked_fill(all_masked, 0.0)
+
+
+def softmax(x, dim=-1, *, scale=1.0, mask=None, is_causal=False):
+    z = _f64(x) * scale
+    z = _masked_logits(z, mask, is_causal)
+    return _softmax_zero_masked(z, dim)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None):
+    x = _f64(input)
+    h = None
+    if residual is not None:
+        # the unfused code adds in the input dtype, then normalizes the rounded sum
+        h_low = input.detach().cpu() + residual.detach().cpu()
+        h = _f64(h_low)
+        x = h
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    out = torch.nn.functional.layer_norm(x, tuple(normalized_shape), _f64(weight), _f64(bias), eps)
+    return (out, h) if residual is not None else out
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    x = _f64(input)
+    h = None
+    if residual is not None:
+        h = _f64(input.detach().cpu() + residual.detach().cpu())
+        x = h
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    dims = tuple(range(-len(normalized_shape), 0))
+    out = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * _f64(weight)
+    return (out, h) if residual is not None else out
+
+
+def attention(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    dropout_mask: Optional[torch.Tensor] = None,
+):
+    """Scaled dot-product attention in float64. ``dropout_mask`` (bool, True = keep, broadcast to
+    (..., H, L, S)) replaces random dropout so the fused kernel's mask can be checked exactly."""
+    q, k, v = _f64(query), _f64(key), _f64(value)
+    if q.dim() >= 3 and k.size(-3) != q.size(-3):
+        rep = q.size(-3) // k.size(-3)
+        k = k.repeat_interleave(rep, dim=-3)
+        v = v.repeat_interleave(rep, dim=-3)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.size(-1))
+    z = (q @ k.transpose(-2, -1)) * scale
+    z = _masked_logits(z, attn_mask, is_causal)
+    p = _softmax_zero_masked(z, -1)
+    if dropout_mask is not None:
+        p = p * dropout_mask.cpu().to(torch.float64) / (1.0 - dropout_p)
+    return p @ v
+
+
+# ---------------------------------------------------------------------------------------------
+# The dropout mask of the attention kernels (Philox-4x32-10, see csrc/include/fusedformer/philox.h),
+# recomputed in NumPy so that tests can check dropout exactly.
+
+
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    M0, M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    W0, W1 = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)
+    mask32 = np.uint64(0xFFFFFFFF)
+    c = [np.asarray(x, dtype=np.uint32) for x in (c0, c1, c2, c3)]
+    k0 = np.asarray(k0, dtype=np.uint32)
+    k1 = np.asarray(k1, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        for _ in range(10):
+            p0 = M0 * c[0].astype(np.uint64)
+            p1 = M1 * c[2].astype(np.uint64)
+            hi0, lo0 = (p0 >> np.uint64(32)).astype(np.uint32), (p0 & mask32).astype(np.uint32)
+            hi1, lo1 = (p1 >> np.uint64(32)).astype(np.uint32), (p1 & mask32).astype(np.uint32)
+            c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+            k0 = (k0 + W0).astype(np.uint32)
+            k1 = (k1 + W1).astype(np.uint32)
+    return c
+
+
+def dropout_keep_mask(seed: Union[int, torch.Tensor], batch_heads: int, L: int, S: int, p: float) -> torch.Tensor:
+    """Bool (batch_heads, L, S): True where the attention kernels keep an element, for the given seed."""
+    if isinstance(seed, torch.Tensor):
+        seed = int(seed.item())
+    seed_u = seed & 0xFFFFFFFFFFFFFFFF
+    bh = np.arange(batch_heads, dtype=np.uint64)[:, None, None]
+    i = np.arange(L, dtype=np.uint32)[None, :, None]
+    j = np.arange(S, dtype=np.uint32)[None, None, :]
+    shape = (batch_heads, L, S)
+    col4 = np.broadcast_to(j >> np.uint32(2), shape)
+    rows = np.broadcast_to(i, shape)
+    bh_lo = np.broadcast_to((bh & np.uint64(0xFFFFFFFF)).astype(np.uint32), shape)
+    bh_hi = np.broadcast_to((bh >> np.uint64(32)).astype(np.uint32), shape)
+    out = _philox4x32_10(col4, rows, bh_lo, bh_hi, np.uint32(seed_u & 0xFFFFFFFF), np.uint32(seed_u >> 32))
+    lane = np.broadcast_to(j & np.uint32(3), shape)
+    bits = np.choose(lane, out)
+    t = p * 4294967296.0
+    threshold = 0xFFFFFFFF if t >= 4294967295.0 else int(t)
+    return torch.from_numpy(bits >= np.uint32(threshold))
