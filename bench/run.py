@@ -1,8 +1,9 @@
-"""Microbenchmarks: python bench/run.py [--quick] [--device cpu|cuda] [--ops softmax,layer_norm,...]
+"""Benchmarks: python bench/run.py [--quick] [--suite kernels|modules|generation|all] [--device cpu|cuda]
+[--ops softmax,layer_norm,...]
 
-Each kernel's output is validated against the float64 reference, then it is timed against the
-PyTorch peers in the same run. Results go to bench/results/<device>-kernels.{json,md} and one plot
-per op (with --quick, to build/bench-quick/ so that committed figures are not overwritten).
+Each case's output is validated first, then it is timed against its peers in the same run. Results
+go to bench/results/<device>-<suite>.{json,md} with one plot per op (with --quick, to
+build/bench-quick/ so that committed figures are not overwritten).
 """
 
 import argparse
@@ -17,7 +18,12 @@ sys.path.insert(0, HERE)
 
 from common import format_table, machine_info, measure_ceilings, run_case, write_results  # noqa: E402
 
-MODULES = ["bench_softmax", "bench_layernorm", "bench_attention"]
+# suite -> bench modules, each exposing cases(device, quick) -> list[Case]
+SUITES = {
+    "kernels": ["bench_softmax", "bench_layernorm", "bench_attention"],
+    "modules": ["bench_modules"],
+    "generation": ["bench_generation"],
+}
 
 
 def main(argv=None):
@@ -26,31 +32,38 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--ops", default="", help="comma-separated op names to run (default: all)")
     ap.add_argument("--out", default=None, help="output folder (default bench/results, or build/bench-quick)")
-    ap.add_argument("--stem", default=None, help="file name stem (default <device>-kernels)")
+    ap.add_argument("--suite", default="all", help="kernels, modules, generation or all (default)")
+    ap.add_argument("--stem", default=None, help="file name stem (default <device>-<suite>)")
     args = ap.parse_args(argv)
 
     import fusedformer  # noqa: F401  (registers the ops)
 
     out = args.out or (os.path.join(HERE, "..", "build", "bench-quick") if args.quick else os.path.join(HERE, "results"))
-    stem = args.stem or f"{args.device}-kernels"
     wanted = {s.strip() for s in args.ops.split(",") if s.strip()}
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
     info = machine_info(args.device)
     print(", ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
     ceilings = measure_ceilings(args.device, args.quick)
     print("ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()), flush=True)
-    results = []
-    for modname in MODULES:
-        mod = importlib.import_module(modname)
-        for case in mod.cases(args.device, args.quick):
-            if wanted and case.op not in wanted:
+    for suite in suites:
+        results = []
+        for modname in SUITES[suite]:
+            if not os.path.exists(os.path.join(HERE, modname + ".py")):
                 continue
-            r = run_case(case, args.device, args.quick, ceilings)
-            results.append(r)
-            print(format_table([r]).splitlines()[-1], flush=True)
-    print()
-    print(format_table(results))
-    write_results(results, ceilings, info, out, stem, f"fusedformer kernel benchmarks ({args.device})")
-    print(f"\nwrote {os.path.normpath(out)}/{stem}.json, .md and plots")
+            mod = importlib.import_module(modname)
+            for case in mod.cases(args.device, args.quick):
+                if wanted and case.op not in wanted:
+                    continue
+                r = run_case(case, args.device, args.quick, ceilings)
+                results.append(r)
+                print(format_table([r]).splitlines()[-1], flush=True)
+        if not results:
+            continue
+        stem = args.stem or f"{args.device}-{suite}"
+        print()
+        print(format_table(results))
+        write_results(results, ceilings, info, out, stem, f"fusedformer {suite} benchmarks ({args.device})")
+        print(f"\nwrote {os.path.normpath(out)}/{stem}.json, .md and plots\n")
     return 0
 
 

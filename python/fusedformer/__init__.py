@@ -9,6 +9,27 @@ from .ops import attention, layer_norm, rms_norm, softmax
 
 __version__ = "0.1.0"
 
+# Submodules and names imported on first use (they pull in more of torch than the ops do).
+_LAZY = {
+    "nn": (".nn", None),
+    "models": (".models", None),
+    "reference": (".reference", None),
+    "patch": (".patch", "patch"),
+    "generate": (".generation", "generate"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod_name, attr = _LAZY[name]
+        mod = importlib.import_module(mod_name, __name__)
+        value = getattr(mod, attr) if attr else mod
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fusedformer' has no attribute {name!r}")
+
 
 def cpu_capability() -> str:
     """The instruction set the CPU kernels use now ("generic", "avx2" or "avx512")."""
