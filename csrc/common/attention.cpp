@@ -77,7 +77,7 @@ AttnProblem prepare_attention(const char* op, const at::Tensor& query, const at:
     if (nd >= 3) target.push_back(p.Hq);
     target.push_back(p.L);
     target.push_back(p.S);
-    at::Tensor m = broadcast_mask(*attn_mask, target, op, "attn_mask");
+    at::Tensor m = broadcast_mask(*attn_mask, target, op, "attn_mask", compute_dtype(query));
     if (nd == 2) {
       m = m.unsqueeze(0).unsqueeze(0);
     } else {
@@ -108,8 +108,9 @@ void check_attention_bwd(const AttnProblem& p, const at::Tensor& grad_out, const
                     p.out_shape, ", got ", grad_out.sizes());
   TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(p.out_shape), op, ": out must have shape ", p.out_shape,
                     ", got ", out.sizes());
-  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(p.lse_shape) && lse.scalar_type() == at::kFloat, op,
-                    ": lse must be float32 of shape ", p.lse_shape, ", got ", lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(p.lse_shape) && lse.scalar_type() == compute_dtype(p.q), op,
+                    ": lse must be ", compute_dtype(p.q), " of shape ", p.lse_shape, ", got ", lse.scalar_type(), " ",
+                    lse.sizes());
 }
 
 }  // namespace fusedformer

@@ -7,8 +7,8 @@ namespace fusedformer {
 
 void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
   auto st = t.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
-                   " must be float32, bfloat16 or float16, got ", st);
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kDouble, op, ": ", name,
+                   " must be float32, bfloat16, float16 or float64, got ", st);
 }
 
 void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
@@ -27,7 +27,8 @@ void check_nonempty(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.numel() > 0, op, ": ", name, " must not be empty, got shape ", t.sizes());
 }
 
-at::Tensor broadcast_mask(const at::Tensor& mask, at::IntArrayRef target, const char* op, const char* name) {
+at::Tensor broadcast_mask(const at::Tensor& mask, at::IntArrayRef target, const char* op, const char* name,
+                          at::ScalarType compute) {
   auto st = mask.scalar_type();
   TORCH_CHECK_TYPE(st == at::kBool || at::isFloatingType(st), op, ": ", name,
                    " must be a bool tensor (True = keep) or a floating additive mask, got ", st);
@@ -38,7 +39,7 @@ at::Tensor broadcast_mask(const at::Tensor& mask, at::IntArrayRef target, const 
   }
   TORCH_CHECK_VALUE(ok, op, ": ", name, " of shape ", mask.sizes(), " does not broadcast to ", target);
   // convert before expanding, so a broadcast mask is never materialized
-  at::Tensor m = (st == at::kBool || st == at::kFloat) ? mask : mask.to(at::kFloat);
+  at::Tensor m = (st == at::kBool || st == compute) ? mask : mask.to(compute);
   return m.expand(target);
 }
 
@@ -58,7 +59,7 @@ SoftmaxProblem prepare_softmax(const at::Tensor& x, int64_t dim, const std::opti
   at::Tensor m;
   if (mask.has_value() && mask->defined()) {
     check_same_device(x, "input", *mask, "mask", op);
-    m = broadcast_mask(*mask, x.sizes(), op, "mask");
+    m = broadcast_mask(*mask, x.sizes(), op, "mask", compute_dtype(x));
   }
   if (is_causal && p.moved) {
     // causal masking refers to the caller's last two dims; with another softmax dim it is applied
@@ -119,7 +120,7 @@ NormProblem prepare_norm(const char* op, const at::Tensor& input, at::IntArrayRe
     check_same_device(input, "input", *t, name, op);
     TORCH_CHECK_VALUE(t->sizes() == normalized_shape, op, ": ", name, " must have shape ", normalized_shape,
                       " (normalized_shape), got ", t->sizes());
-    return t->to(at::kFloat).contiguous();
+    return t->to(compute_dtype(input)).contiguous();
   };
   p.weight = param(weight, "weight");
   p.bias = param(bias, "bias");

@@ -33,7 +33,7 @@ AttnFwdArgs make_args(const AttnProblem& p, double dropout_p, bool is_causal, do
     a.m_ss = p.mask.stride(3);
   }
   a.causal = is_causal;
-  a.scale = static_cast<float>(scale);
+  a.scale = scale;
   a.dropout_p = static_cast<float>(dropout_p);
   a.seed = p.seed;
   return a;
@@ -44,11 +44,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& query, const 
                                                  double dropout_p, bool is_causal, double scale,
                                                  const std::optional<at::Tensor>& seed) {
   AttnProblem p = prepare_attention("fusedformer.attention", query, key, value, attn_mask, dropout_p, seed);
+  TORCH_CHECK_TYPE(query.scalar_type() != at::kDouble, "fusedformer.attention: float64 is not supported on the CPU yet");
   at::Tensor out = at::empty(p.out_shape, p.q.options());
-  at::Tensor lse = at::empty(p.lse_shape, p.q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty(p.lse_shape, p.q.options().dtype(compute_dtype(p.q)));
   AttnFwdArgs a = make_args(p, dropout_p, is_causal, scale);
   a.out = out.data_ptr();
-  a.lse = lse.data_ptr<float>();
+  a.lse = lse.data_ptr();
   kernels().attention_fwd(a);
   return {out, lse};
 }
@@ -68,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   AttnBwdArgs a{};
   a.fwd = make_args(p, dropout_p, is_causal, scale);
   a.fwd.out = o.data_ptr();
-  a.fwd.lse = l.data_ptr<float>();
+  a.fwd.lse = l.data_ptr();
   a.grad_out = view_of(go);
   a.grad_q = gq.data_ptr();
   a.grad_k = gk.data_ptr();

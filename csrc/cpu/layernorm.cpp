@@ -19,7 +19,7 @@ NormOut norm_fwd(bool rms, const at::Tensor& input, at::IntArrayRef normalized_s
   NormOut o;
   o.y = at::empty(input.sizes(), p.x.options());
   o.h = p.residual.defined() ? at::empty(input.sizes(), p.x.options()) : at::empty({0}, p.x.options());
-  auto stat_opts = p.x.options().dtype(at::kFloat);
+  auto stat_opts = p.x.options().dtype(compute_dtype(p.x));
   o.mean = rms ? at::Tensor() : at::empty(p.stat_shape, stat_opts);
   o.rstd = at::empty(p.stat_shape, stat_opts);
   NormFwdArgs a{};
@@ -29,13 +29,13 @@ NormOut norm_fwd(bool rms, const at::Tensor& input, at::IntArrayRef normalized_s
   a.residual = p.residual.defined() ? p.residual.data_ptr() : nullptr;
   a.y = o.y.data_ptr();
   a.h_out = p.residual.defined() ? o.h.data_ptr() : nullptr;
-  a.weight = p.weight.defined() ? p.weight.data_ptr<float>() : nullptr;
-  a.bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
-  a.mean = rms ? nullptr : o.mean.data_ptr<float>();
-  a.rstd = o.rstd.data_ptr<float>();
+  a.weight = p.weight.defined() ? p.weight.data_ptr() : nullptr;
+  a.bias = p.bias.defined() ? p.bias.data_ptr() : nullptr;
+  a.mean = rms ? nullptr : o.mean.data_ptr();
+  a.rstd = o.rstd.data_ptr();
   a.rows = p.rows;
   a.n = p.n;
-  a.eps = static_cast<float>(eps);
+  a.eps = eps;
   kernels().norm_fwd(a);
   return o;
 }
@@ -60,20 +60,19 @@ NormGrads norm_bwd(bool rms, const at::Tensor& grad_out, const std::optional<at:
                       input.sizes(), ", got ", grad_h->sizes());
     gh = grad_h->contiguous();
   }
-  TORCH_CHECK_VALUE(rstd.numel() == p.rows && rstd.scalar_type() == at::kFloat, op,
-                    ": rstd must be float32 with one entry per row (", p.rows, "), got ", rstd.scalar_type(), " ",
-                    rstd.sizes());
+  const auto ct = compute_dtype(p.x);
+  TORCH_CHECK_VALUE(rstd.numel() == p.rows && rstd.scalar_type() == ct, op, ": rstd must be ", ct,
+                    " with one entry per row (", p.rows, "), got ", rstd.scalar_type(), " ", rstd.sizes());
   at::Tensor rs = rstd.contiguous();
   at::Tensor mu;
   if (!rms) {
-    TORCH_CHECK_VALUE(mean.numel() == p.rows && mean.scalar_type() == at::kFloat, op,
-                      ": mean must be float32 with one entry per row (", p.rows, "), got ", mean.scalar_type(), " ",
-                      mean.sizes());
+    TORCH_CHECK_VALUE(mean.numel() == p.rows && mean.scalar_type() == ct, op, ": mean must be ", ct,
+                      " with one entry per row (", p.rows, "), got ", mean.scalar_type(), " ", mean.sizes());
     mu = mean.contiguous();
   }
   NormGrads g;
   g.gx = at::empty(input.sizes(), p.x.options());
-  auto fopts = p.x.options().dtype(at::kFloat);
+  auto fopts = p.x.options().dtype(ct);
   at::Tensor gw = p.weight.defined() ? at::empty({p.n}, fopts) : at::Tensor();
   at::Tensor gb = has_bias ? at::empty({p.n}, fopts) : at::Tensor();
   NormBwdArgs a{};
@@ -82,12 +81,12 @@ NormGrads norm_bwd(bool rms, const at::Tensor& grad_out, const std::optional<at:
   a.grad_y = gy.data_ptr();
   a.grad_h = gh.defined() ? gh.data_ptr() : nullptr;
   a.x = p.x.data_ptr();
-  a.mean = rms ? nullptr : mu.data_ptr<float>();
-  a.rstd = rs.data_ptr<float>();
-  a.weight = p.weight.defined() ? p.weight.data_ptr<float>() : nullptr;
+  a.mean = rms ? nullptr : mu.data_ptr();
+  a.rstd = rs.data_ptr();
+  a.weight = p.weight.defined() ? p.weight.data_ptr() : nullptr;
   a.grad_x = g.gx.data_ptr();
-  a.grad_weight = gw.defined() ? gw.data_ptr<float>() : nullptr;
-  a.grad_bias = gb.defined() ? gb.data_ptr<float>() : nullptr;
+  a.grad_weight = gw.defined() ? gw.data_ptr() : nullptr;
+  a.grad_bias = gb.defined() ? gb.data_ptr() : nullptr;
   a.rows = p.rows;
   a.n = p.n;
   kernels().norm_bwd(a);

@@ -17,7 +17,7 @@ at::Tensor softmax_fwd(const at::Tensor& x, int64_t dim, double scale, const std
   a.y = y.data_ptr();
   a.n = p.x.size(-1);
   a.rows = p.x.numel() / a.n;
-  a.scale = static_cast<float>(scale);
+  a.scale = scale;
   a.mask_kind = mask_kind_of(p.mask);
   if (p.mask.defined()) {
     a.mask = p.mask.data_ptr();
@@ -68,7 +68,7 @@ at::Tensor softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, int64_t di
   a.grad_x = gx.data_ptr();
   a.n = yc.size(-1);
   a.rows = yc.numel() / a.n;
-  a.scale = static_cast<float>(scale);
+  a.scale = scale;
   kernels().softmax_bwd(a);
   return moved ? gx.movedim(-1, d).contiguous() : gx;
 }

@@ -32,7 +32,7 @@ void attention_bwd_impl(const AttnBwdArgs& ba) {
         float d = 0.f;
         for (int64_t c = 0; c < Ev; ++c) d += to_float(go[i * ba.grad_out.sl + c * ba.grad_out.se]) * to_float(o[i * Ev + c]);
         dvec.get()[x * a.L + i] = d;
-        lse2.get()[x * a.L + i] = a.lse[x * a.L + i] * kLog2e;
+        lse2.get()[x * a.L + i] = static_cast<const float*>(a.lse)[x * a.L + i] * kLog2e;
       }
     }
   });
@@ -145,7 +145,7 @@ void attention_bwd_impl(const AttnBwdArgs& ba) {
 }  // namespace
 
 void attention_bwd(const AttnBwdArgs& a) {
-  dispatch_dtype(a.fwd.dtype, [&](auto tag) {
+  auto run = [&](auto tag) {
     using T = decltype(tag);
     switch (a.fwd.mask_kind) {
       case MaskKind::None:
@@ -158,7 +158,11 @@ void attention_bwd(const AttnBwdArgs& a) {
         attention_bwd_impl<T, MaskKind::Float>(a);
         break;
     }
-  });
+  };
+  // float64 is refused by the ATen glue until the kernels compute in double
+  if (a.fwd.dtype == DType::Float32) run(float{});
+  if (a.fwd.dtype == DType::BFloat16) run(bf16_t{});
+  if (a.fwd.dtype == DType::Float16) run(f16_t{});
 }
 
 }  // namespace fusedformer::cpu::FF_ISA

@@ -83,7 +83,7 @@ void fwd_item(const AttnFwdArgs& a, const FwdPlan& pl, int64_t b, int64_t h, int
   }
   // normalize, write out and the log-sum-exp
   T* out = static_cast<T*>(a.out) + ((b * a.Hq + h) * a.L + i0) * pl.Ev;
-  float* lse = a.lse + (b * a.Hq + h) * a.L + i0;
+  float* lse = static_cast<float*>(a.lse) + (b * a.Hq + h) * a.L + i0;
   for (int64_t r = 0; r < rows; ++r) {
     const float l = lrow[r];
     const float inv = l > 0.f ? 1.f / l : 0.f;
@@ -141,7 +141,7 @@ void attention_fwd_impl(const AttnFwdArgs& a) {
 }  // namespace
 
 void attention_fwd(const AttnFwdArgs& a) {
-  dispatch_dtype(a.dtype, [&](auto tag) {
+  auto run = [&](auto tag) {
     using T = decltype(tag);
     switch (a.mask_kind) {
       case MaskKind::None:
@@ -154,7 +154,11 @@ void attention_fwd(const AttnFwdArgs& a) {
         attention_fwd_impl<T, MaskKind::Float>(a);
         break;
     }
-  });
+  };
+  // float64 is refused by the ATen glue until the kernels compute in double
+  if (a.dtype == DType::Float32) run(float{});
+  if (a.dtype == DType::BFloat16) run(bf16_t{});
+  if (a.dtype == DType::Float16) run(f16_t{});
 }
 
 }  // namespace fusedformer::cpu::FF_ISA

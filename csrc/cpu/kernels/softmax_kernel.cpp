@@ -11,114 +11,115 @@
 namespace fusedformer::cpu::FF_ISA {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Loads W logits z = x * scale (+ mask) starting at column j; `cnt` < W loads a partial vector whose
+// Loads N logits z = x * scale (+ mask) starting at column j; `cnt` < N loads a partial vector whose
 // missing lanes are -inf.
-template <typename T, MaskKind MK>
-FF_INLINE vf load_logits(const T* x, int64_t j, int cnt, float scale, const void* mask, int64_t mstride) {
-  vf z = cnt == W ? vload(x + j) : vload_n(x + j, cnt, kNegInf);
+template <typename T, MaskKind MK, typename C = compute_t<T>>
+FF_INLINE vec_t<C> load_logits(const T* x, int64_t j, int cnt, C scale, const void* mask, int64_t mstride) {
+  using V = vec_t<C>;
+  constexpr int N = lanes_v<C>;
+  const C ninf = -std::numeric_limits<C>::infinity();
+  V z = cnt == N ? vload(x + j) : vload_n(x + j, cnt, ninf);
   z = z * scale;
   if constexpr (MK == MaskKind::Float) {
-    const float* m = static_cast<const float*>(mask);
-    vf mv;
-    if (mstride == 1 && cnt == W) {
+    const C* m = static_cast<const C*>(mask);
+    V mv;
+    if (mstride == 1 && cnt == N) {
       mv = vload(m + j);
     } else if (mstride == 0) {
-      mv = vset1(m[0]);
+      mv = vsplat<C>(m[0]);
     } else {
-      mv = vzero();
+      mv = V{};
       for (int i = 0; i < cnt; ++i) mv[i] = m[(j + i) * mstride];
     }
     z = z + mv;
   } else if constexpr (MK == MaskKind::Bool) {
     const uint8_t* m = static_cast<const uint8_t*>(mask);
-    vi keep;
+    using M = decltype(z < z);
+    M keep;
     if (mstride == 0) {
-      keep = vi{} + (m[0] ? -1 : 0);
+      keep = M{} + (m[0] ? -1 : 0);
     } else {
-      keep = vi{};
+      keep = M{};
       for (int i = 0; i < cnt; ++i) keep[i] = m[(j + i) * mstride] ? -1 : 0;
     }
-    z = keep ? z : vset1(kNegInf);
+    z = keep ? z : vsplat<C>(ninf);
   }
-  if (cnt < W) {
-    vi lane = viota();
-    z = lane < cnt ? z : vset1(kNegInf);
-  }
+  for (int i = cnt; i < N; ++i) z[i] = ninf;
   return z;
 }
 
 // One row. `limit` columns take part (the causal prefix); the rest of the row is written as zero.
-// `buf` holds n floats of scratch (the output row itself when T is float).
-template <typename T, MaskKind MK>
-void softmax_row(const T* x, T* y, float* buf, int64_t n, int64_t limit, float scale, const void* mask,
-                 int64_t mstride) {
-  vf vmaxacc = vset1(kNegInf);
-  vi nan_seen = vi{};
+// `buf` holds n compute values of scratch (the output row itself when T is the compute type).
+template <typename T, MaskKind MK, typename C = compute_t<T>>
+void softmax_row(const T* x, T* y, C* buf, int64_t n, int64_t limit, C scale, const void* mask, int64_t mstride) {
+  using V = vec_t<C>;
+  constexpr int N = lanes_v<C>;
+  const C ninf = -std::numeric_limits<C>::infinity();
+  V vmaxacc = vsplat<C>(ninf);
+  decltype(V{} < V{}) nan_seen{};
   int64_t j = 0;
-  for (; j + W <= limit; j += W) {
-    vf z = load_logits<T, MK>(x, j, W, scale, MK == MaskKind::None ? nullptr : mask, mstride);
+  for (; j + N <= limit; j += N) {
+    V z = load_logits<T, MK>(x, j, N, scale, mask, mstride);
     nan_seen |= (z != z);
     vmaxacc = vmax(vmaxacc, z);
     vstore(buf + j, z);
   }
   if (j < limit) {
     int cnt = static_cast<int>(limit - j);
-    vf z = load_logits<T, MK>(x, j, cnt, scale, mask, mstride);
+    V z = load_logits<T, MK>(x, j, cnt, scale, mask, mstride);
     nan_seen |= (z != z);
     vmaxacc = vmax(vmaxacc, z);
     for (int i = 0; i < cnt; ++i) buf[j + i] = z[i];
   }
   bool has_nan = false;
-  for (int i = 0; i < W; ++i) has_nan |= nan_seen[i] != 0;
-  const float mx = hmax(vmaxacc);
-  if (has_nan || mx == kNegInf) {
-    // NaN anywhere: the row is NaN, as in torch.softmax; all keys masked: zeros
-    const float fill = has_nan ? std::numeric_limits<float>::quiet_NaN() : 0.f;
-    for (int64_t c = 0; c < n; ++c) y[c] = from_float<T>(fill);
+  for (int i = 0; i < N; ++i) has_nan |= nan_seen[i] != 0;
+  const C mx = hmax(vmaxacc);
+  if (has_nan || mx == ninf) {
+    // NaN anywhere: the row is NaN, as in torch.softmax; all entries masked: zeros
+    const C fill = has_nan ? std::numeric_limits<C>::quiet_NaN() : C(0);
+    for (int64_t c = 0; c < n; ++c) y[c] = to_storage<T>(fill);
     return;
   }
-  vf vsum = vzero();
-  const vf vm = vset1(mx);
+  V vsum = V{};
+  const V vm = vsplat<C>(mx);
   j = 0;
-  for (; j + W <= limit; j += W) {
-    vf e = vexp(vload(buf + j) - vm);
+  for (; j + N <= limit; j += N) {
+    V e = vexp(vload(buf + j) - vm);
     vsum += e;
     vstore(buf + j, e);
   }
-  float tail = 0.f;
+  C tail = 0;
   if (j < limit) {
     int cnt = static_cast<int>(limit - j);
-    vf z = vload_n(buf + j, cnt, kNegInf);
-    vf e = vexp(z - vm);
+    V e = vexp(vload_n(buf + j, cnt, ninf) - vm);
     for (int i = 0; i < cnt; ++i) {
       buf[j + i] = e[i];
       tail += e[i];
     }
   }
-  const float inv = 1.f / (hsum(vsum) + tail);
-  const vf vinv = vset1(inv);
+  const C inv = C(1) / (hsum(vsum) + tail);
+  const V vinv = vsplat<C>(inv);
   j = 0;
-  for (; j + W <= limit; j += W) vstore(y + j, vload(buf + j) * vinv);
-  for (; j < limit; ++j) y[j] = from_float<T>(buf[j] * inv);
-  for (j = limit; j < n; ++j) y[j] = from_float<T>(0.f);
+  for (; j + N <= limit; j += N) vstore(y + j, vload(buf + j) * vinv);
+  for (; j < limit; ++j) y[j] = to_storage<T>(buf[j] * inv);
+  for (j = limit; j < n; ++j) y[j] = to_storage<T>(C(0));
 }
 
 template <typename T, MaskKind MK>
 void softmax_fwd_impl(const SoftmaxFwdArgs& a) {
+  using C = compute_t<T>;
   const T* x = static_cast<const T*>(a.x);
   T* y = static_cast<T*>(a.y);
   const int64_t n = a.n;
   const int64_t grain = std::max<int64_t>(1, 16384 / n);
   parallel_for(0, a.rows, grain, [&](int64_t r0, int64_t r1) {
-    std::unique_ptr<float[]> scratch;
-    if constexpr (!std::is_same_v<T, float>) scratch.reset(new float[n]);
+    std::unique_ptr<C[]> scratch;
+    if constexpr (!std::is_same_v<T, C>) scratch.reset(new C[n]);
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * n;
       T* yr = y + r * n;
-      float* buf;
-      if constexpr (std::is_same_v<T, float>) {
+      C* buf;
+      if constexpr (std::is_same_v<T, C>) {
         buf = yr;
       } else {
         buf = scratch.get();
@@ -127,17 +128,20 @@ void softmax_fwd_impl(const SoftmaxFwdArgs& a) {
       if (a.causal) limit = std::min<int64_t>(n, r % a.causal_rows + 1);
       const void* m = nullptr;
       if constexpr (MK == MaskKind::Float) {
-        m = static_cast<const float*>(a.mask) + a.mask_row.offset(r);
+        m = static_cast<const C*>(a.mask) + a.mask_row.offset(r);
       } else if constexpr (MK == MaskKind::Bool) {
         m = static_cast<const uint8_t*>(a.mask) + a.mask_row.offset(r);
       }
-      softmax_row<T, MK>(xr, yr, buf, n, limit, a.scale, m, a.mask_col_stride);
+      softmax_row<T, MK>(xr, yr, buf, n, limit, C(a.scale), m, a.mask_col_stride);
     }
   });
 }
 
 template <typename T>
 void softmax_bwd_impl(const SoftmaxBwdArgs& a) {
+  using C = compute_t<T>;
+  using V = vec_t<C>;
+  constexpr int N = lanes_v<C>;
   const T* gy = static_cast<const T*>(a.grad_y);
   const T* y = static_cast<const T*>(a.y);
   T* gx = static_cast<T*>(a.grad_x);
@@ -148,16 +152,16 @@ void softmax_bwd_impl(const SoftmaxBwdArgs& a) {
       const T* g = gy + r * n;
       const T* yr = y + r * n;
       T* o = gx + r * n;
-      vf acc = vzero();
+      V acc = V{};
       int64_t j = 0;
-      for (; j + W <= n; j += W) acc += vload(g + j) * vload(yr + j);
-      float dot = hsum(acc);
+      for (; j + N <= n; j += N) acc += vload(g + j) * vload(yr + j);
+      C dot = hsum(acc);
       for (; j < n; ++j) dot += to_float(g[j]) * to_float(yr[j]);
-      const vf vdot = vset1(dot);
-      const float s = a.scale;
+      const V vdot = vsplat<C>(dot);
+      const C s = a.scale;
       j = 0;
-      for (; j + W <= n; j += W) vstore(o + j, vload(yr + j) * (vload(g + j) - vdot) * s);
-      for (; j < n; ++j) o[j] = from_float<T>(to_float(yr[j]) * (to_float(g[j]) - dot) * s);
+      for (; j + N <= n; j += N) vstore(o + j, vload(yr + j) * (vload(g + j) - vdot) * s);
+      for (; j < n; ++j) o[j] = to_storage<T>(to_float(yr[j]) * (to_float(g[j]) - dot) * s);
     }
   });
 }

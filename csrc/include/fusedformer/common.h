@@ -18,8 +18,15 @@ void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor&
 void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
                        const char* op);
 void check_nonempty(const at::Tensor& t, const char* op, const char* name);
-// `mask` (bool or floating) must broadcast to `target`; returns it, bool or float32, expanded to `target`.
-at::Tensor broadcast_mask(const at::Tensor& mask, at::IntArrayRef target, const char* op, const char* name);
+// float64 for float64 tensors, float32 otherwise: the type kernels compute, accumulate and keep
+// statistics, additive masks and norm parameters in.
+inline at::ScalarType compute_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+// `mask` (bool or floating) must broadcast to `target`; returns it expanded to `target`, bool or
+// (additive) converted to `compute`.
+at::Tensor broadcast_mask(const at::Tensor& mask, at::IntArrayRef target, const char* op, const char* name,
+                          at::ScalarType compute);
 
 // ---------------------------------------------------------------------------------------------
 // softmax
@@ -41,15 +48,15 @@ void check_softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, int64_t di
 struct NormProblem {
   at::Tensor x;         // contiguous
   at::Tensor residual;  // contiguous or undefined
-  at::Tensor weight;    // float32 contiguous (n) or undefined
-  at::Tensor bias;      // float32 contiguous (n) or undefined
+  at::Tensor weight;    // compute type, contiguous (n), or undefined
+  at::Tensor bias;      // compute type, contiguous (n), or undefined
   int64_t rows, n;
   std::vector<int64_t> stat_shape;  // input.shape[:-len(normalized_shape)]
 };
 NormProblem prepare_norm(const char* op, const at::Tensor& input, at::IntArrayRef normalized_shape,
                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& residual, double eps);
-// grad_weight / grad_bias are computed in float32; this casts them to the parameter's dtype.
+// grad_weight / grad_bias are computed in the compute type; this casts them to the parameter's dtype.
 at::Tensor param_grad(const at::Tensor& g, const std::optional<at::Tensor>& param);
 
 // ---------------------------------------------------------------------------------------------
@@ -57,7 +64,7 @@ at::Tensor param_grad(const at::Tensor& g, const std::optional<at::Tensor>& para
 
 struct AttnProblem {
   at::Tensor q, k, v;  // (B, H, L|S, E|Ev) views, batch dims flattened (no copy where possible)
-  at::Tensor mask;     // undefined or (B, Hq, L, S) expanded view; bool, or float32 when floating
+  at::Tensor mask;     // undefined or (B, Hq, L, S) expanded view; bool, or the compute type
   std::vector<int64_t> batch_shape;
   int64_t B, Hq, Hkv, L, S, E, Ev;
   std::vector<int64_t> out_shape;  // batch_shape + (Hq, L, Ev) (or (L, Ev) for rank-2 inputs)

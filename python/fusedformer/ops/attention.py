@@ -52,7 +52,7 @@ def attention(
 @torch.library.register_fake("fusedformer::attention_fwd")
 def _attention_fwd_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
     out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
-    lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+    lse = query.new_empty(query.shape[:-1], dtype=torch.float64 if query.dtype == torch.float64 else torch.float32)
     return out, lse
 
 

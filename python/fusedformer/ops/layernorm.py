@@ -55,12 +55,18 @@ def _stats_shape(input, normalized_shape):
     return input.shape[: input.dim() - len(normalized_shape)]
 
 
+def _compute_dtype(t):
+    """The kernels' compute type: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 @torch.library.register_fake("fusedformer::layer_norm_fwd")
 def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps, residual):
     out = torch.empty_like(input, memory_format=torch.contiguous_format)
     h = torch.empty_like(out) if residual is not None else input.new_empty((0,))
     stats = _stats_shape(input, normalized_shape)
-    return out, h, input.new_empty(stats, dtype=torch.float32), input.new_empty(stats, dtype=torch.float32)
+    ct = _compute_dtype(input)
+    return out, h, input.new_empty(stats, dtype=ct), input.new_empty(stats, dtype=ct)
 
 
 @torch.library.register_fake("fusedformer::layer_norm_bwd")
@@ -75,7 +81,7 @@ def _layer_norm_bwd_fake(grad_out, grad_residual_out, input, mean, rstd, weight,
 def _rms_norm_fwd_fake(input, normalized_shape, weight, eps, residual):
     out = torch.empty_like(input, memory_format=torch.contiguous_format)
     h = torch.empty_like(out) if residual is not None else input.new_empty((0,))
-    return out, h, input.new_empty(_stats_shape(input, normalized_shape), dtype=torch.float32)
+    return out, h, input.new_empty(_stats_shape(input, normalized_shape), dtype=_compute_dtype(input))
 
 
 @torch.library.register_fake("fusedformer::rms_norm_bwd")

@@ -13,6 +13,8 @@ inline DType dtype_of(const at::Tensor& t) {
       return DType::BFloat16;
     case at::kHalf:
       return DType::Float16;
+    case at::kDouble:
+      return DType::Float64;
     default:
       return DType::Float32;
   }

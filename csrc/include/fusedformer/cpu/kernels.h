@@ -9,10 +9,13 @@
 
 namespace fusedformer::cpu {
 
-enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2, Float64 = 3 };
 enum class MaskKind : int { None = 0, Bool = 1, Float = 2 };
 
 inline constexpr int kMaxMaskDims = 8;
+
+// Compute type: float64 for float64 tensors, float32 otherwise. Additive masks, norm parameters,
+// statistics and the attention log-sum-exp are in the compute type.
 
 // Strided element offset of a row, for broadcast masks: row r is decomposed over `sizes`
 // (row-major, the last entry varies fastest) and weighted by `strides` (0 for broadcast dims).
@@ -36,9 +39,9 @@ struct SoftmaxFwdArgs {
   const void* x;
   void* y;
   int64_t rows, n;
-  float scale;
+  double scale;
   MaskKind mask_kind;
-  const void* mask;     // bool (uint8, true = keep) or float32 (additive)
+  const void* mask;     // bool (uint8, true = keep) or additive in the compute type (see below)
   RowIndexer mask_row;  // element offset of each row's mask
   int64_t mask_col_stride;
   bool causal;          // row r is query (r % causal_rows); keeps columns j <= that
@@ -52,7 +55,7 @@ struct SoftmaxBwdArgs {
   const void* y;
   void* grad_x;
   int64_t rows, n;
-  float scale;
+  double scale;
 };
 
 // LayerNorm / RMSNorm forward over contiguous rows of length n. With `residual`, the input is
@@ -64,12 +67,12 @@ struct NormFwdArgs {
   const void* residual;  // nullable
   void* y;
   void* h_out;           // nullable; required with residual
-  const float* weight;   // nullable, n
-  const float* bias;     // nullable, n (layer norm only)
-  float* mean;           // rows (layer norm only)
-  float* rstd;           // rows
+  const void* weight;    // nullable, n
+  const void* bias;      // nullable, n (layer norm only)
+  void* mean;            // rows (layer norm only)
+  void* rstd;            // rows
   int64_t rows, n;
-  float eps;
+  double eps;
 };
 
 // Backward: grad_x (= grad of the residual too) from grad_y and, with the residual form, grad_h.
@@ -79,17 +82,17 @@ struct NormBwdArgs {
   const void* grad_y;
   const void* grad_h;  // nullable: gradient flowing into the h output
   const void* x;       // the normalized input (h with the residual form)
-  const float* mean;   // layer norm only
-  const float* rstd;
-  const float* weight;  // nullable
+  const void* mean;   // layer norm only
+  const void* rstd;
+  const void* weight;  // nullable
   void* grad_x;
-  float* grad_weight;  // nullable, n
-  float* grad_bias;    // nullable, n
+  void* grad_weight;  // nullable, n
+  void* grad_bias;    // nullable, n
   int64_t rows, n;
 };
 
 // Attention over (B, H, L, E) tensors addressed by element strides. Query head h reads key/value
-// head h / (Hq / Hkv). The output is contiguous (B, Hq, L, Ev); lse is (B, Hq, L) float32, the
+// head h / (Hq / Hkv). The output is contiguous (B, Hq, L, Ev); lse is (B, Hq, L) in the compute type, the
 // natural-log log-sum-exp of each row's scaled logits (+inf for a row whose keys are all masked).
 struct AttnTensor {
   const void* data;
@@ -100,13 +103,13 @@ struct AttnFwdArgs {
   DType dtype;
   AttnTensor q, k, v;
   void* out;
-  float* lse;
+  void* lse;
   int64_t B, Hq, Hkv, L, S, E, Ev;
   MaskKind mask_kind;
-  const void* mask;  // bool (uint8) or float32, broadcast to (B, Hq, L, S) by its strides
+  const void* mask;  // bool (uint8) or additive (compute type), broadcast to (B, Hq, L, S) by its strides
   int64_t m_sb, m_sh, m_sl, m_ss;
   bool causal;  // top-left aligned: query i keeps key j <= i
-  float scale;
+  double scale;
   float dropout_p;
   uint64_t seed;
 };

@@ -7,9 +7,11 @@
 // the generic build), so one kernel source serves every target.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -37,6 +39,9 @@ typedef float vf __attribute__((vector_size(W * 4)));
 typedef int32_t vi __attribute__((vector_size(W * 4)));
 typedef uint32_t vu __attribute__((vector_size(W * 4)));
 typedef uint16_t vh __attribute__((vector_size(W * 2)));
+// float64 (computed in double, for gradcheck-grade accuracy): vectors of the same byte width
+inline constexpr int WD = W / 2;
+typedef double vd __attribute__((vector_size(W * 4)));
 
 #define FF_INLINE inline __attribute__((always_inline))
 
@@ -52,6 +57,14 @@ FF_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
 FF_INLINE vf vmin(vf a, vf b) { return a < b ? a : b; }
 FF_INLINE vf vabs(vf a) { return (vf)((vu)a & 0x7fffffffu); }
 FF_INLINE vf vselect(vi m, vf a, vf b) { return m ? a : b; }
+FF_INLINE vd vload(const double* p) {
+  vd v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+FF_INLINE void vstore(double* p, vd v) { __builtin_memcpy(p, &v, sizeof(v)); }
+FF_INLINE vd vmax(vd a, vd b) { return a > b ? a : b; }
+FF_INLINE vd vmin(vd a, vd b) { return a < b ? a : b; }
 
 FF_INLINE float hsum(vf v) {
   float s = 0.f;
@@ -62,6 +75,17 @@ FF_INLINE float hsum(vf v) {
 FF_INLINE float hmax(vf v) {
   float m = v[0];
   for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+FF_INLINE double hsum(vd v) {
+  double s = 0.0;
+  for (int i = 0; i < WD; ++i) s += v[i];
+  return s;
+}
+FF_INLINE double hmax(vd v) {
+  double m = v[0];
+  for (int i = 1; i < WD; ++i) m = v[i] > m ? v[i] : m;
   return m;
 }
 
@@ -128,6 +152,16 @@ FF_INLINE vf vexp(vf x) {
   return x < -87.33654f ? vzero() : res;
 }
 
+// float64: lane by lane through libm (float64 is the accuracy path, not a fast path)
+FF_INLINE vd vexp(vd x) {
+  for (int i = 0; i < WD; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+FF_INLINE vd vexp2(vd x) {
+  for (int i = 0; i < WD; ++i) x[i] = std::exp2(x[i]);
+  return x;
+}
+
 // ---------------------------------------------------------------------------------------------
 // scalar conversions for bfloat16 / float16 storage (raw uint16 bits)
 
@@ -186,12 +220,17 @@ struct f16_t {
 };
 
 FF_INLINE float to_float(float v) { return v; }
+FF_INLINE double to_float(double v) { return v; }  // float64 stays float64
 FF_INLINE float to_float(bf16_t v) { return bf16_to_float(v.x); }
 FF_INLINE float to_float(f16_t v) { return half_to_float(v.x); }
 template <typename T>
 FF_INLINE T from_float(float v);
 template <>
 FF_INLINE float from_float<float>(float v) {
+  return v;
+}
+template <>
+FF_INLINE double from_float<double>(float v) {
   return v;
 }
 template <>
@@ -238,16 +277,53 @@ FF_INLINE void vstore(f16_t* p, vf v) {
 #endif
 }
 
-// partial vectors: the first n (< W) lanes from memory, the rest `fill`
+// ---------------------------------------------------------------------------------------------
+// Kernels written once for every storage type T: compute type C (double for double, else float),
+// its vector type V and lane count N.
+
 template <typename T>
-FF_INLINE vf vload_n(const T* p, int n, float fill = 0.f) {
-  vf v = vset1(fill);
+using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+template <typename C>
+struct SimdOf;
+template <>
+struct SimdOf<float> {
+  using V = vf;
+  static constexpr int N = W;
+};
+template <>
+struct SimdOf<double> {
+  using V = vd;
+  static constexpr int N = WD;
+};
+template <typename C>
+using vec_t = typename SimdOf<C>::V;
+template <typename C>
+inline constexpr int lanes_v = SimdOf<C>::N;
+
+template <typename C>
+FF_INLINE vec_t<C> vsplat(C s) {
+  return vec_t<C>{} + s;
+}
+// convert a compute value to storage type T
+template <typename T, typename C>
+FF_INLINE T to_storage(C v) {
+  if constexpr (std::is_same_v<T, double>) {
+    return v;
+  } else {
+    return from_float<T>(static_cast<float>(v));
+  }
+}
+
+// partial vectors: the first n (< lanes) lanes from memory, the rest `fill`
+template <typename T, typename C = compute_t<T>>
+FF_INLINE vec_t<C> vload_n(const T* p, int n, C fill = C(0)) {
+  vec_t<C> v = vsplat<C>(fill);
   for (int i = 0; i < n; ++i) v[i] = to_float(p[i]);
   return v;
 }
-template <typename T>
-FF_INLINE void vstore_n(T* p, vf v, int n) {
-  for (int i = 0; i < n; ++i) p[i] = from_float<T>(v[i]);
+template <typename T, typename V>
+FF_INLINE void vstore_n(T* p, V v, int n) {
+  for (int i = 0; i < n; ++i) p[i] = to_storage<T>(v[i]);
 }
 
 // Map the dtype tag of the argument structs to the storage type.
@@ -262,6 +338,9 @@ FF_INLINE void dispatch_dtype(DType dt, F&& f) {
       break;
     case DType::Float16:
       f(f16_t{});
+      break;
+    case DType::Float64:
+      f(double{});
       break;
   }
 }
