@@ -13,7 +13,7 @@ STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: all demo test bench bench-quick build deps clean
+.PHONY: all demo test bench bench-quick build deps clean cuda-check
 
 all: build
 
@@ -44,5 +44,28 @@ bench: build
 bench-quick: build
 	$(PY) bench/run.py --quick
 
+# CUDA compile check (no GPU needed): builds the extension with its CUDA kernels against a CUDA
+# build of torch, in its own virtual environment and build folder, and imports it. CUDA_ROOT is
+# the toolkit (its nvcc); TORCH_CUDA_ARCH_LIST the architectures (sm_90 at least).
+CUDA_VENV ?= .venv-cuda
+CUDA_PY := $(CUDA_VENV)/bin/python
+CUDA_TORCH_VERSION ?= 2.14.1
+CUDA_ROOT ?= /usr/local/cuda-13.0
+CUDA_ARCHS ?= 9.0
+CUDA_STAMP := $(CUDA_VENV)/.deps-stamp
+
+$(CUDA_STAMP):
+	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install -q torch==$(CUDA_TORCH_VERSION) numpy scikit-build-core ninja cmake
+	touch $@
+
+cuda-check: $(CUDA_STAMP)
+	CUDAToolkit_ROOT=$(CUDA_ROOT) TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  PATH=$(abspath $(CUDA_VENV))/bin:$$PATH \
+	  $(CUDA_PY) -m pip install -q --no-build-isolation --no-deps -C build-dir=build/cuda \
+	  -C cmake.define.FUSEDFORMER_CUDA=ON .
+	cd /tmp && $(abspath $(CUDA_PY)) -c "import torch, fusedformer; assert fusedformer.built_with_cuda(); \
+	  print('fusedformer', fusedformer.__version__, 'with CUDA kernels, torch', torch.__version__)"
+
 clean:
-	rm -rf build $(VENV) .pytest_cache
+	rm -rf build $(VENV) $(CUDA_VENV) .pytest_cache

@@ -98,6 +98,27 @@ void check_softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, int64_t di
                     " dimensions");
 }
 
+MaskRowDims coalesce_mask_rows(at::Tensor& mask, int max_dims) {
+  MaskRowDims d;
+  for (int64_t i = 0; i < mask.dim() - 1; ++i) {
+    int64_t s = mask.size(i), st = mask.stride(i);
+    if (s == 1) continue;
+    if (!d.sizes.empty() && d.strides.back() == st * s) {
+      d.sizes.back() *= s;
+      d.strides.back() = st;
+    } else {
+      d.sizes.push_back(s);
+      d.strides.push_back(st);
+    }
+  }
+  if (static_cast<int>(d.sizes.size()) > max_dims) {
+    mask = mask.contiguous();
+    d.sizes = {mask.numel() / mask.size(-1)};
+    d.strides = {mask.size(-1)};
+  }
+  return d;
+}
+
 NormProblem prepare_norm(const char* op, const at::Tensor& input, at::IntArrayRef normalized_shape,
                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& residual, double eps) {
@@ -132,6 +153,38 @@ NormProblem prepare_norm(const char* op, const at::Tensor& input, at::IntArrayRe
     p.residual = residual->contiguous();
   }
   return p;
+}
+
+NormBwdProblem prepare_norm_bwd(const char* op, bool rms, const at::Tensor& grad_out,
+                                const std::optional<at::Tensor>& grad_h, const at::Tensor& input,
+                                const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+                                at::IntArrayRef normalized_shape) {
+  NormBwdProblem b;
+  b.p = prepare_norm(op, input, normalized_shape, weight, std::nullopt, std::nullopt, 0.0);
+  check_same_dtype(input, "input", grad_out, "grad_out", op);
+  check_same_device(input, "input", grad_out, "grad_out", op);
+  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), op, ": grad_out must have the input's shape ", input.sizes(),
+                    ", got ", grad_out.sizes());
+  b.grad_y = grad_out.contiguous();
+  if (grad_h.has_value() && grad_h->defined() && grad_h->numel() > 0) {
+    check_same_dtype(input, "input", *grad_h, "grad_residual_out", op);
+    check_same_device(input, "input", *grad_h, "grad_residual_out", op);
+    TORCH_CHECK_VALUE(grad_h->sizes() == input.sizes(), op, ": grad_residual_out must have the input's shape ",
+                      input.sizes(), ", got ", grad_h->sizes());
+    b.grad_h = grad_h->contiguous();
+  }
+  const auto ct = compute_dtype(b.p.x);
+  TORCH_CHECK_VALUE(rstd.numel() == b.p.rows && rstd.scalar_type() == ct, op, ": rstd must be ", ct,
+                    " with one entry per row (", b.p.rows, "), got ", rstd.scalar_type(), " ", rstd.sizes());
+  check_same_device(input, "input", rstd, "rstd", op);
+  b.rstd = rstd.contiguous();
+  if (!rms) {
+    TORCH_CHECK_VALUE(mean.numel() == b.p.rows && mean.scalar_type() == ct, op, ": mean must be ", ct,
+                      " with one entry per row (", b.p.rows, "), got ", mean.scalar_type(), " ", mean.sizes());
+    check_same_device(input, "input", mean, "mean", op);
+    b.mean = mean.contiguous();
+  }
+  return b;
 }
 
 at::Tensor param_grad(const at::Tensor& g, const std::optional<at::Tensor>& param) {

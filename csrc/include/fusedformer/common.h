@@ -41,6 +41,14 @@ struct SoftmaxProblem {
 SoftmaxProblem prepare_softmax(const at::Tensor& x, int64_t dim, const std::optional<at::Tensor>& mask,
                                bool is_causal);
 void check_softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, int64_t dim);
+// Row dims (all but the last) of a mask expanded to the softmax input, size-1 dims dropped and
+// runs that are contiguous with each other merged: at most max_dims (size, stride) pairs, so that
+// a row's mask offset is sum((r / prod(later sizes)) % size * stride). A mask whose rows need more
+// pairs is replaced by a contiguous copy, described by one pair.
+struct MaskRowDims {
+  std::vector<int64_t> sizes, strides;
+};
+MaskRowDims coalesce_mask_rows(at::Tensor& mask, int max_dims);
 
 // ---------------------------------------------------------------------------------------------
 // layer_norm / rms_norm
@@ -56,6 +64,17 @@ struct NormProblem {
 NormProblem prepare_norm(const char* op, const at::Tensor& input, at::IntArrayRef normalized_shape,
                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& residual, double eps);
+// The inputs of a norm backward, checked: grad_out and grad_residual_out (undefined when absent or
+// empty) contiguous with the input's shape and dtype, mean (layer norm) and rstd contiguous in the
+// compute type with one entry per row.
+struct NormBwdProblem {
+  NormProblem p;
+  at::Tensor grad_y, grad_h, mean, rstd;
+};
+NormBwdProblem prepare_norm_bwd(const char* op, bool rms, const at::Tensor& grad_out,
+                                const std::optional<at::Tensor>& grad_h, const at::Tensor& input,
+                                const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+                                at::IntArrayRef normalized_shape);
 // grad_weight / grad_bias are computed in the compute type; this casts them to the parameter's dtype.
 at::Tensor param_grad(const at::Tensor& g, const std::optional<at::Tensor>& param);
 

@@ -1,0 +1,10 @@
+// Tensor-core attention backward, head dims padded to 256 (bf16 and fp16; plain and general).
+#include "attention_tc.cuh"
+
+namespace fusedformer::cuda {
+
+cudaError_t attention_bwd_tc256(const AttnBwdParams& p, cudaStream_t stream) {
+  return attention_bwd_tc_bucket<256>(p, stream);
+}
+
+}  // namespace fusedformer::cuda

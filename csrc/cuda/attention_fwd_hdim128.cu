@@ -1,0 +1,10 @@
+// Tensor-core attention forward, head dims padded to 128 (bf16 and fp16; plain and general).
+#include "attention_tc.cuh"
+
+namespace fusedformer::cuda {
+
+cudaError_t attention_fwd_tc128(const AttnFwdParams& p, cudaStream_t stream) {
+  return attention_fwd_tc_bucket<128>(p, stream);
+}
+
+}  // namespace fusedformer::cuda
