@@ -15,6 +15,12 @@ import torch
 
 
 def _qualname(cls: type) -> str:
+    """A short name: ``torch.nn.X`` / ``fusedformer.nn.X`` where the package exports it."""
+    import fusedformer.nn
+
+    for prefix, pkg in (("torch.nn", torch.nn), ("fusedformer.nn", fusedformer.nn)):
+        if getattr(pkg, cls.__name__, None) is cls:
+            return f"{prefix}.{cls.__name__}"
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -44,7 +50,7 @@ def _is_twin(cls: type) -> bool:
     return cls.__module__.startswith("fusedformer.nn")
 
 
-def patch(model: torch.nn.Module, *, verbose: bool = False) -> torch.nn.Module:
+def patch(model: torch.nn.Module, *, skip_padding: bool = True, verbose: bool = False) -> torch.nn.Module:
     """Swap, in place, every supported submodule of ``model`` (and ``model`` itself) for its fused twin
     with the same parameters, and return ``model``.
 
@@ -56,6 +62,11 @@ def patch(model: torch.nn.Module, *, verbose: bool = False) -> torch.nn.Module:
 
     transformers modules are converted only for transformers 5.x; for a version or a module
     structure the twins do not know, a RuntimeError is raised before anything is converted.
+
+    ``skip_padding`` (BERT encoders, inference only): drop padded tokens before the token-wise
+    parts of the layers, so that padding costs only in attention. Outputs at real tokens are
+    unchanged; at padded positions the encoder returns zeros (as torch.nn.TransformerEncoder's
+    nested-tensor fast path does). With ``skip_padding=False`` padded positions are computed.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fusedformer.patch: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -80,6 +91,9 @@ def patch(model: torch.nn.Module, *, verbose: bool = False) -> torch.nn.Module:
     for name, module, cls, twin in plan:
         module.__class__ = twin
         summary.replaced.append((name or "<model>", _qualname(cls), _qualname(twin)))
+    for module in model.modules():
+        if _is_twin(type(module)) and hasattr(type(module), "skip_padding"):
+            module.skip_padding = skip_padding
     model.fusedformer_summary = summary
     if verbose:
         print(summary)

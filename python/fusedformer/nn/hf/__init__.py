@@ -32,10 +32,14 @@ def is_transformers_module(module: torch.nn.Module) -> bool:
     return type(module).__module__.startswith("transformers.")
 
 
-def check_version() -> str:
+def installed_version() -> str:
     import transformers
 
-    version = transformers.__version__
+    return transformers.__version__
+
+
+def check_version() -> str:
+    version = installed_version()
     try:
         major = int(version.split(".")[0])
     except ValueError:

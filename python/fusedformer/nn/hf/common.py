@@ -74,3 +74,13 @@ def native_masks(module: torch.nn.Module) -> bool:
     (flash / flex formats): then transformers' own forward runs."""
     impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
     return impl not in (None, "sdpa", "eager")
+
+
+def capturing_outputs() -> bool:
+    """Whether transformers is recording intermediate outputs (``output_hidden_states`` /
+    ``output_attentions``) through module hooks in the current call."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a layout without the collector: assume it may be recording
+        return True
+    return bool(_active_collector.get())
