@@ -127,3 +127,14 @@ def test_patch_is_the_function():
     assert callable(fusedformer.patch)
     assert fusedformer.patch.__module__ == "fusedformer.patch"
     assert mod is not None
+
+
+def test_readme_example_runs():
+    """The README's drop-in example runs as written."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Drop-in modules", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})

@@ -26,7 +26,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
       they are formed explicitly: O(L * S) memory per head and a matmul/softmax/matmul sequence
       instead of the fused kernel. Pass ``need_weights=False`` for the fused path. The same explicit
       path is taken for float64 and for an additive mask that requires grad.
-    - A query whose keys are all masked gets zeros (torch.nn gives NaN there).
+    - A query whose keys are all masked gets zero attention, with either path (torch.nn's fused
+      path does the same, its ``need_weights=True`` path gives NaN).
     - With ``dropout > 0`` in training, the attention dropout is drawn by the fused kernel's own
       random generator (not torch's), so it is not bitwise torch's mask.
     - ``is_causal=True`` without ``attn_mask`` is accepted (causal masking); torch.nn raises.
