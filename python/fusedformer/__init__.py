@@ -6,6 +6,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C
 from . import ops
 from .ops import attention, layer_norm, rms_norm, softmax
+from .patch import patch  # eager: a lazily imported submodule named patch would shadow the function
 
 __version__ = "0.1.0"
 
@@ -14,7 +15,6 @@ _LAZY = {
     "nn": (".nn", None),
     "models": (".models", None),
     "reference": (".reference", None),
-    "patch": (".patch", "patch"),
     "generate": (".generation", "generate"),
 }
 
@@ -57,6 +57,7 @@ __all__ = [
     "layer_norm",
     "rms_norm",
     "softmax",
+    "patch",
     "ops",
     "cpu_capability",
     "available_cpu_capabilities",

@@ -1,0 +1,157 @@
+"""Fused twins of transformers' BERT modules (also the models built on them, e.g. all-MiniLM-L6-v2).
+
+- ``BertSelfAttention``: one packed q/k/v projection, heads as strided views, fusedformer attention
+  with the model's mask (sdpa or eager format) and scaling. With a KV cache or when attention
+  weights are requested, transformers' own forward runs.
+- ``BertSelfOutput`` / ``BertOutput``: ``LayerNorm(dense(x) + input)`` with the residual add fused
+  into the norm.
+- ``BertEncoder``: in inference (no autograd), when the model's mask only marks padded keys, the
+  padded tokens are dropped before the layers and every token-wise part (projections, norms,
+  feed-forward) runs on the real tokens only; the attention itself runs on the padded layout. The
+  outputs at real tokens are the same; at padded positions ``last_hidden_state`` holds zeros (as
+  torch.nn.TransformerEncoder's nested-tensor fast path does) instead of values computed from
+  padding. ``fusedformer.patch(model, skip_padding=False)`` keeps the padded computation.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from transformers.models.bert import modeling_bert as mb
+
+from ..functional import merge_heads, split_heads
+from ..layers import add_norm
+from .common import attend, capturing_outputs, native_masks, packed_linear
+
+
+class FusedBertSelfAttention(mb.BertSelfAttention):
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        past_key_values=None,
+        **kwargs,
+    ):
+        if past_key_values is not None or kwargs.get("output_attentions") or native_masks(self):
+            return super().forward(hidden_states, attention_mask, past_key_values, **kwargs)
+        w, b = packed_linear(self, (self.query, self.key, self.value))
+        q, k, v = torch.nn.functional.linear(hidden_states, w, b).split(self.all_head_size, dim=-1)
+        h = self.num_attention_heads
+        q, k, v = (split_heads(t, h, True) for t in (q, k, v))
+        out = attend(self, q, k, v, attention_mask, self.dropout.p if self.training else 0.0, self.scaling,
+                     kwargs.get("is_causal"))
+        return merge_heads(out, True), None
+
+
+class FusedBertSelfOutput(mb.BertSelfOutput):
+    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+        return add_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)[0]
+
+
+class FusedBertOutput(mb.BertOutput):
+    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+        return add_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)[0]
+
+
+def _key_padding(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The ``(B, S)`` keep mask if ``mask`` is an sdpa-format (bool, True = keep) self-attention mask
+    that only marks padded keys (every query row the same), else None."""
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.size(1) != 1 or mask.size(2) != mask.size(3):
+        return None
+    keep = mask[:, 0, :1, :]
+    if not bool((mask[:, 0] == keep).all()):
+        return None
+    return keep[:, 0]
+
+
+def _unpadded_layer(layer: mb.BertLayer, x: Tensor, keep4: Tensor, rows: Tensor, b_idx: Tensor, l_idx: Tensor,
+                    shape) -> Tensor:
+    """One BertLayer over the real tokens ``x`` (T, D); attention on the padded layout."""
+    B, L = shape
+    sa = layer.attention.self
+    w, b = packed_linear(sa, (sa.query, sa.key, sa.value))
+    qkv = torch.nn.functional.linear(x, w, b)
+    full = x.new_zeros(B * L, qkv.size(-1))
+    full.index_copy_(0, rows, qkv)
+    q, k, v = full.view(B, L, -1).split(sa.all_head_size, dim=-1)
+    q, k, v = (split_heads(t, sa.num_attention_heads, True) for t in (q, k, v))
+    out = attend(sa, q, k, v, keep4, 0.0, sa.scaling, False)
+    out = out.transpose(1, 2)[b_idx, l_idx].flatten(1)
+    h = layer.attention.output(out, x)
+    return layer.output(layer.intermediate(h), h)
+
+
+class FusedBertEncoder(mb.BertEncoder):
+    skip_padding = True
+
+    def _can_skip_padding(self, hidden_states, attention_mask, encoder_hidden_states, past_key_values) -> bool:
+        if not self.skip_padding or torch.is_grad_enabled() or encoder_hidden_states is not None:
+            return False
+        if past_key_values is not None or capturing_outputs() or torch.compiler.is_compiling():
+            return False
+        for layer in self.layer:
+            if (
+                type(layer) is not mb.BertLayer
+                or layer.is_decoder
+                or layer.chunk_size_feed_forward
+                or type(layer.attention.self) is not FusedBertSelfAttention
+                or type(layer.attention.output) is not FusedBertSelfOutput
+                or type(layer.output) is not FusedBertOutput
+                or layer.attention.self.training
+                or native_masks(layer.attention.self)
+                or any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules())
+            ):
+                return False
+        return hidden_states.dim() == 3
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        encoder_hidden_states: Optional[Tensor] = None,
+        encoder_attention_mask: Optional[Tensor] = None,
+        past_key_values=None,
+        use_cache: Optional[bool] = None,
+        **kwargs,
+    ):
+        keep = None
+        if self._can_skip_padding(hidden_states, attention_mask, encoder_hidden_states, past_key_values):
+            keep = _key_padding(attention_mask)
+        if keep is None or bool(keep.all()):
+            return super().forward(
+                hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, past_key_values,
+                use_cache, **kwargs,
+            )
+        B, L, D = hidden_states.shape
+        rows = keep.flatten().nonzero().squeeze(1)
+        b_idx, l_idx = rows // L, rows % L
+        x = hidden_states.reshape(B * L, D).index_select(0, rows)
+        keep4 = keep.view(B, 1, 1, L)
+        for layer in self.layer:
+            x = _unpadded_layer(layer, x, keep4, rows, b_idx, l_idx, (B, L))
+        out = x.new_zeros(B * L, D)
+        out.index_copy_(0, rows, x)
+        return mb.BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out.view(B, L, D))
+
+
+TWINS = {
+    mb.BertSelfAttention: FusedBertSelfAttention,
+    mb.BertSelfOutput: FusedBertSelfOutput,
+    mb.BertOutput: FusedBertOutput,
+    mb.BertEncoder: FusedBertEncoder,
+}
+
+# what each twin's forward relies on: attributes of the instance, and the original forward's parameters
+REQUIRES = {
+    mb.BertSelfAttention: (
+        ("query", "key", "value", "dropout", "num_attention_heads", "all_head_size", "scaling"),
+        ("self", "hidden_states", "attention_mask", "past_key_values", "kwargs"),
+    ),
+    mb.BertSelfOutput: (("dense", "dropout", "LayerNorm"), ("self", "hidden_states", "input_tensor")),
+    mb.BertOutput: (("dense", "dropout", "LayerNorm"), ("self", "hidden_states", "input_tensor")),
+    mb.BertEncoder: (
+        ("layer",),
+        ("self", "hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
+         "past_key_values", "use_cache", "kwargs"),
+    ),
+}

@@ -1,0 +1,86 @@
+"""Helpers shared by the HuggingFace twins: packed projection weights and the attention call with
+the masking rules of transformers' ``sdpa`` integration."""
+
+import weakref
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ...ops import attention
+
+# module -> (key, packed weight, packed bias); weak, so it never outlives the module, and outside
+# the module, so it is not in its state_dict, pickles or deep copies.
+_PACKED = weakref.WeakKeyDictionary()
+
+
+def packed_linear(owner: torch.nn.Module, linears: Sequence[torch.nn.Linear]) -> Tuple[Tensor, Optional[Tensor]]:
+    """The weights and biases of ``linears`` concatenated along the output features, for one matmul.
+
+    With autograd recording (or under torch.compile) they are concatenated on every call, so
+    gradients reach the original parameters. In inference the result is cached per module and
+    recomputed only when a weight changes (in place, ``.to()``, a loaded state_dict), at the cost
+    of one copy of the projection weights.
+    """
+    ws = [lin.weight for lin in linears]
+    bs = [lin.bias for lin in linears]
+    has_bias = all(b is not None for b in bs)
+    if torch.is_grad_enabled() and any(w.requires_grad for w in ws) or torch.compiler.is_compiling():
+        return torch.cat(ws), (torch.cat(bs) if has_bias else None)
+    key = tuple((t.data_ptr(), t._version, t.dtype) for t in ws + (bs if has_bias else []))
+    hit = _PACKED.get(owner)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    with torch.no_grad():
+        w = torch.cat(ws)
+        b = torch.cat(bs) if has_bias else None
+    _PACKED[owner] = (key, w, b)
+    return w, b
+
+
+def causal_for(module: torch.nn.Module, q_len: int, mask: Optional[Tensor], is_causal: Optional[bool]) -> bool:
+    """transformers' sdpa rule: causal masking by the kernel only without a mask, for more than one
+    query, and when the module (or the ``is_causal`` keyword) says so."""
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return bool(q_len > 1 and mask is None and is_causal)
+
+
+def attend(
+    module: torch.nn.Module,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor],
+    dropout: float,
+    scaling: Optional[float],
+    is_causal: Optional[bool] = None,
+) -> Tensor:
+    """Attention over ``(B, H, L, E)`` / ``(B, Hkv, S, E)`` tensors with an HF mask: the sdpa format
+    (bool, True = keep) and the eager format (additive float) are both the fused kernel's. Grouped
+    key/value heads are read in place (no ``repeat_kv``). Returns ``(B, H, L, E)``."""
+    L, S = q.size(-2), k.size(-2)
+    causal = causal_for(module, L, mask, is_causal)
+    if causal and S > L:
+        # as transformers does for a prefill into a longer (static) cache
+        k, v = k[..., :L, :], v[..., :L, :]
+    return attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling,
+        enable_gqa=q.size(-3) != k.size(-3),
+    )
+
+
+def native_masks(module: torch.nn.Module) -> bool:
+    """Whether the model's attention implementation builds masks the fused kernel does not take
+    (flash / flex formats): then transformers' own forward runs."""
+    impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    return impl not in (None, "sdpa", "eager")
+
+
+def capturing_outputs() -> bool:
+    """Whether transformers is recording intermediate outputs (``output_hidden_states`` /
+    ``output_attentions``) through module hooks in the current call."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a layout without the collector: assume it may be recording
+        return True
+    return bool(_active_collector.get())
