@@ -6,7 +6,7 @@ cross-attention); HuggingFace weight import (``from_hf``) and safetensors checkp
 from .config import EncoderConfig, EncoderDecoderConfig, GPTConfig
 from .encoder import Encoder
 from .gpt import GPT
-from .layers import KVCache
+from .layers import KVCache, set_fused
 from .seq2seq import EncoderDecoder
 
 MODELS = {GPTConfig.model_type: GPT, EncoderConfig.model_type: Encoder,
@@ -34,5 +34,5 @@ def from_pretrained(directory, **kwargs):
     return MODELS[kind].from_pretrained(directory, **kwargs)
 
 
-__all__ = ["GPT", "GPTConfig", "Encoder", "EncoderConfig", "EncoderDecoder", "EncoderDecoderConfig", "KVCache",
+__all__ = ["GPT", "GPTConfig", "Encoder", "EncoderConfig", "EncoderDecoder", "EncoderDecoderConfig", "KVCache", "set_fused",
            "from_pretrained"]

@@ -16,6 +16,8 @@ class Norm(nn.Module):
     """LayerNorm (with bias) or RMSNorm over the last dim. ``forward(x, residual)`` returns
     ``(norm(x + residual), x + residual)`` from one fused pass; without residual, ``norm(x)``."""
 
+    fused = True  # False: the same computation from plain PyTorch functions (see ``set_fused``)
+
     def __init__(self, d: int, kind: str = "layernorm", eps: float = 1e-5):
         super().__init__()
         self.kind, self.eps, self.d = kind, eps, d
@@ -23,6 +25,11 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d)) if kind == "layernorm" else None
 
     def forward(self, x, residual=None):
+        if not self.fused:
+            h = x if residual is None else x + residual
+            y = F.layer_norm(h, (self.d,), self.weight, self.bias, self.eps) if self.kind == "layernorm" \
+                else F.rms_norm(h, (self.d,), self.weight, self.eps)
+            return y if residual is None else (y, h)
         if self.kind == "layernorm":
             return ops.layer_norm(x, self.d, self.weight, self.bias, self.eps, residual=residual)
         return ops.rms_norm(x, self.d, self.weight, self.eps, residual=residual)
@@ -125,6 +132,8 @@ class Attention(nn.Module):
     projects q from x and k, v (rows [k; v]) from the memory.
     """
 
+    fused = True  # False: torch.nn.functional.scaled_dot_product_attention (see ``set_fused``)
+
     def __init__(self, d_model, n_head, n_kv_head=None, head_dim=None, bias=True, out_bias=True, cross=False):
         super().__init__()
         self.n_head = n_head
@@ -179,8 +188,15 @@ class Attention(nn.Module):
                     is_causal = False
                 elif L == 1:
                     is_causal = False
-        y = ops.attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                          enable_gqa=Hkv != H)
+        if self.fused:
+            y = ops.attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                              enable_gqa=Hkv != H)
+        else:
+            if attn_mask is not None and is_causal:  # PyTorch takes one or the other
+                attn_mask = attn_mask & torch.ones(L, k.shape[2], dtype=torch.bool, device=x.device).tril_()
+                is_causal = False
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                               is_causal=is_causal, enable_gqa=Hkv != H)
         return self.out(y.transpose(1, 2).reshape(B, L, H * E))
 
 
@@ -230,6 +246,15 @@ class Block(nn.Module):
         for norm, f in sublayers:
             h, _ = norm(self._drop(f(h)), residual=h)
         return h, None
+
+
+def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
+    """Switch a model between the fused ops and plain PyTorch (F.layer_norm / F.rms_norm, an unfused
+    residual add, F.scaled_dot_product_attention): the same model and weights, for comparisons."""
+    for m in model.modules():
+        if isinstance(m, (Norm, Attention)):
+            m.fused = fused
+    return model
 
 
 def init_weights(module: nn.Module, std: float = 0.02, n_layer: Optional[int] = None):
