@@ -124,6 +124,14 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, num_beams, s
                              "left-padded (padding first)")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be a positive integer; got {max_new_tokens!r}")
+    limit = getattr(model.config, "n_positions", None)
+    learned = getattr(model.config, "positions", "learned") == "learned"
+    if learned and limit is not None:
+        need = (1 if model.is_encoder_decoder else input_ids.shape[1]) + max_new_tokens
+        if need > limit:
+            raise ValueError(f"generate: {'the prompt' if not model.is_encoder_decoder else 'the start token'} and "
+                             f"max_new_tokens={max_new_tokens} need {need} positions; the model has n_positions "
+                             f"{limit}")
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"generate: num_beams must be a positive integer; got {num_beams!r}")
     if num_beams > 1 and streamer is not None:
