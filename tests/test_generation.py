@@ -216,7 +216,7 @@ def test_input_errors(pair):
     with pytest.raises(ValueError, match="cannot stream"):
         stream(ours, torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, num_beams=2)
     if ours.config.positions == "learned":
-        with pytest.raises(ValueError, match="need 70 positions; the model has n_positions 64"):
+        with pytest.raises(ValueError, match="need 69 positions; the model has n_positions 64"):
             fusedformer.generate(ours, torch.ones(1, 60, dtype=torch.long), max_new_tokens=10)
 
 

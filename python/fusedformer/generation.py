@@ -127,7 +127,7 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, num_beams, s
     limit = getattr(model.config, "n_positions", None)
     learned = getattr(model.config, "positions", "learned") == "learned"
     if learned and limit is not None:
-        need = (1 if model.is_encoder_decoder else input_ids.shape[1]) + max_new_tokens
+        need = (1 if model.is_encoder_decoder else input_ids.shape[1]) + max_new_tokens - 1  # the last is not fed
         if need > limit:
             raise ValueError(f"generate: {'the prompt' if not model.is_encoder_decoder else 'the start token'} and "
                              f"max_new_tokens={max_new_tokens} need {need} positions; the model has n_positions "
