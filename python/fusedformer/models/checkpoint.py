@@ -1,0 +1,103 @@
+"""Checkpoints: ``model.safetensors`` (the state dict) and ``config.json`` in a folder, plus the
+tokenizer's ``tokenizer.json`` when one is given. Loading checks every name and shape and reports a
+missing, mismatched or truncated file with its path."""
+
+import json
+import os
+
+import torch
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.json"
+
+
+class CheckpointMixin:
+    """``save_pretrained(dir)`` / ``cls.from_pretrained(dir)`` for a module with a ``config`` (a dataclass of
+    models.config) and a ``config_class``. Tied weights are stored once."""
+
+    config_class = None
+
+    def save_pretrained(self, directory, tokenizer=None):
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        state, seen = {}, {}
+        for name, t in self.state_dict().items():
+            key = (t.data_ptr(), t.shape, t.stride())
+            if key in seen:  # a tied weight: stored under its first name only
+                continue
+            seen[key] = name
+            state[name] = t.detach().contiguous()
+        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=1)
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(directory, TOKENIZER_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory, *, dtype=None, device="cpu"):
+        cfg_path = os.path.join(directory, CONFIG_NAME)
+        w_path = os.path.join(directory, WEIGHTS_NAME)
+        for p in (cfg_path, w_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{cls.__name__}.from_pretrained: {p} does not exist")
+        try:
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cls.__name__}.from_pretrained: {cfg_path} is not valid JSON ({e})") from None
+        config = cls.config_class.from_dict(cfg)
+        state = load_weights(w_path)
+        model = cls(config)
+        load_state(model, state, w_path)
+        if dtype is not None:
+            model.to(dtype)
+        return model.to(device).eval()
+
+
+def load_weights(path):
+    """The tensors of a safetensors file; a truncated or corrupt file raises ValueError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"cannot read weights from {path}: the file is truncated or not a safetensors file "
+                         f"({e})") from None
+
+
+def load_state(model, state, source="state dict"):
+    """Copy ``state`` into ``model``; every parameter must be there with its shape (a tied weight may be
+    given under either name), and no extra tensor may be."""
+    own = model.state_dict()
+    groups = {}  # storage -> names sharing it (tied weights)
+    for name, t in own.items():
+        groups.setdefault((t.data_ptr(), t.shape), []).append(name)
+    missing, mismatched = [], []
+    used = set()
+    for names in groups.values():
+        given = [n for n in names if n in state]
+        if not given:
+            missing.append(names[0])
+            continue
+        src = state[given[0]]
+        used.update(given)
+        target = own[names[0]]
+        if tuple(src.shape) != tuple(target.shape):
+            mismatched.append(f"{given[0]}: expected {tuple(target.shape)}, got {tuple(src.shape)}")
+            continue
+        with torch.no_grad():
+            target.copy_(src)
+    unexpected = sorted(set(state) - used)
+    problems = []
+    if missing:
+        problems.append(f"missing {missing}")
+    if mismatched:
+        problems.append(f"shape mismatch {mismatched}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected}")
+    if problems:
+        raise ValueError(f"{type(model).__name__}: the weights in {source} do not fit the config: " +
+                         "; ".join(problems))

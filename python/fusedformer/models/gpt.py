@@ -1,0 +1,99 @@
+"""GPT: a decoder-only language model covering the GPT-2 and Llama shapes."""
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointMixin
+from .config import GPTConfig
+from .layers import Block, KVCache, Norm, Rotary, init_weights
+
+
+class GPT(CheckpointMixin, nn.Module):
+    """Token embedding (+ learned positions, or rotary in attention), ``n_layer`` pre-norm blocks, final
+    norm, LM head (tied to the embedding or not).
+
+    ``forward(input_ids, attention_mask=None, position_ids=None, cache=None, last_only=False)`` returns
+    logits (B, L, V), or (B, V) for the last position only with ``last_only`` (what generation needs).
+    """
+
+    config_class = GPTConfig
+
+    def __init__(self, config: Optional[GPTConfig] = None, **kwargs):
+        super().__init__()
+        config = config if config is not None else GPTConfig(**kwargs)
+        self.config = c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        self.pos_embed = nn.Embedding(c.n_positions, c.d_model) if c.positions == "learned" else None
+        self.rotary = Rotary(c.head_dim, c.rope_theta) if c.positions == "rotary" else None
+        self.blocks = nn.ModuleList(
+            Block(c.d_model, c.n_head, c.d_ff, n_kv_head=c.n_kv_head, head_dim=c.head_dim, norm=c.norm,
+                  norm_eps=c.norm_eps, activation=c.activation, attn_bias=c.attn_bias, out_bias=c.out_bias,
+                  mlp_bias=c.mlp_bias, norm_first=True, dropout=c.dropout)
+            for _ in range(c.n_layer))
+        self.norm = Norm(c.d_model, c.norm, c.norm_eps)
+        self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        init_weights(self, n_layer=c.n_layer)
+        if c.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    @property
+    def is_encoder_decoder(self):
+        return False
+
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
+        c = self.config
+        p = self.embed.weight
+        return KVCache(c.n_layer, batch, c.n_kv_head, max_len, c.head_dim, dtype or p.dtype, device or p.device)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
+                last_only: bool = False):
+        c = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"GPT: input_ids must be (batch, length); got shape {tuple(input_ids.shape)}")
+        B, L = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + L, device=input_ids.device).expand(B, L)
+        if self.pos_embed is not None and start + L > c.n_positions:
+            raise ValueError(f"GPT: positions up to {start + L} exceed n_positions {c.n_positions}")
+        h = self.embed(input_ids)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed(position_ids)
+        if c.dropout > 0 and self.training:
+            h = nn.functional.dropout(h, c.dropout)
+        rope = self.rotary(position_ids, h.dtype) if self.rotary is not None else None
+        mask = None
+        if cache is not None:
+            if attention_mask is not None:
+                cache.mask[:, start:start + L] = attention_mask[:, -L:].bool()
+            else:
+                cache.mask[:, start:start + L] = True
+            if attention_mask is not None or start > 0:
+                mask = cache.key_mask(start + L)
+        elif attention_mask is not None:
+            mask = attention_mask.bool()[:, None, None, :]
+        is_causal = L > 1
+        delta = None
+        for i, blk in enumerate(self.blocks):
+            h, delta = blk(h, delta, rope=rope, attn_mask=mask, is_causal=is_causal, cache=cache, layer=i)
+        if cache is not None:
+            cache.length = start + L
+        if last_only:
+            h, delta = h[:, -1], delta[:, -1]
+        x, _ = self.norm(delta, residual=h)
+        return self.head(x)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """``fusedformer.generate(self, ...)``."""
+        from ..generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    @classmethod
+    def from_hf(cls, model):
+        """A GPT with the weights of a HuggingFace ``GPT2LMHeadModel`` or ``LlamaForCausalLM``."""
+        from .hf import gpt_from_hf
+
+        return gpt_from_hf(cls, model)

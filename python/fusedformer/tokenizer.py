@@ -1,0 +1,55 @@
+"""Byte-level BPE tokenizers (the ``tokenizers`` package): training on a corpus, loading from a
+checkpoint folder. Every byte sequence round-trips; ``<|endoftext|>`` (id 0) separates documents."""
+
+import os
+
+EOS = "<|endoftext|>"
+
+
+def train_bpe(texts, vocab_size: int = 4096, min_frequency: int = 2):
+    """A byte-level BPE tokenizer with ``vocab_size`` tokens trained on an iterable of strings."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257:
+        raise ValueError(f"train_bpe: vocab_size must be at least 257 (256 bytes + {EOS}); got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a checkpoint folder (its tokenizer.json) or of a tokenizer.json file."""
+    from tokenizers import Tokenizer
+
+    from .models.checkpoint import TOKENIZER_NAME
+
+    file = os.path.join(path, TOKENIZER_NAME) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"load_tokenizer: {file} does not exist")
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as e:
+        raise ValueError(f"load_tokenizer: {file} is not a tokenizers JSON file ({e})") from None
+
+
+class TextDecoder:
+    """Turns a growing list of token ids into text increments, holding back an incomplete UTF-8 character
+    (a byte-level token may end inside one)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids = []
+        self.emitted = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new = text[self.emitted:]
+        self.emitted = len(text)
+        return new

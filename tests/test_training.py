@@ -1,0 +1,118 @@
+"""Training (python -m fusedformer train on a tiny config), its parts, and the shipped model: it loads,
+streams text, and its held-out perplexity on the standard library is far below the unigram baseline."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusedformer import cli, corpus
+from fusedformer.models import GPT
+from fusedformer.textgen import SHIPPED_MODEL, load_model, stream_text
+from fusedformer.tokenizer import TextDecoder, load_tokenizer, train_bpe
+from fusedformer.train import TrainConfig, evaluate, lr_at
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1e-3, warmup=10, steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(0.55e-3)  # half-way down the cosine
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+
+
+def test_unigram_perplexity():
+    ids = torch.arange(10).repeat(100)
+    assert corpus.unigram_perplexity(ids, ids, 10) == pytest.approx(10.0, rel=1e-6)
+    skewed = torch.tensor([0] * 90 + [1] * 10)
+    assert corpus.unigram_perplexity(skewed, skewed, 2) < 1.5
+
+
+def test_tokenizer_round_trip_and_streaming_decoder():
+    tok = train_bpe(["def f(x):\n    return x + 1\n"] * 20 + ["naïve café ✓"], vocab_size=300)
+    text = "def g(y):\n    return 'naïve ✓'\n"
+    ids = tok.encode(text).ids
+    assert tok.decode(ids) == text
+    dec = TextDecoder(tok)
+    assert "".join(dec.push(i) for i in ids) == text
+    with pytest.raises(ValueError, match="vocab_size must be at least 257"):
+        train_bpe(["x"], vocab_size=100)
+
+
+def _write_corpus(folder):
+    folder.mkdir()
+    lines = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(60)]
+    for k in range(12):
+        (folder / f"m{k}.py").write_text("".join(lines[k * 5:(k + 1) * 5] * 3))
+    (folder / "blob.bin").write_bytes(bytes(range(256)) * 4)  # not UTF-8: skipped
+
+
+def test_train_command_tiny(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    _write_corpus(data)
+    rc = cli.main(["train", "--data", str(data), "--out", str(out), "--vocab-size", "300", "--context", "32",
+                   "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--steps", "40", "--batch-size", "8",
+                   "--warmup", "5", "--eval-every", "20", "--eval-batches", "2", "--lr", "3e-3", "--no-progress"])
+    assert rc == 0
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.json", "loss.png"):
+        assert (out / name).is_file(), name
+    m = json.loads((out / "metrics.json").read_text())
+    s, h = m["summary"], m["history"]
+    assert len(h["train"]) == 40 and [v["step"] for v in h["val"]] == [20, 40]
+    assert s["final_train_loss"] < h["train"][0]["loss"] - 1.0
+    assert s["heldout_perplexity"] < s["unigram_perplexity"]
+    model = GPT.from_pretrained(str(out))
+    assert model.config.n_positions == 32 and model.config.vocab_size == 300
+    # the generate command on that checkpoint
+    r = subprocess.run([sys.executable, "-m", "fusedformer", "generate", "--model", str(out), "--prompt", "def f",
+                        "--max-new-tokens", "8", "--seed", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def f") and "tokens/s" in r.stderr
+
+
+def test_train_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        corpus.folder_files(str(tmp_path / "none"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.bin").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="no UTF-8 text file"):
+        corpus.folder_files(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="at least two documents"):
+        corpus.split_texts(["only one"])
+
+
+def test_shipped_model_files():
+    files = {n: os.path.getsize(os.path.join(SHIPPED_MODEL, n))
+             for n in ("model.safetensors", "config.json", "tokenizer.json")}
+    assert sum(files.values()) <= 10 * 2**20, files
+
+
+def test_shipped_model_beats_unigram_on_heldout_stdlib():
+    """Held-out perplexity of the shipped model on standard-library files it was not trained on, against
+    the unigram distribution of the training files."""
+    model, tok = load_model()
+    texts = corpus.read_texts(corpus.default_corpus_files())
+    train_texts, val_texts = corpus.split_texts(texts)
+    train_ids = corpus.encode_stream(tok, train_texts[::4])
+    val_ids = corpus.encode_stream(tok, val_texts)
+    unigram = corpus.unigram_perplexity(train_ids, val_ids, tok.get_vocab_size())
+    ppl = math.exp(evaluate(model, val_ids, model.config.n_positions, n_batches=2))
+    assert ppl < 0.25 * unigram, f"held-out perplexity {ppl:.1f}, unigram {unigram:.1f}"
+
+
+def test_shipped_model_streams_reproducibly():
+    model, tok = load_model()
+    runs = []
+    for _ in range(2):
+        pieces = []
+        stats = stream_text(model, tok, "import os\n\ndef ", max_new_tokens=30, seed=1, temperature=0.8, top_p=0.95,
+                            do_sample=True, write=pieces.append)
+        runs.append("".join(pieces))
+        assert 1 <= stats["tokens"] <= 30
+    assert runs[0] == runs[1] and len(runs[0]) > 0
+    assert load_tokenizer(SHIPPED_MODEL).get_vocab_size() == model.config.vocab_size
