@@ -20,7 +20,7 @@ from torch import Tensor
 from transformers.models.bert import modeling_bert as mb
 
 from ..functional import merge_heads, split_heads
-from ..layers import add_norm
+from ..layers import add_then_norm
 from .common import attend, capturing_outputs, native_masks, packed_linear
 
 
@@ -45,12 +45,12 @@ class FusedBertSelfAttention(mb.BertSelfAttention):
 
 class FusedBertSelfOutput(mb.BertSelfOutput):
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        return add_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)[0]
+        return add_then_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)
 
 
 class FusedBertOutput(mb.BertOutput):
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        return add_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)[0]
+        return add_then_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)
 
 
 def _key_padding(mask: Optional[Tensor]) -> Optional[Tensor]:
