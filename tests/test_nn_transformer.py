@@ -57,6 +57,22 @@ def _check(ours, ref, args, kwargs, inputs, *, valid=None):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def _check_eval(ours, ref, args, kwargs, inputs):
+    """Eval mode: with autograd (torch.nn's regular path; ours composes unfused residual steps),
+    then ours without autograd (the inference path, fused residual steps) against the same numbers.
+    torch.nn's own no-grad fast path is compared in test_encoder_stack (it returns NaN for a float
+    src_mask, so it is not the reference here)."""
+    ours.eval()
+    ref.eval()
+    _check(ours, ref, args, kwargs, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = ref(*args, **kwargs)
+        with torch.no_grad():
+            got = ours(*args, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "F.gelu": F.gelu, "callable": lambda t: torch.tanh(t) * 2}
 
 
@@ -102,7 +118,9 @@ def test_encoder_layer_masks(kind, norm_first, batch_first):
                       batch_first=batch_first, norm_first=norm_first)
     mask, pad, is_causal = _masks(kind, L)
     x = _x(batch_first, L)
-    _check(ours, ref, (x,), dict(src_mask=mask, src_key_padding_mask=pad, is_causal=is_causal), [x])
+    kwargs = dict(src_mask=mask, src_key_padding_mask=pad, is_causal=is_causal)
+    _check(ours, ref, (x,), kwargs, [x])
+    _check_eval(ours, ref, (x,), kwargs, [x])
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -115,9 +133,10 @@ def test_decoder_layer(batch_first, norm_first, kind):
     mask, pad, is_causal = _masks(kind, L)
     mem_mask = torch.rand(L, S) < 0.3
     mem_mask[:, 0] = False
-    _check(ours, ref, (tgt, memory), dict(tgt_mask=mask, tgt_key_padding_mask=pad, tgt_is_causal=is_causal,
-                                          memory_mask=mem_mask, memory_key_padding_mask=_padding(S)),
-           [tgt, memory])
+    kwargs = dict(tgt_mask=mask, tgt_key_padding_mask=pad, tgt_is_causal=is_causal, memory_mask=mem_mask,
+                  memory_key_padding_mask=_padding(S))
+    _check(ours, ref, (tgt, memory), kwargs, [tgt, memory])
+    _check_eval(ours, ref, (tgt, memory), kwargs, [tgt, memory])
 
 
 @pytest.mark.parametrize("norm_first", [False, True])

@@ -31,6 +31,15 @@ def add_norm(norm: torch.nn.Module, branch: Tensor, residual: Tensor) -> Tuple[T
     return norm(h), h
 
 
+def add_then_norm(norm: torch.nn.Module, branch: Tensor, residual: Tensor) -> Tensor:
+    """``norm(residual + branch)`` when the sum itself is not needed (post-norm). Fused in inference;
+    with autograd recording, an add and a norm: autograd would materialize a zero gradient for the
+    fused op's unused sum output, which costs more than the add it saves."""
+    if torch.is_grad_enabled() and (branch.requires_grad or residual.requires_grad):
+        return norm(residual + branch)
+    return add_norm(norm, branch, residual)[0]
+
+
 def apply_dropout(dropout: torch.nn.Module, x: Tensor) -> Tensor:
     if isinstance(dropout, torch.nn.Dropout) and (not dropout.training or dropout.p == 0.0):
         return x
@@ -152,8 +161,8 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
             normed, x = add_norm(self.norm2, sa, x)
             x = _residual_ff(self, normed, x, self.dropout2)
         else:
-            x = add_norm(self.norm1, self._sa(x, mask, is_causal, bf), x)[0]
-            x = add_norm(self.norm2, feed_forward(self, x, self.dropout2), x)[0]
+            x = add_then_norm(self.norm1, self._sa(x, mask, is_causal, bf), x)
+            x = add_then_norm(self.norm2, feed_forward(self, x, self.dropout2), x)
         return x.squeeze(0) if src.dim() == 2 else x
 
     def _sa(self, x: Tensor, mask: Optional[Tensor], is_causal: bool, bf: bool) -> Tensor:
@@ -245,9 +254,9 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
             normed, x = add_norm(self.norm3, ca, x)
             x = _residual_ff(self, normed, x, self.dropout3)
         else:
-            x = add_norm(self.norm1, self._sa(x, tgt_mask, tgt_is_causal, bf), x)[0]
-            x = add_norm(self.norm2, self._mha(x, mem, memory_mask, memory_is_causal, bf), x)[0]
-            x = add_norm(self.norm3, feed_forward(self, x, self.dropout3), x)[0]
+            x = add_then_norm(self.norm1, self._sa(x, tgt_mask, tgt_is_causal, bf), x)
+            x = add_then_norm(self.norm2, self._mha(x, mem, memory_mask, memory_is_causal, bf), x)
+            x = add_then_norm(self.norm3, feed_forward(self, x, self.dropout3), x)
         return x.squeeze(0) if tgt.dim() == 2 else x
 
     def _sa(self, x: Tensor, mask: Optional[Tensor], is_causal: bool, bf: bool) -> Tensor:

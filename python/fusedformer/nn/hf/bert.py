@@ -20,7 +20,7 @@ from torch import Tensor
 from transformers.models.bert import modeling_bert as mb
 
 from ..functional import merge_heads, split_heads
-from ..layers import add_norm
+from ..layers import add_then_norm
 from .common import attend, capturing_outputs, native_masks, packed_linear
 
 
@@ -45,12 +45,12 @@ class FusedBertSelfAttention(mb.BertSelfAttention):
 
 class FusedBertSelfOutput(mb.BertSelfOutput):
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        return add_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)[0]
+        return add_then_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)
 
 
 class FusedBertOutput(mb.BertOutput):
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        return add_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)[0]
+        return add_then_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)
 
 
 def _key_padding(mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -64,15 +64,21 @@ def _key_padding(mask: Optional[Tensor]) -> Optional[Tensor]:
     return keep[:, 0]
 
 
-def _unpadded_layer(layer: mb.BertLayer, x: Tensor, keep4: Tensor, rows: Tensor, b_idx: Tensor, l_idx: Tensor,
-                    shape) -> Tensor:
+def _scatter_rows(x: Tensor, rows: Tensor, pad_rows: Tensor, total: int) -> Tensor:
+    """A ``(total, F)`` tensor with the rows of ``x`` at ``rows`` and zeros at ``pad_rows`` (the
+    other rows): only the padded rows are zero-filled, not the whole buffer."""
+    full = x.new_empty(total, x.size(-1))
+    full.index_copy_(0, rows, x)
+    return full.index_fill_(0, pad_rows, 0.0)
+
+
+def _unpadded_layer(layer: mb.BertLayer, x: Tensor, keep4: Tensor, rows: Tensor, pad_rows: Tensor, b_idx: Tensor,
+                    l_idx: Tensor, shape) -> Tensor:
     """One BertLayer over the real tokens ``x`` (T, D); attention on the padded layout."""
     B, L = shape
     sa = layer.attention.self
     w, b = packed_linear(sa, (sa.query, sa.key, sa.value))
-    qkv = torch.nn.functional.linear(x, w, b)
-    full = x.new_zeros(B * L, qkv.size(-1))
-    full.index_copy_(0, rows, qkv)
+    full = _scatter_rows(torch.nn.functional.linear(x, w, b), rows, pad_rows, B * L)
     q, k, v = full.view(B, L, -1).split(sa.all_head_size, dim=-1)
     q, k, v = (split_heads(t, sa.num_attention_heads, True) for t in (q, k, v))
     out = attend(sa, q, k, v, keep4, 0.0, sa.scaling, False)
@@ -123,14 +129,14 @@ class FusedBertEncoder(mb.BertEncoder):
                 use_cache, **kwargs,
             )
         B, L, D = hidden_states.shape
-        rows = keep.flatten().nonzero().squeeze(1)
+        flat = keep.flatten()
+        rows, pad_rows = flat.nonzero().squeeze(1), flat.logical_not().nonzero().squeeze(1)
         b_idx, l_idx = rows // L, rows % L
         x = hidden_states.reshape(B * L, D).index_select(0, rows)
         keep4 = keep.view(B, 1, 1, L)
         for layer in self.layer:
-            x = _unpadded_layer(layer, x, keep4, rows, b_idx, l_idx, (B, L))
-        out = x.new_zeros(B * L, D)
-        out.index_copy_(0, rows, x)
+            x = _unpadded_layer(layer, x, keep4, rows, pad_rows, b_idx, l_idx, (B, L))
+        out = _scatter_rows(x, rows, pad_rows, B * L)
         return mb.BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out.view(B, L, D))
 
 
