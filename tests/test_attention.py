@@ -253,22 +253,24 @@ def test_dropout_backward_uses_the_forward_mask(isa, L, is_causal):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("L", [1, 37])
-def test_dropout_matches_philox_reference(isa, L):
-    # the kernel's mask is the one reference.dropout_keep_mask recomputes (also for GQA and masks)
-    B, Hq, Hkv, S, E, p = 2, 4, 2, 90, 24, 0.4
+@pytest.mark.parametrize("B,Hq,Hkv,L,S,causal", [(2, 4, 2, 1, 90, True), (2, 4, 2, 37, 90, True),
+                                                 (1, 4, 1, 1, 1100, False)], ids=["decode", "tiled", "decode_split"])
+def test_dropout_matches_philox_reference(isa, B, Hq, Hkv, L, S, causal):
+    # the kernel's mask is the one reference.dropout_keep_mask recomputes (also for GQA, masks and
+    # the decode path with its keys split over threads)
+    E, p = 24, 0.4
     q, k, v = (make(s, dtype=torch.float64, seed=i) for i, s in enumerate([(B, Hq, L, E), (B, Hkv, S, E), (B, Hkv, S, E)]))
     mask = torch.rand(B, 1, L, S) > 0.2
     seed = torch.tensor(987654321123, dtype=torch.int64)
     scale = E**-0.5
     with cpu_isa(isa):
         qd, kd, vd = (_leaf(t) for t in (q, k, v))
-        out, lse = _ops.attention_fwd(qd, kd, vd, mask, p, True, scale, seed)
+        out, lse = _ops.attention_fwd(qd, kd, vd, mask, p, causal, scale, seed)
         g = make(tuple(out.shape), dtype=torch.float64, seed=5)
-        got = _ops.attention_bwd(g, qd, kd, vd, out, lse, mask, p, True, scale, seed)
+        got = _ops.attention_bwd(g, qd, kd, vd, out, lse, mask, p, causal, scale, seed)
     keep = ref.dropout_keep_mask(seed, B * Hq, L, S, p).reshape(B, Hq, L, S)
     q64, k64, v64 = (_leaf(t) for t in (q, k, v))
-    want = ref.attention(q64, k64, v64, mask, p, True, enable_gqa=True, dropout_mask=keep)
+    want = ref.attention(q64, k64, v64, mask, p, causal, enable_gqa=True, dropout_mask=keep)
     exp = torch.autograd.grad(want, (q64, k64, v64), g)
     assert_matches_reference(out, want, rtol=1e-12, atol=1e-12, what="out")
     for name, a, b in zip("qkv", got, exp):

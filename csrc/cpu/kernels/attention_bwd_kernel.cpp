@@ -185,18 +185,7 @@ void attention_bwd_impl(const AttnBwdArgs& ba) {
 
 void attention_bwd(const AttnBwdArgs& a) {
   dispatch_dtype(a.fwd.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    switch (a.fwd.mask_kind) {
-      case MaskKind::None:
-        attention_bwd_impl<T, MaskKind::None>(a);
-        break;
-      case MaskKind::Bool:
-        attention_bwd_impl<T, MaskKind::Bool>(a);
-        break;
-      case MaskKind::Float:
-        attention_bwd_impl<T, MaskKind::Float>(a);
-        break;
-    }
+    dispatch_mask(a.fwd.mask_kind, [&](auto mk) { attention_bwd_impl<decltype(tag), decltype(mk)::value>(a); });
   });
 }
 

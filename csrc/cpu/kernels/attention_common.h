@@ -267,6 +267,27 @@ FF_INLINE C softmax_block_row(C* s, C& m, C& l) {
   return alpha;
 }
 
+// o[0, n) *= alpha (n a multiple of the lane count), skipped when alpha is 1.
+template <typename C>
+FF_INLINE void rescale_row(C* o, int64_t n, C alpha) {
+  if (alpha == C(1)) return;
+  const vec_t<C> va = vbroadcast<C>(alpha);
+  for (int64_t c = 0; c < n; c += lanes_v<C>) vstore(o + c, vload(o + c) * va);
+}
+
+// Final output row dst[0, Ev) = o / l (zeros when l == 0: every key masked) and its natural-log
+// log-sum-exp from the base-2 running max m and sum l (+inf when every key is masked).
+template <typename T, typename C>
+FF_INLINE void finish_row(const C* o, C m, C l, int64_t Ev, T* dst, C* lse) {
+  constexpr int N = lanes_v<C>;
+  const C inv = l > C(0) ? C(1) / l : C(0);
+  *lse = l > C(0) ? (m + std::log2(l)) * kLn2<C> : kInf<C>;
+  const vec_t<C> vi = vbroadcast<C>(inv);
+  int64_t c = 0;
+  for (; c + N <= Ev; c += N) vstore(dst + c, vload(o + c) * vi);
+  for (; c < Ev; ++c) dst[c] = to_storage<T>(o[c] * inv);
+}
+
 // Base-2 logits of a tile s[rows][BC] (rows i0.., keys j0..): add the mask (additive, times
 // log2 e) or drop (bool), drop keys j > i when causal and keys at or beyond `valid`.
 template <MaskKind MK, typename C>

@@ -77,6 +77,20 @@ FF_INLINE void dot_keys(const C* q, const C* kp, int64_t ldk, int64_t Ep, int64_
   }
 }
 
+// n rows of cols features as compute-type rows with stride ld: in place when direct (storage is the
+// compute type with contiguous features), else converted into buf (row stride ldp, zero-padded).
+template <typename T, typename C>
+FF_INLINE const C* block_rows(bool direct, const T* src, int64_t sl, int64_t se, int64_t n, int64_t cols, C* buf,
+                              int64_t ldp, int64_t& ld) {
+  if (direct) {
+    ld = sl;
+    return reinterpret_cast<const C*>(src);
+  }
+  pack_rows<T, C>(src, sl, se, n, cols, C(1), buf, ldp, n);
+  ld = ldp;
+  return buf;
+}
+
 struct DecodePlan {
   int64_t group, R, E, Ev, Ep, Evp, nkb, nsplit;
   bool k_direct, v_direct;  // read keys / values in place (compute type, contiguous features)
@@ -85,8 +99,6 @@ struct DecodePlan {
 template <typename T, MaskKind MK, typename C = compute_t<T>>
 void decode_item(const AttnFwdArgs& a, const DecodePlan& pl, int64_t x, int64_t split, C* qd, C* sb, C* ob, C* kbuf,
                  C* vbuf, C* mrow, C* lrow, C* part, const Dropout<C>& drop) {
-  using V = vec_t<C>;
-  constexpr int N = lanes_v<C>;
   const int64_t b = x / a.Hkv, hkv = x % a.Hkv, R = pl.R;
   // the query rows of the group: row r is (head hkv * group + r / L, position r % L)
   for (int64_t r = 0; r < R; ++r) {
@@ -103,39 +115,17 @@ void decode_item(const AttnFwdArgs& a, const DecodePlan& pl, int64_t x, int64_t 
   if (a.causal) kb1 = std::min<int64_t>(kb1, ceil_div(a.L, BC));  // no row sees keys beyond L - 1
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t j0 = kb * BC, n = std::min<int64_t>(BC, a.S - j0);
-    const C* kp;
-    int64_t ldk;
-    if (pl.k_direct) {
-      kp = reinterpret_cast<const C*>(k + j0 * a.k.sl);
-      ldk = a.k.sl;
-    } else {
-      pack_rows<T, C>(k + j0 * a.k.sl, a.k.sl, a.k.se, n, pl.E, C(1), kbuf, pl.Ep, n);
-      kp = kbuf;
-      ldk = pl.Ep;
-    }
+    int64_t ldk, ldv;
+    const C* kp = block_rows<T, C>(pl.k_direct, k + j0 * a.k.sl, a.k.sl, a.k.se, n, pl.E, kbuf, pl.Ep, ldk);
     for (int64_t r = 0; r < R; ++r) dot_keys<C>(qd + r * pl.Ep, kp, ldk, pl.Ep, n, sb + r * BC);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t h = hkv * pl.group + r / a.L, i = r % a.L;
       mask_tile<MK>(sb + r * BC, BC, 1, i, j0, n, mask_at<MK, C>(a, b, h), a.m_sl, a.m_ss, a.causal);
       C* s = sb + r * BC;
-      const C alpha = softmax_block_row(s, mrow[r], lrow[r]);
-      if (alpha != C(1)) {
-        C* o = ob + r * pl.Evp;
-        const V va = vbroadcast<C>(alpha);
-        for (int64_t c = 0; c < pl.Evp; c += N) vstore(o + c, vload(o + c) * va);
-      }
+      rescale_row(ob + r * pl.Evp, pl.Evp, softmax_block_row(s, mrow[r], lrow[r]));
       if (drop.on) drop.apply(s, n, uint64_t(b * a.Hq + h), i, j0);
     }
-    const C* vp;
-    int64_t ldv;
-    if (pl.v_direct) {
-      vp = reinterpret_cast<const C*>(v + j0 * a.v.sl);
-      ldv = a.v.sl;
-    } else {
-      pack_rows<T, C>(v + j0 * a.v.sl, a.v.sl, a.v.se, n, pl.Ev, C(1), vbuf, pl.Evp, n);
-      vp = vbuf;
-      ldv = pl.Evp;
-    }
+    const C* vp = block_rows<T, C>(pl.v_direct, v + j0 * a.v.sl, a.v.sl, a.v.se, n, pl.Ev, vbuf, pl.Evp, ldv);
     gemm_rm<true>(R, pl.Evp, n, sb, BC, 1, vp, ldv, ob, pl.Evp);
   }
   if (pl.nsplit > 1) {
@@ -149,16 +139,9 @@ void decode_item(const AttnFwdArgs& a, const DecodePlan& pl, int64_t x, int64_t 
     return;
   }
   for (int64_t r = 0; r < R; ++r) {
-    const int64_t h = hkv * pl.group + r / a.L, i = r % a.L;
-    const C l = lrow[r];
-    const C inv = l > C(0) ? C(1) / l : C(0);
-    static_cast<C*>(a.lse)[(b * a.Hq + h) * a.L + i] = l > C(0) ? (mrow[r] + std::log2(l)) * kLn2<C> : kInf<C>;
-    T* dst = static_cast<T*>(a.out) + ((b * a.Hq + h) * a.L + i) * pl.Ev;
-    const C* o = ob + r * pl.Evp;
-    const V vi = vbroadcast<C>(inv);
-    int64_t c = 0;
-    for (; c + N <= pl.Ev; c += N) vstore(dst + c, vload(o + c) * vi);
-    for (; c < pl.Ev; ++c) dst[c] = to_storage<T>(o[c] * inv);
+    const int64_t row = (b * a.Hq + hkv * pl.group + r / a.L) * a.L + r % a.L;
+    finish_row<T, C>(ob + r * pl.Evp, mrow[r], lrow[r], pl.Ev, static_cast<T*>(a.out) + row * pl.Ev,
+                     static_cast<C*>(a.lse) + row);
   }
 }
 
@@ -181,10 +164,8 @@ void merge_splits(const AttnFwdArgs& a, const DecodePlan& pl, int64_t x, const C
         for (int64_t c = 0; c < pl.Ev; ++c) acc[c] += w * p[2 + c];
       }
     }
-    const C inv = l > C(0) ? C(1) / l : C(0);
-    static_cast<C*>(a.lse)[(b * a.Hq + h) * a.L + i] = l > C(0) ? (M + std::log2(l)) * kLn2<C> : kInf<C>;
-    T* dst = static_cast<T*>(a.out) + ((b * a.Hq + h) * a.L + i) * pl.Ev;
-    for (int64_t c = 0; c < pl.Ev; ++c) dst[c] = to_storage<T>(acc[c] * inv);
+    const int64_t row = (b * a.Hq + h) * a.L + i;
+    finish_row<T, C>(acc, M, l, pl.Ev, static_cast<T*>(a.out) + row * pl.Ev, static_cast<C*>(a.lse) + row);
   }
 }
 
@@ -231,18 +212,7 @@ bool attention_decode_applies(const AttnFwdArgs& a) { return (a.Hq / a.Hkv) * a.
 
 void attention_decode(const AttnFwdArgs& a) {
   dispatch_dtype(a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    switch (a.mask_kind) {
-      case MaskKind::None:
-        decode_impl<T, MaskKind::None>(a);
-        break;
-      case MaskKind::Bool:
-        decode_impl<T, MaskKind::Bool>(a);
-        break;
-      case MaskKind::Float:
-        decode_impl<T, MaskKind::Float>(a);
-        break;
-    }
+    dispatch_mask(a.mask_kind, [&](auto mk) { decode_impl<decltype(tag), decltype(mk)::value>(a); });
   });
 }
 

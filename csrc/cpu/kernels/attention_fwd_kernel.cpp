@@ -33,8 +33,6 @@ void pack_kv_head(const AttnFwdArgs& a, const FwdPlan& pl, int64_t bkv, C* kt, C
 template <typename T, MaskKind MK, typename C = compute_t<T>>
 void fwd_item(const AttnFwdArgs& a, const FwdPlan& pl, int64_t b, int64_t h, int64_t qb, const C* kt, const C* vp,
               C* qs, C* sb, C* ob, C* mrow, C* lrow, const Dropout<C>& drop) {
-  using V = vec_t<C>;
-  constexpr int N = lanes_v<C>;
   const int64_t E = pl.E, Evp = pl.Evp;
   const int64_t i0 = qb * BR, rows = std::min<int64_t>(BR, a.L - i0);
   const T* q = static_cast<const T*>(a.q.data) + b * a.q.sb + h * a.q.sh + i0 * a.q.sl;
@@ -54,12 +52,7 @@ void fwd_item(const AttnFwdArgs& a, const FwdPlan& pl, int64_t b, int64_t h, int
       mask_tile<MK>(sb, BC, rows, i0, j0, valid, mask, a.m_sl, a.m_ss, diag);
     for (int64_t r = 0; r < rows; ++r) {
       C* s = sb + r * BC;
-      const C alpha = softmax_block_row(s, mrow[r], lrow[r]);
-      if (alpha != C(1)) {
-        C* o = ob + r * Evp;
-        const V va = vbroadcast<C>(alpha);
-        for (int64_t c = 0; c < Evp; c += N) vstore(o + c, vload(o + c) * va);
-      }
+      rescale_row(ob + r * Evp, Evp, softmax_block_row(s, mrow[r], lrow[r]));
       if (drop.on) drop.apply(s, valid, bh, i0 + r, j0);
     }
     gemm<true>(rows, Evp, BC, sb, BC, 1, vp + kb * BC * Evp, BC, ob, Evp);
@@ -67,17 +60,7 @@ void fwd_item(const AttnFwdArgs& a, const FwdPlan& pl, int64_t b, int64_t h, int
   // normalize, write out and the log-sum-exp (natural log; +inf for a fully masked row)
   T* out = static_cast<T*>(a.out) + ((b * a.Hq + h) * a.L + i0) * pl.Ev;
   C* lse = static_cast<C*>(a.lse) + (b * a.Hq + h) * a.L + i0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const C l = lrow[r];
-    const C inv = l > C(0) ? C(1) / l : C(0);
-    lse[r] = l > C(0) ? (mrow[r] + std::log2(l)) * kLn2<C> : kInf<C>;
-    const C* o = ob + r * Evp;
-    T* dst = out + r * pl.Ev;
-    const V vi = vbroadcast<C>(inv);
-    int64_t c = 0;
-    for (; c + N <= pl.Ev; c += N) vstore(dst + c, vload(o + c) * vi);
-    for (; c < pl.Ev; ++c) dst[c] = to_storage<T>(o[c] * inv);
-  }
+  for (int64_t r = 0; r < rows; ++r) finish_row<T, C>(ob + r * Evp, mrow[r], lrow[r], pl.Ev, out + r * pl.Ev, lse + r);
 }
 
 template <typename T, MaskKind MK>
@@ -134,18 +117,7 @@ void attention_fwd(const AttnFwdArgs& a) {
     return;
   }
   dispatch_dtype(a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    switch (a.mask_kind) {
-      case MaskKind::None:
-        attention_fwd_impl<T, MaskKind::None>(a);
-        break;
-      case MaskKind::Bool:
-        attention_fwd_impl<T, MaskKind::Bool>(a);
-        break;
-      case MaskKind::Float:
-        attention_fwd_impl<T, MaskKind::Float>(a);
-        break;
-    }
+    dispatch_mask(a.mask_kind, [&](auto mk) { attention_fwd_impl<decltype(tag), decltype(mk)::value>(a); });
   });
 }
 

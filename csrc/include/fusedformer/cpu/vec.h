@@ -346,6 +346,22 @@ FF_INLINE void dispatch_dtype(DType dt, F&& f) {
   }
 }
 
+// Map a MaskKind to a compile-time constant: f(std::integral_constant<MaskKind, kind>{}).
+template <typename F>
+FF_INLINE void dispatch_mask(MaskKind k, F&& f) {
+  switch (k) {
+    case MaskKind::None:
+      f(std::integral_constant<MaskKind, MaskKind::None>{});
+      break;
+    case MaskKind::Bool:
+      f(std::integral_constant<MaskKind, MaskKind::Bool>{});
+      break;
+    case MaskKind::Float:
+      f(std::integral_constant<MaskKind, MaskKind::Float>{});
+      break;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Broadcasts that compile to a single vbroadcast (from memory where the scalar comes from memory);
 // `vec_t<C>{} + s` costs an extra add and a register move per call, which matters in inner loops.
