@@ -62,7 +62,7 @@ def make(shape, dtype=torch.float32, device="cpu", *, scale=1.0, requires_grad=F
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     if noncontig:
         big = torch.randn(*shape[:-1], shape[-1] * 2, generator=g, dtype=torch.float64) * scale
-        t = big[..., ::2].to(dtype).to(device)
+        t = big.to(dtype).to(device)[..., ::2]  # slice after converting: a conversion copies
         assert not t.is_contiguous()
     else:
         t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)

@@ -34,7 +34,7 @@ AttnFwdArgs make_args(const AttnProblem& p, double dropout_p, bool is_causal, do
   }
   a.causal = is_causal;
   a.scale = scale;
-  a.dropout_p = static_cast<float>(dropout_p);
+  a.dropout_p = dropout_p;
   a.seed = p.seed;
   return a;
 }
@@ -44,7 +44,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& query, const 
                                                  double dropout_p, bool is_causal, double scale,
                                                  const std::optional<at::Tensor>& seed) {
   AttnProblem p = prepare_attention("fusedformer.attention", query, key, value, attn_mask, dropout_p, seed);
-  TORCH_CHECK_TYPE(query.scalar_type() != at::kDouble, "fusedformer.attention: float64 is not supported on the CPU yet");
   at::Tensor out = at::empty(p.out_shape, p.q.options());
   at::Tensor lse = at::empty(p.lse_shape, p.q.options().dtype(compute_dtype(p.q)));
   AttnFwdArgs a = make_args(p, dropout_p, is_causal, scale);

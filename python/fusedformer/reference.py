@@ -86,9 +86,10 @@ def attention(
     *,
     dropout_mask: Optional[torch.Tensor] = None,
 ):
-    """Scaled dot-product attention in float64. ``dropout_mask`` (bool, True = keep, broadcast to
+    """Scaled dot-product attention in float64, differentiable in query, key and value (leaf float64
+    inputs give reference gradients). ``dropout_mask`` (bool, True = keep, broadcast to
     (..., H, L, S)) replaces random dropout so the fused kernel's mask can be checked exactly."""
-    q, k, v = _f64(query), _f64(key), _f64(value)
+    q, k, v = (t.to("cpu", torch.float64) for t in (query, key, value))
     if q.dim() >= 3 and k.size(-3) != q.size(-3):
         rep = q.size(-3) // k.size(-3)
         k = k.repeat_interleave(rep, dim=-3)

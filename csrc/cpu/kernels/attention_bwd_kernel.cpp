@@ -1,6 +1,7 @@
 // CPU attention backward (FlashAttention-2 order): for each block of keys, loop over the query
 // blocks of every query head that reads it, recompute the probabilities from the saved
-// log-sum-exp, and accumulate dV and dK for the block in float32 tiles and dQ in a float32 buffer.
+// log-sum-exp, and accumulate dV and dK for the block in compute-type tiles and dQ in a
+// compute-type buffer.
 //
 // Work items are (batch, key/value head, range of key blocks). When there are fewer key/value heads
 // than threads, the key blocks of a head are split over several items, each with its own dQ
@@ -10,133 +11,171 @@
 namespace fusedformer::cpu::FF_ISA {
 namespace {
 
+struct BwdPlan {
+  int64_t E, Ev, Ep, Evp, group, nkb, nqb, nsplit, dq_size;
+};
+
+// Tiles of one worker.
+template <typename C>
+struct BwdTiles {
+  Buf<C> kt, kp, vt, dk, dv, qs, qp, dob, dop, pb, dpb, pdb;
+  BwdTiles(const BwdPlan& pl, bool dropout)
+      : kt(pl.E * BC),
+        kp(BC * pl.Ep),
+        vt(pl.Ev * BC),
+        dk(BC * pl.Ep),
+        dv(BC * pl.Evp),
+        qs(BR * pl.E),
+        qp(BR * pl.Ep),
+        dob(BR * pl.Ev),
+        dop(BR * pl.Evp),
+        pb(BR * BC),
+        dpb(BR * BC),
+        pdb(dropout ? BR * BC : 1) {}
+};
+
+template <typename T, MaskKind MK, typename C = compute_t<T>>
+void bwd_item(const AttnBwdArgs& ba, const BwdPlan& pl, int64_t x, int64_t split, const C* dvec, const C* lse2,
+              C* dq, BwdTiles<C>& t, const Dropout<C>& drop) {
+  using V = vec_t<C>;
+  constexpr int N = lanes_v<C>;
+  const AttnFwdArgs& a = ba.fwd;
+  const int64_t E = pl.E, Ev = pl.Ev, Ep = pl.Ep, Evp = pl.Evp;
+  const int64_t b = x / a.Hkv, hkv = x % a.Hkv;
+  const int64_t kb0 = pl.nkb * split / pl.nsplit, kb1 = pl.nkb * (split + 1) / pl.nsplit;
+  const T* k = static_cast<const T*>(a.k.data) + b * a.k.sb + hkv * a.k.sh;
+  const T* v = static_cast<const T*>(a.v.data) + b * a.v.sb + hkv * a.v.sh;
+  const AttnTensor& g = ba.grad_out;
+  const C scale = C(a.scale), scale2 = C(a.scale) * kLog2e<C>;
+  C* dqs = dq + split * pl.dq_size;
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const int64_t j0 = kb * BC, valid = std::min<int64_t>(BC, a.S - j0);
+    pack_panels_t<T, C>(k + j0 * a.k.sl, a.k.sl, a.k.se, valid, E, t.kt.get(), E, BC);
+    pack_panels<T, C>(k + j0 * a.k.sl, a.k.sl, a.k.se, valid, E, C(1), t.kp.get(), BC, BC);
+    pack_panels_t<T, C>(v + j0 * a.v.sl, a.v.sl, a.v.se, valid, Ev, t.vt.get(), Ev, BC);
+    std::fill(t.dk.get(), t.dk.get() + BC * Ep, C(0));
+    std::fill(t.dv.get(), t.dv.get() + BC * Evp, C(0));
+    for (int64_t hg = 0; hg < pl.group; ++hg) {
+      const int64_t h = hkv * pl.group + hg;
+      const int64_t xq = b * a.Hq + h;
+      const T* q = static_cast<const T*>(a.q.data) + b * a.q.sb + h * a.q.sh;
+      const T* go = static_cast<const T*>(g.data) + b * g.sb + h * g.sh;
+      const void* mask = mask_at<MK, C>(a, b, h);
+      // with causal masking, query rows before j0 see none of these keys
+      const int64_t qb_first = a.causal ? std::min<int64_t>(pl.nqb, j0 / BR) : 0;
+      for (int64_t qb = qb_first; qb < pl.nqb; ++qb) {
+        const int64_t i0 = qb * BR, rows = std::min<int64_t>(BR, a.L - i0);
+        pack_rows<T, C>(q + i0 * a.q.sl, a.q.sl, a.q.se, rows, E, scale2, t.qs.get(), E, rows);
+        pack_panels<T, C>(q + i0 * a.q.sl, a.q.sl, a.q.se, rows, E, scale, t.qp.get(), BR, rows);
+        pack_rows<T, C>(go + i0 * g.sl, g.sl, g.se, rows, Ev, C(1), t.dob.get(), Ev, rows);
+        pack_panels<T, C>(go + i0 * g.sl, g.sl, g.se, rows, Ev, C(1), t.dop.get(), BR, rows);
+        const C* l2 = lse2 + xq * a.L + i0;
+        const C* dd = dvec + xq * a.L + i0;
+        C* p = t.pb.get();
+        C* dp = t.dpb.get();
+        // P = exp2(S - lse2)
+        gemm<false>(rows, BC, E, t.qs.get(), E, 1, t.kt.get(), E, p, BC);
+        const bool diag = a.causal && j0 + BC - 1 > i0;
+        if (MK != MaskKind::None || diag || valid < BC)
+          mask_tile<MK>(p, BC, rows, i0, j0, valid, mask, a.m_sl, a.m_ss, diag);
+        for (int64_t r = 0; r < rows; ++r) {
+          const V vl = vbroadcast<C>(l2[r]);
+          C* pr = p + r * BC;
+          for (int64_t c = 0; c < BC; c += N) vstore(pr + c, exp2_neg(vload(pr + c) - vl));
+        }
+        // dP = dO V^T
+        gemm<false>(rows, BC, Ev, t.dob.get(), Ev, 1, t.vt.get(), Ev, dp, BC);
+        const C* pv = p;
+        if (drop.on) {
+          // dV takes the dropped probabilities, and dP the same mask; dS below uses plain P
+          C* pd = t.pdb.get();
+          std::copy(p, p + rows * BC, pd);
+          for (int64_t r = 0; r < rows; ++r) {
+            drop.apply(pd + r * BC, valid, uint64_t(xq), i0 + r, j0);
+            drop.apply(dp + r * BC, valid, uint64_t(xq), i0 + r, j0);
+          }
+          pv = pd;
+        }
+        // dV += P^T dO
+        gemm<true>(valid, Evp, rows, pv, 1, BC, t.dop.get(), BR, t.dv.get(), Evp);
+        // dS = P * (dP - D)   (into dp)
+        for (int64_t r = 0; r < rows; ++r) {
+          const C* pr = p + r * BC;
+          C* dpr = dp + r * BC;
+          const V vd = vbroadcast<C>(dd[r]);
+          for (int64_t c = 0; c < BC; c += N) vstore(dpr + c, vload(pr + c) * (vload(dpr + c) - vd));
+        }
+        // dK += dS^T (scale Q), dQ += dS K (scaled at the end)
+        gemm<true>(valid, Ep, rows, dp, 1, BC, t.qp.get(), BR, t.dk.get(), Ep);
+        gemm<true>(rows, Ep, BC, dp, BC, 1, t.kp.get(), BC, dqs + (xq * a.L + i0) * Ep, Ep);
+      }
+    }
+    // write dK and dV for this key block
+    T* gk = static_cast<T*>(ba.grad_k) + (x * a.S + j0) * E;
+    T* gv = static_cast<T*>(ba.grad_v) + (x * a.S + j0) * Ev;
+    for (int64_t r = 0; r < valid; ++r) {
+      for (int64_t c = 0; c < E; ++c) gk[r * E + c] = to_storage<T>(t.dk.get()[r * Ep + c]);
+      for (int64_t c = 0; c < Ev; ++c) gv[r * Ev + c] = to_storage<T>(t.dv.get()[r * Evp + c]);
+    }
+  }
+}
+
 template <typename T, MaskKind MK>
 void attention_bwd_impl(const AttnBwdArgs& ba) {
+  using C = compute_t<T>;
   const AttnFwdArgs& a = ba.fwd;
-  const int64_t E = a.E, Ev = a.Ev, Ep = round_up(E, W), Evp = round_up(Ev, W);
-  const int64_t group = a.Hq / a.Hkv;
-  const int64_t nkb = ceil_div(a.S, BC), nqb = ceil_div(a.L, BR);
+  BwdPlan pl;
+  pl.E = a.E;
+  pl.Ev = a.Ev;
+  pl.Ep = round_up(a.E, lanes_v<C>);
+  pl.Evp = round_up(a.Ev, lanes_v<C>);
+  pl.group = a.Hq / a.Hkv;
+  pl.nkb = ceil_div(a.S, BC);
+  pl.nqb = ceil_div(a.L, BR);
   const int64_t BHq = a.B * a.Hq, BHkv = a.B * a.Hkv;
   const int threads = num_threads();
-  const int64_t nsplit = BHkv >= threads ? 1 : std::min<int64_t>(nkb, ceil_div(2 * threads, BHkv));
+  pl.nsplit = BHkv >= threads ? 1 : std::min<int64_t>(pl.nkb, ceil_div(2 * threads, BHkv));
+  pl.dq_size = BHq * a.L * pl.Ep;
 
   // D = rowsum(dO * O) and the base-2 log-sum-exp, per query row
-  FBuf dvec(BHq * a.L), lse2(BHq * a.L);
+  Buf<C> dvec(BHq * a.L), lse2(BHq * a.L);
   const T* out = static_cast<const T*>(a.out);
+  const AttnTensor& g = ba.grad_out;
   parallel_for(0, BHq, 1, [&](int64_t s, int64_t e) {
     for (int64_t x = s; x < e; ++x) {
       const int64_t b = x / a.Hq, h = x % a.Hq;
-      const T* go = static_cast<const T*>(ba.grad_out.data) + b * ba.grad_out.sb + h * ba.grad_out.sh;
-      const T* o = out + x * a.L * Ev;
+      const T* go = static_cast<const T*>(g.data) + b * g.sb + h * g.sh;
+      const T* o = out + x * a.L * pl.Ev;
+      const C* lse = static_cast<const C*>(a.lse) + x * a.L;
       for (int64_t i = 0; i < a.L; ++i) {
-        float d = 0.f;
-        for (int64_t c = 0; c < Ev; ++c) d += to_float(go[i * ba.grad_out.sl + c * ba.grad_out.se]) * to_float(o[i * Ev + c]);
+        C d = C(0);
+        for (int64_t c = 0; c < pl.Ev; ++c) d += C(to_float(go[i * g.sl + c * g.se])) * C(to_float(o[i * pl.Ev + c]));
         dvec.get()[x * a.L + i] = d;
-        lse2.get()[x * a.L + i] = static_cast<const float*>(a.lse)[x * a.L + i] * kLog2e;
+        lse2.get()[x * a.L + i] = lse[i] * kLog2e<C>;
       }
     }
   });
 
-  const int64_t dq_size = BHq * a.L * Ep;
-  FBuf dq(nsplit * dq_size);
-  parallel_for(0, nsplit * dq_size, 1 << 16, [&](int64_t s, int64_t e) { std::fill(dq.get() + s, dq.get() + e, 0.f); });
+  Buf<C> dq(pl.nsplit * pl.dq_size);
+  parallel_for(0, pl.nsplit * pl.dq_size, 1 << 16,
+               [&](int64_t s, int64_t e) { std::fill(dq.get() + s, dq.get() + e, C(0)); });
 
-  const Dropout drop(a.dropout_p, a.seed);
-  const float scale2 = a.scale * kLog2e;
-  parallel_for(0, BHkv * nsplit, 1, [&](int64_t s, int64_t e) {
-    FBuf krow(BC * Ep), kt(E * BC), vt(Ev * BC), dk(BC * Ep), dv(BC * Evp), qb(BR * Ep), dob(BR * Evp),
-        pb(BR * BC), dpb(BR * BC), pdb(drop.on ? BR * BC : 1);
-    for (int64_t it = s; it < e; ++it) {
-      const int64_t x = it / nsplit, split = it % nsplit;
-      const int64_t b = x / a.Hkv, hkv = x % a.Hkv;
-      const int64_t kb0 = nkb * split / nsplit, kb1 = nkb * (split + 1) / nsplit;
-      const T* k = static_cast<const T*>(a.k.data) + b * a.k.sb + hkv * a.k.sh;
-      const T* v = static_cast<const T*>(a.v.data) + b * a.v.sb + hkv * a.v.sh;
-      float* dqs = dq.get() + split * dq_size;
-      for (int64_t kb = kb0; kb < kb1; ++kb) {
-        const int64_t j0 = kb * BC, valid = std::min<int64_t>(BC, a.S - j0);
-        pack_rows(k + j0 * a.k.sl, a.k.sl, a.k.se, valid, E, 1.f, krow.get(), Ep, BC);
-        pack_transposed(k + j0 * a.k.sl, a.k.sl, a.k.se, valid, E, kt.get(), BC);
-        pack_transposed(v + j0 * a.v.sl, a.v.sl, a.v.se, valid, Ev, vt.get(), BC);
-        std::fill(dk.get(), dk.get() + BC * Ep, 0.f);
-        std::fill(dv.get(), dv.get() + BC * Evp, 0.f);
-        for (int64_t hg = 0; hg < group; ++hg) {
-          const int64_t h = hkv * group + hg;
-          const int64_t xq = b * a.Hq + h;
-          const T* q = static_cast<const T*>(a.q.data) + b * a.q.sb + h * a.q.sh;
-          const T* go = static_cast<const T*>(ba.grad_out.data) + b * ba.grad_out.sb + h * ba.grad_out.sh;
-          const void* mask = nullptr;
-          if constexpr (MK != MaskKind::None) {
-            const int64_t off = b * a.m_sb + h * a.m_sh;
-            mask = MK == MaskKind::Float ? static_cast<const void*>(static_cast<const float*>(a.mask) + off)
-                                         : static_cast<const void*>(static_cast<const uint8_t*>(a.mask) + off);
-          }
-          // with causal masking, query rows before j0 see none of these keys
-          const int64_t qb_first = a.causal ? std::min<int64_t>(nqb, j0 / BR) : 0;
-          for (int64_t qbi = qb_first; qbi < nqb; ++qbi) {
-            const int64_t i0 = qbi * BR, rows = std::min<int64_t>(BR, a.L - i0);
-            pack_rows(q + i0 * a.q.sl, a.q.sl, a.q.se, rows, E, scale2, qb.get(), Ep, rows);
-            pack_rows(go + i0 * ba.grad_out.sl, ba.grad_out.sl, ba.grad_out.se, rows, Ev, 1.f, dob.get(), Evp, rows);
-            const float* l2 = lse2.get() + xq * a.L + i0;
-            const float* dd = dvec.get() + xq * a.L + i0;
-            float* p = pb.get();
-            float* dp = dpb.get();
-            // P = exp2(S - lse2)
-            gemm<false>(rows, BC, E, qb.get(), Ep, 1, kt.get(), BC, p, BC);
-            const bool diag = a.causal && j0 + BC - 1 > i0;
-            if (MK != MaskKind::None || diag || valid < BC)
-              mask_tile<MK>(p, BC, rows, i0, j0, valid, mask, a.m_sl, a.m_ss, diag);
-            for (int64_t r = 0; r < rows; ++r) {
-              const vf vl = vset1(l2[r]);
-              float* pr = p + r * BC;
-              for (int64_t c = 0; c < BC; c += W) vstore(pr + c, vexp2(vload(pr + c) - vl));
-            }
-            // dP = dO V^T
-            gemm<false>(rows, BC, Ev, dob.get(), Evp, 1, vt.get(), BC, dp, BC);
-            if (drop.on) {
-              // dV takes the dropped probabilities, and dP the same mask; dS below uses plain P
-              float* pd = pdb.get();
-              std::copy(p, p + rows * BC, pd);
-              for (int64_t r = 0; r < rows; ++r) {
-                drop.apply(pd + r * BC, valid, uint64_t(xq), i0 + r, j0);
-                drop.apply(dp + r * BC, valid, uint64_t(xq), i0 + r, j0);
-              }
-              gemm<true>(valid, Evp, rows, pd, 1, BC, dob.get(), Evp, dv.get(), Evp);
-            } else {
-              gemm<true>(valid, Evp, rows, p, 1, BC, dob.get(), Evp, dv.get(), Evp);
-            }
-            // dS = P * (dP - D)   (into dp)
-            for (int64_t r = 0; r < rows; ++r) {
-              float* pr = p + r * BC;
-              float* dpr = dp + r * BC;
-              const vf vd = vset1(dd[r]);
-              for (int64_t c = 0; c < BC; c += W) vstore(dpr + c, vload(pr + c) * (vload(dpr + c) - vd));
-            }
-            // dK += dS^T Qs (Qs carries scale * log2 e), dQ += dS K
-            gemm<true>(valid, Ep, rows, dp, 1, BC, qb.get(), Ep, dk.get(), Ep);
-            gemm<true>(rows, Ep, BC, dp, BC, 1, krow.get(), Ep, dqs + (xq * a.L + i0) * Ep, Ep);
-          }
-        }
-        // write dK (undo log2 e) and dV for this key block
-        T* gk = static_cast<T*>(ba.grad_k) + (x * a.S + j0) * E;
-        T* gv = static_cast<T*>(ba.grad_v) + (x * a.S + j0) * Ev;
-        const float kfix = 1.f / kLog2e;
-        for (int64_t r = 0; r < valid; ++r) {
-          for (int64_t c = 0; c < E; ++c) gk[r * E + c] = from_float<T>(dk.get()[r * Ep + c] * kfix);
-          for (int64_t c = 0; c < Ev; ++c) gv[r * Ev + c] = from_float<T>(dv.get()[r * Evp + c]);
-        }
-      }
-    }
+  const Dropout<C> drop(a.dropout_p, a.seed);
+  run_items(BHkv * pl.nsplit, [&](const auto& take) {
+    BwdTiles<C> t(pl, drop.on);
+    for (int64_t it; (it = take()) >= 0;)
+      bwd_item<T, MK>(ba, pl, it / pl.nsplit, it % pl.nsplit, dvec.get(), lse2.get(), dq.get(), t, drop);
   });
 
   // dQ = scale * sum over splits
   T* gq = static_cast<T*>(ba.grad_q);
+  const C scale = C(a.scale);
   parallel_for(0, BHq * a.L, 64, [&](int64_t s, int64_t e) {
     for (int64_t row = s; row < e; ++row) {
-      for (int64_t c = 0; c < E; ++c) {
-        float acc = 0.f;
-        for (int64_t sp = 0; sp < nsplit; ++sp) acc += dq.get()[sp * dq_size + row * Ep + c];
-        gq[row * E + c] = from_float<T>(acc * a.scale);
+      for (int64_t c = 0; c < pl.E; ++c) {
+        C acc = C(0);
+        for (int64_t sp = 0; sp < pl.nsplit; ++sp) acc += dq.get()[sp * pl.dq_size + row * pl.Ep + c];
+        gq[row * pl.E + c] = to_storage<T>(acc * scale);
       }
     }
   });
@@ -145,24 +184,9 @@ void attention_bwd_impl(const AttnBwdArgs& ba) {
 }  // namespace
 
 void attention_bwd(const AttnBwdArgs& a) {
-  auto run = [&](auto tag) {
-    using T = decltype(tag);
-    switch (a.fwd.mask_kind) {
-      case MaskKind::None:
-        attention_bwd_impl<T, MaskKind::None>(a);
-        break;
-      case MaskKind::Bool:
-        attention_bwd_impl<T, MaskKind::Bool>(a);
-        break;
-      case MaskKind::Float:
-        attention_bwd_impl<T, MaskKind::Float>(a);
-        break;
-    }
-  };
-  // float64 is refused by the ATen glue until the kernels compute in double
-  if (a.fwd.dtype == DType::Float32) run(float{});
-  if (a.fwd.dtype == DType::BFloat16) run(bf16_t{});
-  if (a.fwd.dtype == DType::Float16) run(f16_t{});
+  dispatch_dtype(a.fwd.dtype, [&](auto tag) {
+    dispatch_mask(a.fwd.mask_kind, [&](auto mk) { attention_bwd_impl<decltype(tag), decltype(mk)::value>(a); });
+  });
 }
 
 }  // namespace fusedformer::cpu::FF_ISA

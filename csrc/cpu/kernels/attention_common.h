@@ -1,156 +1,313 @@
-// Building blocks of the CPU attention kernels (forward and backward): a register-tiled float32
-// matrix product, packing of (strided, any-dtype) tiles into float32 buffers, masking and dropout.
-// Included by attention_fwd_kernel.cpp and attention_bwd_kernel.cpp, once per instruction set.
+// Building blocks of the CPU attention kernels (forward, decode and backward), written once for
+// every compute type C (float, or double for float64 inputs): a register-tiled matrix product on
+// packed panels, packing of strided tiles of any storage type into C buffers, masking, the base-2
+// exponential of the softmax and dropout. Included once per instruction set by the
+// attention_*_kernel.cpp translation units.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
-#include <memory>
 #include <new>
+#include <type_traits>
 
 #include "fusedformer/cpu/vec.h"
 #include "fusedformer/philox.h"
 
 namespace fusedformer::cpu::FF_ISA {
 
-// Micro tile: MR rows x NV vectors of accumulators held in registers.
+// ---------------------------------------------------------------------------------------------
+// Register tile of the matrix product: MR rows x NV vectors of accumulators (plus NV vectors of
+// the B panel and one broadcast) must fit the register file: 16 vector registers on AVX2, 32 on
+// AVX-512; the generic build's 16-lane vectors take four SSE registers each.
+
+template <typename C>
+struct Tile {
 #if defined(__AVX512F__)
-inline constexpr int MR = 12, NV = 2;
+  static constexpr int MR = 12, NV = 2;
 #elif defined(__AVX2__)
-inline constexpr int MR = 6, NV = 2;
+  static constexpr int MR = 6, NV = 2;
 #else
-inline constexpr int MR = 2, NV = 1;
+  static constexpr int MR = 2, NV = 1;
 #endif
-inline constexpr int NW = NV * W;
+  static constexpr int N = lanes_v<C>;
+  static constexpr int NW = NV * N;  // width of a packed B panel
+};
 
-inline constexpr float kLog2e = 1.4426950408889634f;
-inline constexpr float kLn2 = 0.6931471805599453f;
-inline constexpr float kInf = std::numeric_limits<float>::infinity();
+// Keys per block (a multiple of every panel width, and of 4 for the dropout numbering).
+inline constexpr int64_t BC = 64;
+// Query rows per block: a multiple of the tile rows.
+#if defined(__AVX512F__)
+inline constexpr int64_t BR = 48;
+#elif defined(__AVX2__)
+inline constexpr int64_t BR = 48;
+#else
+inline constexpr int64_t BR = 32;
+#endif
 
-// Tile sizes: BR query rows per work item, BC keys per block (a multiple of NW).
-inline constexpr int64_t BR = 64;
-inline constexpr int64_t BC = 4 * NW;
+template <typename C>
+inline constexpr C kLog2e = C(1.4426950408889634);
+template <typename C>
+inline constexpr C kLn2 = C(0.6931471805599453);
+template <typename C>
+inline constexpr C kInf = std::numeric_limits<C>::infinity();
 
 FF_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 FF_INLINE int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 
-// 64-byte aligned float buffer
-struct FBuf {
-  float* p = nullptr;
-  FBuf() = default;
-  explicit FBuf(int64_t n) { p = static_cast<float*>(::operator new[](std::max<int64_t>(n, 1) * sizeof(float), std::align_val_t(64))); }
-  ~FBuf() {
+// 64-byte aligned buffer of n elements of C.
+template <typename C>
+struct Buf {
+  C* p = nullptr;
+  Buf() = default;
+  explicit Buf(int64_t n) {
+    p = static_cast<C*>(::operator new[](std::max<int64_t>(n, 1) * sizeof(C), std::align_val_t(64)));
+  }
+  ~Buf() {
     if (p) ::operator delete[](p, std::align_val_t(64));
   }
-  FBuf(const FBuf&) = delete;
-  FBuf& operator=(const FBuf&) = delete;
-  float* get() const { return p; }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  C* get() const { return p; }
 };
 
-// C[M x V*W] (+)= sum_k A(i, k) * B[k, :], A(i, k) = A[i*as + k*ak], B rows ldb apart.
-template <int M, int V, bool ACC>
-FF_INLINE void ukernel(int64_t K, const float* A, int64_t as, int64_t ak, const float* B, int64_t ldb, float* C,
-                       int64_t ldc) {
-  vf c[M][V];
+// ---------------------------------------------------------------------------------------------
+// Matrix product on packed panels.
+//
+// B (K x N, N a multiple of the vector width) is stored as column panels: the panel starting at
+// column j holds min(NW, N - j) columns, row after row, at B + j * kst (kst >= K: the rows of a
+// panel are contiguous, panels kst rows apart). A is read in place: A(i, k) = A[i * as + k * ak].
+
+template <typename C, int M, int V, bool ACC>
+FF_INLINE void ukernel(int64_t K, const C* A, int64_t as, int64_t ak, const C* B, int64_t ldb, C* Cm, int64_t ldc) {
+  using Vec = vec_t<C>;
+  constexpr int N = lanes_v<C>;
+  Vec c[M][V];
   for (int i = 0; i < M; ++i)
-    for (int v = 0; v < V; ++v) c[i][v] = ACC ? vload(C + i * ldc + v * W) : vzero();
+    for (int v = 0; v < V; ++v) c[i][v] = ACC ? vload(Cm + i * ldc + v * N) : Vec{};
+#pragma GCC unroll 4
   for (int64_t k = 0; k < K; ++k) {
-    vf b[V];
-    for (int v = 0; v < V; ++v) b[v] = vload(B + k * ldb + v * W);
-    const float* a = A + k * ak;
+    Vec b[V];
+    for (int v = 0; v < V; ++v) b[v] = vload(B + k * ldb + v * N);
+    const C* a = A + k * ak;
     for (int i = 0; i < M; ++i) {
-      const vf ai = vset1(a[i * as]);
+      const Vec ai = vbroadcast<C>(a[i * as]);
       for (int v = 0; v < V; ++v) c[i][v] += ai * b[v];
     }
   }
   for (int i = 0; i < M; ++i)
-    for (int v = 0; v < V; ++v) vstore(C + i * ldc + v * W, c[i][v]);
+    for (int v = 0; v < V; ++v) vstore(Cm + i * ldc + v * N, c[i][v]);
 }
 
-template <int V, bool ACC, int R = MR - 1>
-FF_INLINE void ukernel_rows(int r, int64_t K, const float* A, int64_t as, int64_t ak, const float* B, int64_t ldb,
-                            float* C, int64_t ldc) {
-  if constexpr (R >= 1) {
-    if (r == R) {
-      ukernel<R, V, ACC>(K, A, as, ak, B, ldb, C, ldc);
-      return;
-    }
-    ukernel_rows<V, ACC, R - 1>(r, K, A, as, ak, B, ldb, C, ldc);
-  }
+// rows [0, M) of one panel, in tiles of MR rows and one smaller tile for the rest
+template <typename C, int V, bool ACC>
+FF_INLINE void panel_rows(int64_t M, int64_t K, const C* A, int64_t as, int64_t ak, const C* B, int64_t ldb, C* Cm,
+                          int64_t ldc) {
+  constexpr int MR = Tile<C>::MR;
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR) ukernel<C, MR, V, ACC>(K, A + i * as, as, ak, B, ldb, Cm + i * ldc, ldc);
+  const int r = int(M - i);
+  if (r == 0) return;
+  [&]<int... R>(std::integer_sequence<int, R...>) {
+    ((r == R + 1 ? ukernel<C, R + 1, V, ACC>(K, A + i * as, as, ak, B, ldb, Cm + i * ldc, ldc) : void()), ...);
+  }(std::make_integer_sequence<int, MR - 1>{});
 }
 
-// C[M x N] (+)= A[M x K] B[K x N]; N a multiple of W.
-template <bool ACC>
-inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t as, int64_t ak, const float* B, int64_t ldb,
-                 float* C, int64_t ldc) {
+// Cm[M x N] (+)= A[M x K] B[K x N]
+template <bool ACC, typename C>
+inline void gemm(int64_t M, int64_t N, int64_t K, const C* A, int64_t as, int64_t ak, const C* B, int64_t kst, C* Cm,
+                 int64_t ldc) {
+  constexpr int L = lanes_v<C>, NW = Tile<C>::NW;
   int64_t j = 0;
-  for (; j + NW <= N; j += NW) {
-    int64_t i = 0;
-    for (; i + MR <= M; i += MR) ukernel<MR, NV, ACC>(K, A + i * as, as, ak, B + j, ldb, C + i * ldc + j, ldc);
-    if (i < M) ukernel_rows<NV, ACC>(int(M - i), K, A + i * as, as, ak, B + j, ldb, C + i * ldc + j, ldc);
-  }
-  if constexpr (NV > 1) {
-    for (; j < N; j += W) {
-      int64_t i = 0;
-      for (; i + MR <= M; i += MR) ukernel<MR, 1, ACC>(K, A + i * as, as, ak, B + j, ldb, C + i * ldc + j, ldc);
-      if (i < M) ukernel_rows<1, ACC>(int(M - i), K, A + i * as, as, ak, B + j, ldb, C + i * ldc + j, ldc);
-    }
+  for (; j + NW <= N; j += NW) panel_rows<C, Tile<C>::NV, ACC>(M, K, A, as, ak, B + j * kst, NW, Cm + j, ldc);
+  if constexpr (Tile<C>::NV > 1) {
+    for (; j < N; j += L) panel_rows<C, 1, ACC>(M, K, A, as, ak, B + j * kst, L, Cm + j, ldc);
   }
 }
 
-// dst[r][c] = scale * src(row0 + r, c) for r < rows, c < cols; zero up to (rows_pad, ld).
-template <typename T>
-inline void pack_rows(const T* src, int64_t sl, int64_t se, int64_t rows, int64_t cols, float scale, float* dst,
-                      int64_t ld, int64_t rows_pad) {
-  const vf vs = vset1(scale);
+// The same with a row-major B (row k at B + k * ldb, N a multiple of the vector width).
+template <bool ACC, typename C>
+inline void gemm_rm(int64_t M, int64_t N, int64_t K, const C* A, int64_t as, int64_t ak, const C* B, int64_t ldb,
+                    C* Cm, int64_t ldc) {
+  constexpr int L = lanes_v<C>, NW = Tile<C>::NW;
+  int64_t j = 0;
+  for (; j + NW <= N; j += NW) panel_rows<C, Tile<C>::NV, ACC>(M, K, A, as, ak, B + j, ldb, Cm + j, ldc);
+  if constexpr (Tile<C>::NV > 1) {
+    for (; j < N; j += L) panel_rows<C, 1, ACC>(M, K, A, as, ak, B + j, ldb, Cm + j, ldc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing (conversion to C happens here).
+
+// dst[r][c] = scale * src(r, c) for r < rows, c < cols; zero up to (rows_pad, ld).
+template <typename T, typename C>
+inline void pack_rows(const T* src, int64_t sl, int64_t se, int64_t rows, int64_t cols, C scale, C* dst, int64_t ld,
+                      int64_t rows_pad) {
+  constexpr int N = lanes_v<C>;
+  const vec_t<C> vs = vbroadcast<C>(scale);
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * sl;
-    float* d = dst + r * ld;
+    C* d = dst + r * ld;
     int64_t c = 0;
-    if (se == 1) {
-      for (; c + W <= cols; c += W) vstore(d + c, vload(s + c) * vs);
+    if (se == 1)
+      for (; c + N <= cols; c += N) vstore(d + c, vload(s + c) * vs);
+    for (; c < cols; ++c) d[c] = C(to_float(s[c * se])) * scale;
+    for (; c < ld; ++c) d[c] = C(0);
+  }
+  std::fill(dst + rows * ld, dst + rows_pad * ld, C(0));
+}
+
+// Column panels (see gemm) of the K x N matrix B(k, c) = scale * src(k, c), k < rows, c < cols,
+// zero for k in [rows, rows_pad) and c in [cols, round_up(cols, lanes)).
+template <typename T, typename C>
+inline void pack_panels(const T* src, int64_t sl, int64_t se, int64_t rows, int64_t cols, C scale, C* dst,
+                        int64_t kst, int64_t rows_pad) {
+  constexpr int L = lanes_v<C>, NW = Tile<C>::NW;
+  const int64_t np = round_up(cols, L);
+  const vec_t<C> vs = vbroadcast<C>(scale);
+  for (int64_t j = 0; j < np; j += NW) {
+    const int64_t w = std::min<int64_t>(NW, np - j);
+    C* d = dst + j * kst;
+    for (int64_t k = 0; k < rows; ++k) {
+      const T* s = src + k * sl + j * se;
+      C* dk = d + k * w;
+      int64_t c = 0;
+      const int64_t n = std::min<int64_t>(w, cols - j);
+      if (se == 1)
+        for (; c + L <= n; c += L) vstore(dk + c, vload(s + c) * vs);
+      for (; c < n; ++c) dk[c] = C(to_float(s[c * se])) * scale;
+      for (; c < w; ++c) dk[c] = C(0);
     }
-    for (; c < cols; ++c) d[c] = to_float(s[c * se]) * scale;
-    for (; c < ld; ++c) d[c] = 0.f;
-  }
-  for (int64_t r = rows; r < rows_pad; ++r)
-    for (int64_t c = 0; c < ld; ++c) dst[r * ld + c] = 0.f;
-}
-
-// dst[c][r] = src(row r, col c) for r < rows, c < cols; columns r in [rows, ld) are zero.
-template <typename T>
-inline void pack_transposed(const T* src, int64_t sl, int64_t se, int64_t rows, int64_t cols, float* dst,
-                            int64_t ld) {
-  for (int64_t c = 0; c < cols; ++c) {
-    float* d = dst + c * ld;
-    const T* s = src + c * se;
-    int64_t r = 0;
-    for (; r < rows; ++r) d[r] = to_float(s[r * sl]);
-    for (; r < ld; ++r) d[r] = 0.f;
+    std::fill(d + rows * w, d + rows_pad * w, C(0));
   }
 }
 
-// Base-2 logits of a tile: apply the mask (additive, scaled by log2 e, or bool), the causal rule
-// (key j > query i is dropped) and the sequence end (keys >= S). Rows i0.., keys j0...
-template <MaskKind MK>
-inline void mask_tile(float* s, int64_t lds, int64_t rows, int64_t i0, int64_t j0, int64_t valid, const void* mask,
+// Column panels of the transpose: B(k, c) = src(c, k) for c < rows (keys), k < cols (features);
+// columns c in [rows, cols_pad) are zero. cols_pad is a multiple of the lane count.
+template <typename T, typename C>
+inline void pack_panels_t(const T* src, int64_t sl, int64_t se, int64_t rows, int64_t cols, C* dst, int64_t kst,
+                          int64_t rows_pad) {
+  constexpr int NW = Tile<C>::NW, L = lanes_v<C>;
+  for (int64_t j = 0; j < rows_pad; j += NW) {
+    const int64_t w = std::min<int64_t>(NW, rows_pad - j);
+    C* d = dst + j * kst;
+    const int64_t n = std::min<int64_t>(w, std::max<int64_t>(0, rows - j));
+    if (n < w)
+      for (int64_t k = 0; k < cols; ++k) std::fill(d + k * w + n, d + (k + 1) * w, C(0));
+    if (se == 1 && n == w && w % L == 0 && cols >= L) {
+      // a few source rows at a time, converted with vector loads, scattered into the panel
+      for (int64_t c = 0; c < n; ++c) {
+        const T* s = src + (j + c) * sl;
+        int64_t k = 0;
+        for (; k + L <= cols; k += L) {
+          const vec_t<C> x = vload(s + k);
+          for (int t = 0; t < L; ++t) d[(k + t) * w + c] = x[t];
+        }
+        for (; k < cols; ++k) d[k * w + c] = C(to_float(s[k]));
+      }
+    } else {
+      for (int64_t c = 0; c < n; ++c) {
+        const T* s = src + (j + c) * sl;
+        for (int64_t k = 0; k < cols; ++k) d[k * w + c] = C(to_float(s[k * se]));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax pieces.
+
+// 2^x for x <= 0 or -inf (masked: exactly 0); results below 2^-126 flush to zero. Degree-5
+// polynomial on [-1/2, 1/2] (relative error 2.4e-7 in float). double goes through libm.
+FF_INLINE vf exp2_neg(vf x) {
+  const vf xc = x < -127.f ? vbroadcast(-127.f) : x;
+  const vf magic = vbroadcast(12583039.f);  // 1.5 * 2^23 + 127: t's low mantissa bits hold n + 127
+  const vf t = xc + magic;
+  const vf f = xc - (t - magic);  // in [-1/2, 1/2]
+  vf p = vbroadcast(0.001327647129073739f);
+  p = p * f + 0.009675541892647743f;
+  p = p * f + 0.05550713092088699f;
+  p = p * f + 0.24022120237350464f;
+  p = p * f + 0.6931469440460205f;
+  p = p * f + 1.0000001192092896f;
+  return p * (vf)((vu)t << 23);
+}
+FF_INLINE vd exp2_neg(vd x) { return vexp2(x); }
+
+// Online softmax of one row of base-2 logits s[0, BC): updates the running max m and sum l, turns
+// s into probabilities (before dropout) and returns the factor the row's output must be scaled by.
+template <typename C>
+FF_INLINE C softmax_block_row(C* s, C& m, C& l) {
+  using V = vec_t<C>;
+  constexpr int N = lanes_v<C>, NB = int(BC) / N;
+  V x[NB];
+  V mx = vbroadcast<C>(-kInf<C>);
+  for (int c = 0; c < NB; ++c) {
+    x[c] = vload(s + c * N);
+    mx = vmax(mx, x[c]);
+  }
+  const C m_new = std::max(m, hmax(mx));
+  if (m_new == -kInf<C>) {  // every key so far masked
+    std::fill(s, s + BC, C(0));
+    return C(1);
+  }
+  const V vm = vbroadcast<C>(m_new);
+  V sum = V{};
+  for (int c = 0; c < NB; ++c) {
+    const V p = exp2_neg(x[c] - vm);
+    sum += p;
+    vstore(s + c * N, p);
+  }
+  const C alpha = m == m_new ? C(1) : std::exp2(m - m_new);
+  l = l * alpha + hsum(sum);
+  m = m_new;
+  return alpha;
+}
+
+// o[0, n) *= alpha (n a multiple of the lane count), skipped when alpha is 1.
+template <typename C>
+FF_INLINE void rescale_row(C* o, int64_t n, C alpha) {
+  if (alpha == C(1)) return;
+  const vec_t<C> va = vbroadcast<C>(alpha);
+  for (int64_t c = 0; c < n; c += lanes_v<C>) vstore(o + c, vload(o + c) * va);
+}
+
+// Final output row dst[0, Ev) = o / l (zeros when l == 0: every key masked) and its natural-log
+// log-sum-exp from the base-2 running max m and sum l (+inf when every key is masked).
+template <typename T, typename C>
+FF_INLINE void finish_row(const C* o, C m, C l, int64_t Ev, T* dst, C* lse) {
+  constexpr int N = lanes_v<C>;
+  const C inv = l > C(0) ? C(1) / l : C(0);
+  *lse = l > C(0) ? (m + std::log2(l)) * kLn2<C> : kInf<C>;
+  const vec_t<C> vi = vbroadcast<C>(inv);
+  int64_t c = 0;
+  for (; c + N <= Ev; c += N) vstore(dst + c, vload(o + c) * vi);
+  for (; c < Ev; ++c) dst[c] = to_storage<T>(o[c] * inv);
+}
+
+// Base-2 logits of a tile s[rows][BC] (rows i0.., keys j0..): add the mask (additive, times
+// log2 e) or drop (bool), drop keys j > i when causal and keys at or beyond `valid`.
+template <MaskKind MK, typename C>
+inline void mask_tile(C* s, int64_t lds, int64_t rows, int64_t i0, int64_t j0, int64_t valid, const void* mask,
                       int64_t m_sl, int64_t m_ss, bool causal) {
-  const float ninf = -kInf;
+  constexpr int N = lanes_v<C>;
+  const C ninf = -kInf<C>;
   for (int64_t r = 0; r < rows; ++r) {
-    float* row = s + r * lds;
+    C* row = s + r * lds;
     const int64_t i = i0 + r;
     int64_t lim = valid;  // keys [lim, BC) are dropped
     if (causal) lim = std::min<int64_t>(lim, std::max<int64_t>(0, i - j0 + 1));
     if constexpr (MK == MaskKind::Float) {
-      const float* m = static_cast<const float*>(mask) + i * m_sl + j0 * m_ss;
+      const C* m = static_cast<const C*>(mask) + i * m_sl + j0 * m_ss;
       int64_t c = 0;
       if (m_ss == 1) {
-        const vf l2e = vset1(kLog2e);
-        for (; c + W <= lim; c += W) vstore(row + c, vload(row + c) + vload(m + c) * l2e);
+        const vec_t<C> l2e = vbroadcast<C>(kLog2e<C>);
+        for (; c + N <= lim; c += N) vstore(row + c, vload(row + c) + vload(m + c) * l2e);
       }
-      for (; c < lim; ++c) row[c] += m[c * m_ss] * kLog2e;
+      for (; c < lim; ++c) row[c] += m[c * m_ss] * kLog2e<C>;
     } else if constexpr (MK == MaskKind::Bool) {
       const uint8_t* m = static_cast<const uint8_t*>(mask) + i * m_sl + j0 * m_ss;
       for (int64_t c = 0; c < lim; ++c)
@@ -160,22 +317,58 @@ inline void mask_tile(float* s, int64_t lds, int64_t rows, int64_t i0, int64_t j
   }
 }
 
-// Dropout: multiplies row `r` of p (keys j0 .. j0+cols) by keep / (1 - p_drop).
+// The mask's slice of (batch b, query head h), or nullptr.
+template <MaskKind MK, typename C>
+FF_INLINE const void* mask_at(const AttnFwdArgs& a, int64_t b, int64_t h) {
+  if constexpr (MK == MaskKind::None) {
+    return nullptr;
+  } else {
+    const int64_t off = b * a.m_sb + h * a.m_sh;
+    if constexpr (MK == MaskKind::Float) return static_cast<const C*>(a.mask) + off;
+    return static_cast<const uint8_t*>(a.mask) + off;
+  }
+}
+
+// Dropout: multiplies row entries by keep / (1 - p); the keep bit of (bh, query i, key j) is
+// Philox's (see philox.h), so any tiling draws the same mask.
+template <typename C>
 struct Dropout {
   uint64_t seed;
   uint32_t threshold;
-  float scale;  // 1 / (1 - p)
+  C scale;  // 1 / (1 - p)
   bool on;
-  explicit Dropout(float p, uint64_t s)
-      : seed(s), threshold(dropout_threshold(p)), scale(p > 0.f ? 1.f / (1.f - p) : 1.f), on(p > 0.f) {}
-  FF_INLINE void apply(float* row, int64_t cols, uint64_t bh, int64_t i, int64_t j0) const {
-    // j0 is a multiple of 4 (BC is), so columns group in fours as dropout_bits4 numbers them
+  Dropout(double p, uint64_t s)
+      : seed(s), threshold(dropout_threshold(p)), scale(p > 0.0 ? C(1.0 / (1.0 - p)) : C(1)), on(p > 0.0) {}
+  // keys j0 .. j0 + cols of row i; j0 is a multiple of 4
+  FF_INLINE void apply(C* row, int64_t cols, uint64_t bh, int64_t i, int64_t j0) const {
     for (int64_t c = 0; c < cols; c += 4) {
-      Philox4 b = dropout_bits4(seed, bh, uint32_t(i), uint32_t((j0 + c) >> 2));
+      const Philox4 b = dropout_bits4(seed, bh, uint32_t(i), uint32_t((j0 + c) >> 2));
       const int64_t n = std::min<int64_t>(4, cols - c);
-      for (int64_t t = 0; t < n; ++t) row[c + t] = b.v[t] >= threshold ? row[c + t] * scale : 0.f;
+      for (int64_t t = 0; t < n; ++t) row[c + t] = b.v[t] >= threshold ? row[c + t] * scale : C(0);
     }
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+// Dynamic scheduling: worker(take) runs once per thread of the pool (with its own buffers) and
+// calls take() for the next item index, -1 when none is left; items are handed out 0, 1, 2, ... so
+// callers order them longest first where their costs differ (e.g. causal query blocks).
+template <typename F>
+inline void run_items(int64_t items, const F& worker) {
+  if (items <= 0) return;
+  std::atomic<int64_t> next{0};
+  const auto take = [&]() -> int64_t {
+    const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
+    return it < items ? it : -1;
+  };
+  const int64_t workers = std::min<int64_t>(items, num_threads());
+  parallel_for(0, workers, 1, [&](int64_t s, int64_t e) {
+    for (int64_t w = s; w < e; ++w) worker(take);
+  });
+}
+
+// Decode path (attention_decode_kernel.cpp): few query rows per key/value head.
+bool attention_decode_applies(const AttnFwdArgs& a);
+void attention_decode(const AttnFwdArgs& a);
 
 }  // namespace fusedformer::cpu::FF_ISA

@@ -1,138 +1,109 @@
-// CPU attention forward: tiled, online softmax (FlashAttention style), float32 accumulation.
+// CPU attention forward: tiled, online softmax (FlashAttention style), accumulation in the compute
+// type (float, or double for float64 inputs).
 //
-// Keys and values are packed once per key/value head into float32 blocks (K transposed, V padded
-// to whole vectors), heads a bounded group at a time; then every (batch, head, block of BR
-// queries) is an independent work item that streams over the key blocks with the running max and
-// sum of its rows. Extra memory: the packed group plus a few tiles per thread; never L x S.
+// Keys and values are packed once per key/value head into compute-type panels (K transposed, V
+// padded to whole vectors), a bounded group of heads at a time; then every (batch, query head,
+// block of BR queries) is an independent work item that streams over the key blocks with the
+// running max and sum of its rows. Extra memory: the packed group plus a few tiles per thread;
+// never L x S. Few query rows per key/value head (generation) take the decode path instead.
 #include "attention_common.h"
 
 namespace fusedformer::cpu::FF_ISA {
 namespace {
 
 struct FwdPlan {
-  int64_t E, Ev, Evp, nkb, Spad, group;
-  int64_t kt_head, v_head;  // floats per packed head
+  int64_t E, Ev, Evp, nkb, nqb, group;
+  int64_t kt_head, v_head;  // elements per packed head
 };
 
-template <typename T>
-void pack_kv_head(const AttnFwdArgs& a, const FwdPlan& pl, int64_t bkv, float* kt, float* vp) {
+// K^T panels (block kb at kt + kb * BC * E, panel kst = E) and V panels (block kb at
+// vp + kb * BC * Evp, panel kst = BC) of one key/value head.
+template <typename T, typename C>
+void pack_kv_head(const AttnFwdArgs& a, const FwdPlan& pl, int64_t bkv, C* kt, C* vp) {
   const int64_t b = bkv / a.Hkv, h = bkv % a.Hkv;
   const T* k = static_cast<const T*>(a.k.data) + b * a.k.sb + h * a.k.sh;
   const T* v = static_cast<const T*>(a.v.data) + b * a.v.sb + h * a.v.sh;
   for (int64_t kb = 0; kb < pl.nkb; ++kb) {
     const int64_t j0 = kb * BC, n = std::min<int64_t>(BC, a.S - j0);
-    pack_transposed(k + j0 * a.k.sl, a.k.sl, a.k.se, n, pl.E, kt + kb * pl.E * BC, BC);
-    pack_rows(v + j0 * a.v.sl, a.v.sl, a.v.se, n, pl.Ev, 1.f, vp + kb * BC * pl.Evp, pl.Evp, BC);
+    pack_panels_t<T, C>(k + j0 * a.k.sl, a.k.sl, a.k.se, n, pl.E, kt + kb * BC * pl.E, pl.E, BC);
+    pack_panels<T, C>(v + j0 * a.v.sl, a.v.sl, a.v.se, n, pl.Ev, C(1), vp + kb * BC * pl.Evp, BC, BC);
   }
 }
 
-template <typename T, MaskKind MK>
-void fwd_item(const AttnFwdArgs& a, const FwdPlan& pl, int64_t b, int64_t h, int64_t qb, const float* kt,
-              const float* vp, float* qs, float* sb, float* ob, float* mrow, float* lrow, const Dropout& drop) {
+template <typename T, MaskKind MK, typename C = compute_t<T>>
+void fwd_item(const AttnFwdArgs& a, const FwdPlan& pl, int64_t b, int64_t h, int64_t qb, const C* kt, const C* vp,
+              C* qs, C* sb, C* ob, C* mrow, C* lrow, const Dropout<C>& drop) {
   const int64_t E = pl.E, Evp = pl.Evp;
   const int64_t i0 = qb * BR, rows = std::min<int64_t>(BR, a.L - i0);
   const T* q = static_cast<const T*>(a.q.data) + b * a.q.sb + h * a.q.sh + i0 * a.q.sl;
-  pack_rows(q, a.q.sl, a.q.se, rows, E, a.scale * kLog2e, qs, E, rows);
-  for (int64_t r = 0; r < rows; ++r) {
-    mrow[r] = -kInf;
-    lrow[r] = 0.f;
-  }
-  std::fill(ob, ob + rows * Evp, 0.f);
-  const void* mask = nullptr;
-  if constexpr (MK != MaskKind::None) {
-    const int64_t off = b * a.m_sb + h * a.m_sh;
-    mask = MK == MaskKind::Float ? static_cast<const void*>(static_cast<const float*>(a.mask) + off)
-                                 : static_cast<const void*>(static_cast<const uint8_t*>(a.mask) + off);
-  }
+  pack_rows<T, C>(q, a.q.sl, a.q.se, rows, E, C(a.scale) * kLog2e<C>, qs, E, rows);
+  std::fill(mrow, mrow + rows, -kInf<C>);
+  std::fill(lrow, lrow + rows, C(0));
+  std::fill(ob, ob + rows * Evp, C(0));
+  const void* mask = mask_at<MK, C>(a, b, h);
   int64_t nkb = pl.nkb;
   if (a.causal) nkb = std::min<int64_t>(nkb, ceil_div(i0 + rows, BC));  // keys j <= last query row
   const uint64_t bh = uint64_t(b * a.Hq + h);
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const int64_t j0 = kb * BC, valid = std::min<int64_t>(BC, a.S - j0);
-    gemm<false>(rows, BC, E, qs, E, 1, kt + kb * E * BC, BC, sb, BC);
+    gemm<false>(rows, BC, E, qs, E, 1, kt + kb * BC * E, E, sb, BC);
     const bool diag = a.causal && j0 + BC - 1 > i0;
     if (MK != MaskKind::None || diag || valid < BC)
       mask_tile<MK>(sb, BC, rows, i0, j0, valid, mask, a.m_sl, a.m_ss, diag);
     for (int64_t r = 0; r < rows; ++r) {
-      float* s = sb + r * BC;
-      vf mx = vset1(-kInf);
-      for (int64_t c = 0; c < BC; c += W) mx = vmax(mx, vload(s + c));
-      const float m_new = std::max(mrow[r], hmax(mx));
-      if (m_new == -kInf) {  // every key so far masked
-        std::fill(s, s + BC, 0.f);
-        continue;
-      }
-      const vf vm = vset1(m_new);
-      vf sum = vzero();
-      for (int64_t c = 0; c < BC; c += W) {
-        vf p = vexp2(vload(s + c) - vm);
-        sum += p;
-        vstore(s + c, p);
-      }
-      const float alpha = std::exp2(mrow[r] - m_new);
-      lrow[r] = lrow[r] * alpha + hsum(sum);
-      mrow[r] = m_new;
-      if (alpha != 1.f) {
-        float* o = ob + r * Evp;
-        const vf va = vset1(alpha);
-        for (int64_t c = 0; c < Evp; c += W) vstore(o + c, vload(o + c) * va);
-      }
+      C* s = sb + r * BC;
+      rescale_row(ob + r * Evp, Evp, softmax_block_row(s, mrow[r], lrow[r]));
       if (drop.on) drop.apply(s, valid, bh, i0 + r, j0);
     }
-    gemm<true>(rows, Evp, BC, sb, BC, 1, vp + kb * BC * Evp, Evp, ob, Evp);
+    gemm<true>(rows, Evp, BC, sb, BC, 1, vp + kb * BC * Evp, BC, ob, Evp);
   }
-  // normalize, write out and the log-sum-exp
+  // normalize, write out and the log-sum-exp (natural log; +inf for a fully masked row)
   T* out = static_cast<T*>(a.out) + ((b * a.Hq + h) * a.L + i0) * pl.Ev;
-  float* lse = static_cast<float*>(a.lse) + (b * a.Hq + h) * a.L + i0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float l = lrow[r];
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    lse[r] = l > 0.f ? (mrow[r] + std::log2(l)) * kLn2 : kInf;
-    const float* o = ob + r * Evp;
-    T* dst = out + r * pl.Ev;
-    const vf vi_ = vset1(inv);
-    int64_t c = 0;
-    for (; c + W <= pl.Ev; c += W) vstore(dst + c, vload(o + c) * vi_);
-    for (; c < pl.Ev; ++c) dst[c] = from_float<T>(o[c] * inv);
-  }
+  C* lse = static_cast<C*>(a.lse) + (b * a.Hq + h) * a.L + i0;
+  for (int64_t r = 0; r < rows; ++r) finish_row<T, C>(ob + r * Evp, mrow[r], lrow[r], pl.Ev, out + r * pl.Ev, lse + r);
 }
 
 template <typename T, MaskKind MK>
 void attention_fwd_impl(const AttnFwdArgs& a) {
+  using C = compute_t<T>;
   FwdPlan pl;
   pl.E = a.E;
   pl.Ev = a.Ev;
-  pl.Evp = round_up(a.Ev, W);
+  pl.Evp = round_up(a.Ev, lanes_v<C>);
   pl.nkb = ceil_div(a.S, BC);
-  pl.Spad = pl.nkb * BC;
+  pl.nqb = ceil_div(a.L, BR);
   pl.group = a.Hq / a.Hkv;
-  pl.kt_head = pl.Spad * pl.E;
-  pl.v_head = pl.Spad * pl.Evp;
+  pl.kt_head = pl.nkb * BC * pl.E;
+  pl.v_head = pl.nkb * BC * pl.Evp;
   const int64_t BHkv = a.B * a.Hkv;
-  const int64_t nqb = ceil_div(a.L, BR);
   // pack at most ~16 MB of keys/values at a time (at least one head)
-  const int64_t head_bytes = (pl.kt_head + pl.v_head) * int64_t(sizeof(float));
+  const int64_t head_bytes = (pl.kt_head + pl.v_head) * int64_t(sizeof(C));
   const int64_t G = std::max<int64_t>(1, std::min<int64_t>(BHkv, (int64_t(16) << 20) / head_bytes));
-  FBuf kt(G * pl.kt_head), vp(G * pl.v_head);
-  const Dropout drop(a.dropout_p, a.seed);
+  Buf<C> kt(G * pl.kt_head), vp(G * pl.v_head);
+  const Dropout<C> drop(a.dropout_p, a.seed);
   for (int64_t g0 = 0; g0 < BHkv; g0 += G) {
     const int64_t g1 = std::min(BHkv, g0 + G);
     parallel_for(g0, g1, 1, [&](int64_t s, int64_t e) {
       for (int64_t x = s; x < e; ++x)
-        pack_kv_head<T>(a, pl, x, kt.get() + (x - g0) * pl.kt_head, vp.get() + (x - g0) * pl.v_head);
+        pack_kv_head<T, C>(a, pl, x, kt.get() + (x - g0) * pl.kt_head, vp.get() + (x - g0) * pl.v_head);
     });
-    // work items: (kv head in group, query head of its group, query block)
-    const int64_t items = (g1 - g0) * pl.group * nqb;
-    parallel_for(0, items, 1, [&](int64_t s, int64_t e) {
-      FBuf qs(BR * pl.E), sb(BR * BC), ob(BR * pl.Evp), ml(2 * BR);
-      for (int64_t it = s; it < e; ++it) {
-        const int64_t qb = it % nqb;
-        const int64_t hg = (it / nqb) % pl.group;
-        const int64_t x = g0 + it / (nqb * pl.group);
-        const int64_t b = x / a.Hkv, hkv = x % a.Hkv;
-        fwd_item<T, MK>(a, pl, b, hkv * pl.group + hg, qb, kt.get() + (x - g0) * pl.kt_head,
-                        vp.get() + (x - g0) * pl.v_head, qs.get(), sb.get(), ob.get(), ml.get(), ml.get() + BR,
-                        drop);
+    // items: (query head of the group, query block); causal: the longest (last) query blocks first
+    const int64_t heads = (g1 - g0) * pl.group;
+    run_items(heads * pl.nqb, [&](const auto& take) {
+      Buf<C> qs(BR * pl.E), sb(BR * BC), ob(BR * pl.Evp), ml(2 * BR);
+      for (int64_t it; (it = take()) >= 0;) {
+        int64_t hq, qb;
+        if (a.causal) {
+          qb = pl.nqb - 1 - it / heads;
+          hq = it % heads;
+        } else {
+          qb = it % pl.nqb;
+          hq = it / pl.nqb;
+        }
+        const int64_t x = g0 + hq / pl.group;
+        const int64_t b = x / a.Hkv, h = (x % a.Hkv) * pl.group + hq % pl.group;
+        fwd_item<T, MK>(a, pl, b, h, qb, kt.get() + (x - g0) * pl.kt_head, vp.get() + (x - g0) * pl.v_head,
+                        qs.get(), sb.get(), ob.get(), ml.get(), ml.get() + BR, drop);
       }
     });
   }
@@ -141,24 +112,13 @@ void attention_fwd_impl(const AttnFwdArgs& a) {
 }  // namespace
 
 void attention_fwd(const AttnFwdArgs& a) {
-  auto run = [&](auto tag) {
-    using T = decltype(tag);
-    switch (a.mask_kind) {
-      case MaskKind::None:
-        attention_fwd_impl<T, MaskKind::None>(a);
-        break;
-      case MaskKind::Bool:
-        attention_fwd_impl<T, MaskKind::Bool>(a);
-        break;
-      case MaskKind::Float:
-        attention_fwd_impl<T, MaskKind::Float>(a);
-        break;
-    }
-  };
-  // float64 is refused by the ATen glue until the kernels compute in double
-  if (a.dtype == DType::Float32) run(float{});
-  if (a.dtype == DType::BFloat16) run(bf16_t{});
-  if (a.dtype == DType::Float16) run(f16_t{});
+  if (attention_decode_applies(a)) {
+    attention_decode(a);
+    return;
+  }
+  dispatch_dtype(a.dtype, [&](auto tag) {
+    dispatch_mask(a.mask_kind, [&](auto mk) { attention_fwd_impl<decltype(tag), decltype(mk)::value>(a); });
+  });
 }
 
 }  // namespace fusedformer::cpu::FF_ISA

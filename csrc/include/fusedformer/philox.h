@@ -45,8 +45,8 @@ FF_HOST_DEVICE Philox4 dropout_bits4(uint64_t seed, uint64_t bh, uint32_t row, u
 }
 
 // Elements whose bits are below this are dropped (probability p).
-FF_HOST_DEVICE uint32_t dropout_threshold(float p) {
-  double t = double(p) * 4294967296.0;
+FF_HOST_DEVICE uint32_t dropout_threshold(double p) {
+  double t = p * 4294967296.0;
   return t >= 4294967295.0 ? 0xFFFFFFFFu : uint32_t(t);
 }
 

@@ -110,7 +110,7 @@ struct AttnFwdArgs {
   int64_t m_sb, m_sh, m_sl, m_ss;
   bool causal;  // top-left aligned: query i keeps key j <= i
   double scale;
-  float dropout_p;
+  double dropout_p;
   uint64_t seed;
 };
 

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -343,6 +344,39 @@ FF_INLINE void dispatch_dtype(DType dt, F&& f) {
       f(double{});
       break;
   }
+}
+
+// Map a MaskKind to a compile-time constant: f(std::integral_constant<MaskKind, kind>{}).
+template <typename F>
+FF_INLINE void dispatch_mask(MaskKind k, F&& f) {
+  switch (k) {
+    case MaskKind::None:
+      f(std::integral_constant<MaskKind, MaskKind::None>{});
+      break;
+    case MaskKind::Bool:
+      f(std::integral_constant<MaskKind, MaskKind::Bool>{});
+      break;
+    case MaskKind::Float:
+      f(std::integral_constant<MaskKind, MaskKind::Float>{});
+      break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Broadcasts that compile to a single vbroadcast (from memory where the scalar comes from memory);
+// `vec_t<C>{} + s` costs an extra add and a register move per call, which matters in inner loops.
+
+namespace vec_detail {
+template <typename V, typename S, std::size_t... I>
+FF_INLINE V broadcast(S s, std::index_sequence<I...>) {
+  V r{s};
+  return __builtin_shufflevector(r, r, (I * 0)...);
+}
+}  // namespace vec_detail
+
+template <typename C>
+FF_INLINE vec_t<C> vbroadcast(C s) {
+  return vec_detail::broadcast<vec_t<C>>(s, std::make_index_sequence<lanes_v<C>>{});
 }
 
 }  // namespace fusedformer::cpu::FF_ISA
