@@ -77,10 +77,11 @@ struct Params {
 };
 
 // First pass over a row: v = x (+ residual, rounded to T as the unfused x + residual is, and
-// written to h), into buf when the row is not read from x itself; returns sum(v) (LayerNorm) or
-// sum(v * v) (RMSNorm).
+// written to h), into buf when the row is not read from x itself; returns sum(v - shift)
+// (LayerNorm: shift is the row's first value, so that a large common offset costs no precision
+// in the sum) or sum(v * v) (RMSNorm).
 template <typename T, bool RMS, bool RES, typename C = compute_t<T>>
-FF_INLINE C load_row(const T* x, const T* res, T* h, C* buf, int64_t n, bool stream) {
+FF_INLINE C load_row(const T* x, const T* res, T* h, C* buf, int64_t n, bool stream, C shift) {
   using V = vec_t<C>;
   constexpr int N = lanes_v<C>;
   constexpr bool kBuf = RES || !std::is_same_v<T, C>;
@@ -101,13 +102,14 @@ FF_INLINE C load_row(const T* x, const T* res, T* h, C* buf, int64_t n, bool str
     }
     return v;
   };
+  const V vshift = vsplat<C>(shift);
   C t = 0;
   int64_t j = 0;
   if (RES && stream) {
     for (const int64_t hd = std::min(n, stream_head(h)); j < hd; ++j) {
       const C v = value1(j);
       buf[j] = v;
-      t += RMS ? v * v : v;
+      t += RMS ? v * v : v - shift;
     }
   }
   V s0 = V{}, s1 = V{};
@@ -117,19 +119,19 @@ FF_INLINE C load_row(const T* x, const T* res, T* h, C* buf, int64_t n, bool str
       vstore(buf + j, v0);
       vstore(buf + j + N, v1);
     }
-    s0 += RMS ? v0 * v0 : v0;
-    s1 += RMS ? v1 * v1 : v1;
+    s0 += RMS ? v0 * v0 : v0 - vshift;
+    s1 += RMS ? v1 * v1 : v1 - vshift;
   }
   for (; j + N <= n; j += N) {
     const V v = value(j);
     if constexpr (kBuf) vstore(buf + j, v);
-    s0 += RMS ? v * v : v;
+    s0 += RMS ? v * v : v - vshift;
   }
   t += hsum(s0 + s1);
   for (; j < n; ++j) {
     const C v = value1(j);
     if constexpr (kBuf) buf[j] = v;
-    t += RMS ? v * v : v;
+    t += RMS ? v * v : v - shift;
   }
   return t;
 }
@@ -167,8 +169,13 @@ void norm_fwd_impl(const NormFwdArgs& a) {
           if constexpr (RES) prefetch_l2<N * sizeof(T)>(next_res + j);
         }
       };
+      C shift = 0;
+      if constexpr (!RMS) {
+        shift = to_float(xr[0]);
+        if constexpr (RES) shift = to_float(to_storage<T>(shift + to_float(res[r * n])));
+      }
       const C t = load_row<T, RMS, RES>(xr, RES ? res + r * n : nullptr, RES ? h + r * n : nullptr, buf.p, n,
-                                        stream);
+                                        stream, shift);
       // the row in the compute type
       auto v = [&](int64_t j) -> V {
         if constexpr (kBuf) {
@@ -188,7 +195,7 @@ void norm_fwd_impl(const NormFwdArgs& a) {
       if constexpr (RMS) {
         var = t / C(n);
       } else {
-        mean = t / C(n);
+        mean = shift + t / C(n);
         const V vm = vsplat<C>(mean);
         V s0 = V{}, s1 = V{};
         int64_t j = 0;
