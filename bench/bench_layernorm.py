@@ -29,8 +29,8 @@ def cases(device, quick):
             b = torch.randn(n, device=device, dtype=dtype)
             es = x.element_size()
             cpu_fp32 = device == "cpu" and dt == "fp32"
-            # outputs over ~24 MB: fresh pages on every call (see DESIGN.md), bar 1.0x
-            large = x.numel() * es > 24e6
+            # outputs over 32 MiB: fresh pages on every call (see DESIGN.md), bar 1.0x
+            large = x.numel() * es > 32 * 2**20
 
             def tgt(bar, large=large, cpu_fp32=cpu_fp32):
                 return (1.0 if large else bar) if cpu_fp32 else None
