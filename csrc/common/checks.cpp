@@ -44,26 +44,27 @@ at::Tensor broadcast_mask(const at::Tensor& mask, at::IntArrayRef target, const 
 }
 
 SoftmaxProblem prepare_softmax(const at::Tensor& x, int64_t dim, const std::optional<at::Tensor>& mask,
-                               bool is_causal) {
+                               bool is_causal, bool move_dim) {
   const char* op = "fusedformer.softmax";
-  check_float_dtype(x, op, "input");
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": input must have at least one dimension, got a scalar");
-  check_nonempty(x, op, "input");
+  check_float_dtype(x, op, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
+  check_nonempty(x, op, "x");
   TORCH_CHECK_INDEX(dim >= -x.dim() && dim < x.dim(), op, ": dim must be in [", -x.dim(), ", ", x.dim() - 1,
-                    "] for an input of ", x.dim(), " dimensions, got ", dim);
+                    "] for an x of ", x.dim(), " dimensions, got ", dim);
   SoftmaxProblem p;
   p.dim = dim < 0 ? dim + x.dim() : dim;
-  p.moved = p.dim != x.dim() - 1;
-  TORCH_CHECK_VALUE(!is_causal || x.dim() >= 2, op, ": is_causal needs an input of at least 2 dimensions, got ",
+  p.moved = move_dim && p.dim != x.dim() - 1;
+  TORCH_CHECK_VALUE(!is_causal || x.dim() >= 2, op, ": is_causal needs an x of at least 2 dimensions, got ",
                     x.dim());
   at::Tensor m;
   if (mask.has_value() && mask->defined()) {
-    check_same_device(x, "input", *mask, "mask", op);
+    check_same_device(x, "x", *mask, "mask", op);
     m = broadcast_mask(*mask, x.sizes(), op, "mask", compute_dtype(x));
   }
-  if (is_causal && p.moved) {
+  const bool causal_native = p.dim == x.dim() - 1 || (!move_dim && p.dim == x.dim() - 2);
+  if (is_causal && !causal_native) {
     // causal masking refers to the caller's last two dims; with another softmax dim it is applied
-    // as an explicit mask before the dim is moved.
+    // as an explicit (broadcast) mask.
     int64_t L = x.size(-2), S = x.size(-1);
     auto keep = at::ones({L, S}, x.options().dtype(at::kBool)).tril();
     if (!m.defined()) {

@@ -90,9 +90,9 @@ NormGrads norm_bwd(bool rms, const at::Tensor& grad_out, const std::optional<at:
   a.rows = p.rows;
   a.n = p.n;
   kernels().norm_bwd(a);
-  auto empty = at::empty({0}, p.x.options());
-  g.gw = gw.defined() ? param_grad(gw, weight) : empty;
-  g.gb = gb.defined() ? gb.to(input.scalar_type()).view(normalized_shape) : empty;
+  // absent gradients are distinct empty tensors (outputs of an op must not alias each other)
+  g.gw = gw.defined() ? param_grad(gw, weight) : at::empty({0}, p.x.options());
+  g.gb = gb.defined() ? gb.to(input.scalar_type()).view(normalized_shape) : at::empty({0}, p.x.options());
   return g;
 }
 

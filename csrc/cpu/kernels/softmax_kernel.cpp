@@ -1,192 +1,647 @@
-// CPU softmax kernels: y = softmax(x * scale + mask) over contiguous rows, and its backward.
+// CPU softmax kernels: y = softmax(x * scale + mask) along a dim, and its backward.
 // Compiled once per instruction set (see vec.h).
+//
+// Softmax dim last (rows): three passes over a row that stays in cache: the max of the logits, then
+// e = 2^((z - max) * log2e) into a scratch row while summing, then e / sum into y. Longer rows are
+// taken in segments whose (max, sum) pairs are merged, then written by a pass that recomputes e;
+// when there are fewer such rows than threads, the segments of a row are spread over the threads.
+// Without a mask and with scale >= 0 the logits are never formed: the max is taken of x itself and
+// the scale folded into the exponent's factor.
+// Softmax dim not last: the contiguous (rows, n, inner) layout is processed where it lies,
+// vectorized across blocks of inner columns (no transpose, no copy).
+// Outputs larger than the caches are written with streaming stores.
+//
+// Every path: a NaN logit makes its row NaN; a row whose logits are all -inf (fully masked) gives
+// zeros (and zero gradients in the backward, which follows from y = 0).
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
 #include <type_traits>
+#include <vector>
 
 #include "fusedformer/cpu/vec.h"
 
 namespace fusedformer::cpu::FF_ISA {
 namespace {
 
-// Loads N logits z = x * scale (+ mask) starting at column j; `cnt` < N loads a partial vector whose
-// missing lanes are -inf.
-template <typename T, MaskKind MK, typename C = compute_t<T>>
-FF_INLINE vec_t<C> load_logits(const T* x, int64_t j, int cnt, C scale, const void* mask, int64_t mstride) {
-  using V = vec_t<C>;
-  constexpr int N = lanes_v<C>;
-  const C ninf = -std::numeric_limits<C>::infinity();
-  V z = cnt == N ? vload(x + j) : vload_n(x + j, cnt, ninf);
-  z = z * scale;
-  if constexpr (MK == MaskKind::Float) {
-    const C* m = static_cast<const C*>(mask);
-    V mv;
-    if (mstride == 1 && cnt == N) {
-      mv = vload(m + j);
-    } else if (mstride == 0) {
-      mv = vsplat<C>(m[0]);
-    } else {
-      mv = V{};
-      for (int i = 0; i < cnt; ++i) mv[i] = m[(j + i) * mstride];
-    }
-    z = z + mv;
-  } else if constexpr (MK == MaskKind::Bool) {
-    const uint8_t* m = static_cast<const uint8_t*>(mask);
-    using M = decltype(z < z);
-    M keep;
-    if (mstride == 0) {
-      keep = M{} + (m[0] ? -1 : 0);
-    } else {
-      keep = M{};
-      for (int i = 0; i < cnt; ++i) keep[i] = m[(j + i) * mstride] ? -1 : 0;
-    }
-    z = keep ? z : vsplat<C>(ninf);
+constexpr double kLog2eD = 1.4426950408889634;
+constexpr int64_t kRowInCache = 32768;  // longest row taken with a scratch row of its own length
+constexpr int64_t kSegment = 8192;      // segment length of longer rows
+constexpr int64_t kGrainElems = 16384;  // fewest elements per parallel task
+constexpr int64_t kSlabBytes = 128 << 10;  // strided kernel: bytes of x one column block spans
+constexpr int64_t kMaxBlock = 512;         // strided kernel: widest column block (elements)
+
+// per-thread scratch of n compute values, 64-byte aligned
+template <typename C>
+struct Scratch {
+  std::unique_ptr<C[]> raw;
+  C* p;
+  explicit Scratch(int64_t n) : raw(new C[n + 64 / sizeof(C)]) {
+    p = reinterpret_cast<C*>((reinterpret_cast<uintptr_t>(raw.get()) + 63) & ~uintptr_t(63));
   }
-  for (int i = cnt; i < N; ++i) z[i] = ninf;
-  return z;
+};
+
+template <typename C>
+constexpr C kInf = std::numeric_limits<C>::infinity();
+
+// lanes from `cnt` on set to `fill`
+template <typename V, typename C>
+FF_INLINE V fill_from(V v, int cnt, C fill) {
+  for (int i = cnt; i < int(sizeof(V) / sizeof(C)); ++i) v[i] = fill;
+  return v;
+}
+// running max that skips NaN lanes of v
+template <typename V>
+FF_INLINE V max_skipnan(V acc, V v) {
+  return v > acc ? v : acc;
+}
+template <typename T, typename V>
+FF_INLINE void store_vec(T* p, V v, bool stream) {
+  if (stream) {
+    vstream(p, v);
+  } else {
+    vstore(p, v);
+  }
 }
 
-// One row. `limit` columns take part (the causal prefix); the rest of the row is written as zero.
-// `buf` holds n compute values of scratch (the output row itself when T is the compute type).
-template <typename T, MaskKind MK, typename C = compute_t<T>>
-void softmax_row(const T* x, T* y, C* buf, int64_t n, int64_t limit, C scale, const void* mask, int64_t mstride) {
-  using V = vec_t<C>;
-  constexpr int N = lanes_v<C>;
-  const C ninf = -std::numeric_limits<C>::infinity();
-  V vmaxacc = vsplat<C>(ninf);
-  decltype(V{} < V{}) nan_seen{};
-  int64_t j = 0;
-  for (; j + N <= limit; j += N) {
-    V z = load_logits<T, MK>(x, j, N, scale, mask, mstride);
-    nan_seen |= (z != z);
-    vmaxacc = vmax(vmaxacc, z);
-    vstore(buf + j, z);
+// y[j0, j1) from a vector function fv(j) (full vectors) and a scalar function fs(j) (ragged ends).
+// Streaming: plain stores up to the first kStreamAlign boundary, then streaming stores.
+template <typename T, typename FV, typename FS>
+FF_INLINE void write_range(T* y, int64_t j0, int64_t j1, bool stream, FV&& fv, FS&& fs) {
+  constexpr int N = lanes_v<compute_t<T>>;
+  int64_t j = j0;
+  if (stream) {
+    const int64_t h = std::min(j1, j0 + stream_head(y + j0));
+    for (; j < h; ++j) y[j] = to_storage<T>(fs(j));
+    for (; j + N <= j1; j += N) vstream(y + j, fv(j));
+  } else {
+    for (; j + N <= j1; j += N) vstore(y + j, fv(j));
   }
-  if (j < limit) {
-    int cnt = static_cast<int>(limit - j);
-    V z = load_logits<T, MK>(x, j, cnt, scale, mask, mstride);
-    nan_seen |= (z != z);
-    vmaxacc = vmax(vmaxacc, z);
-    for (int i = 0; i < cnt; ++i) buf[j + i] = z[i];
-  }
-  bool has_nan = false;
-  for (int i = 0; i < N; ++i) has_nan |= nan_seen[i] != 0;
-  const C mx = hmax(vmaxacc);
-  if (has_nan || mx == ninf) {
-    // NaN anywhere: the row is NaN, as in torch.softmax; all entries masked: zeros
-    const C fill = has_nan ? std::numeric_limits<C>::quiet_NaN() : C(0);
-    for (int64_t c = 0; c < n; ++c) y[c] = to_storage<T>(fill);
-    return;
-  }
-  V vsum = V{};
-  const V vm = vsplat<C>(mx);
-  j = 0;
-  for (; j + N <= limit; j += N) {
-    V e = vexp(vload(buf + j) - vm);
-    vsum += e;
-    vstore(buf + j, e);
-  }
-  C tail = 0;
-  if (j < limit) {
-    int cnt = static_cast<int>(limit - j);
-    V e = vexp(vload_n(buf + j, cnt, ninf) - vm);
-    for (int i = 0; i < cnt; ++i) {
-      buf[j + i] = e[i];
-      tail += e[i];
-    }
-  }
-  const C inv = C(1) / (hsum(vsum) + tail);
-  const V vinv = vsplat<C>(inv);
-  j = 0;
-  for (; j + N <= limit; j += N) vstore(y + j, vload(buf + j) * vinv);
-  for (; j < limit; ++j) y[j] = to_storage<T>(buf[j] * inv);
-  for (j = limit; j < n; ++j) y[j] = to_storage<T>(C(0));
+  for (; j < j1; ++j) y[j] = to_storage<T>(fs(j));
 }
 
-template <typename T, MaskKind MK>
-void softmax_fwd_impl(const SoftmaxFwdArgs& a) {
+template <typename T>
+void write_zeros(T* y, int64_t j0, int64_t j1, bool stream) {
+  using C = compute_t<T>;
+  write_range(y, j0, j1, stream, [](int64_t) { return vec_t<C>{}; }, [](int64_t) { return C(0); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// rows: where the values v whose softmax is taken come from.
+//   Raw:      v = x (no mask, scale >= 0: the scale goes into the exponent's factor)
+//   Scaled:   v = x * scale (no mask, scale < 0)
+//   Add:      v = x * scale + mask[j]      AddConst: v = x * scale + mask[0] (mask broadcast along the row)
+//   Keep:     v = mask[j] ? x * scale : -inf
+enum class Src { Raw, Scaled, Add, AddConst, Keep };
+
+template <typename T, Src S>
+struct RowSrc {
+  using C = compute_t<T>;
+  using V = vec_t<C>;
+  static constexpr int N = lanes_v<C>;
+  const T* x;
+  const C* madd;
+  const uint8_t* mkeep;
+  C scale, mconst;
+
+  FF_INLINE V vec(int64_t j) const {
+    if constexpr (S == Src::Raw) {
+      return vload(x + j);
+    } else {
+      V z = vload(x + j) * scale;
+      if constexpr (S == Src::Add) z += vload(madd + j);
+      if constexpr (S == Src::AddConst) z += mconst;
+      if constexpr (S == Src::Keep) {
+        if constexpr (std::is_same_v<C, float>) {
+          z = vload_keep(mkeep + j) ? z : vsplat<C>(-kInf<C>);
+        } else {
+          for (int i = 0; i < N; ++i) z[i] = mkeep[j + i] ? z[i] : -kInf<C>;
+        }
+      }
+      return z;
+    }
+  }
+  FF_INLINE C one(int64_t j) const {
+    const C xv = to_float(x[j]);
+    if constexpr (S == Src::Raw) return xv;
+    if constexpr (S == Src::Scaled) return xv * scale;
+    if constexpr (S == Src::Add) return xv * scale + madd[j];
+    if constexpr (S == Src::AddConst) return xv * scale + mconst;
+    if constexpr (S == Src::Keep) return mkeep[j] ? xv * scale : -kInf<C>;
+  }
+  // first cnt lanes from column j, the others -inf
+  FF_INLINE V part(int64_t j, int cnt) const {
+    V v = vsplat<C>(-kInf<C>);
+    for (int i = 0; i < cnt; ++i) v[i] = one(j + i);
+    return v;
+  }
+};
+
+// max of v over [j0, j1), NaN skipped (-inf if none); modes other than Raw store v to buf[j - j0]
+template <typename T, Src S, typename C = compute_t<T>>
+C pass_max(const RowSrc<T, S>& src, C* buf, int64_t j0, int64_t j1) {
+  using V = vec_t<C>;
+  constexpr int N = lanes_v<C>;
+  constexpr bool kStore = S != Src::Raw;
+  V a0 = vsplat<C>(-kInf<C>), a1 = a0, a2 = a0, a3 = a0;
+  int64_t j = j0;
+  for (; j + 4 * N <= j1; j += 4 * N) {
+    const V v0 = src.vec(j), v1 = src.vec(j + N), v2 = src.vec(j + 2 * N), v3 = src.vec(j + 3 * N);
+    if constexpr (kStore) {
+      vstore(buf + (j - j0), v0);
+      vstore(buf + (j - j0) + N, v1);
+      vstore(buf + (j - j0) + 2 * N, v2);
+      vstore(buf + (j - j0) + 3 * N, v3);
+    }
+    a0 = max_skipnan(a0, v0);
+    a1 = max_skipnan(a1, v1);
+    a2 = max_skipnan(a2, v2);
+    a3 = max_skipnan(a3, v3);
+  }
+  for (; j + N <= j1; j += N) {
+    const V v = src.vec(j);
+    if constexpr (kStore) vstore(buf + (j - j0), v);
+    a0 = max_skipnan(a0, v);
+  }
+  if (j < j1) {
+    const int cnt = int(j1 - j);
+    const V v = src.part(j, cnt);
+    if constexpr (kStore) vstore_n(buf + (j - j0), v, cnt);
+    a1 = max_skipnan(a1, v);
+  }
+  const V a = max_skipnan(max_skipnan(a0, a1), max_skipnan(a2, a3));
+  C m = a[0];
+  for (int i = 1; i < N; ++i) m = a[i] > m ? a[i] : m;
+  return m;
+}
+
+// sum of e = 2^((v - ref) * c) over [j0, j1); with STORE, e goes to buf[j - j0]. v comes from buf
+// (stored by pass_max) except in Raw mode.
+template <bool STORE, typename T, Src S, typename C = compute_t<T>>
+C pass_exp(const RowSrc<T, S>& src, C* buf, int64_t j0, int64_t j1, C ref, C c, const T* prefetch = nullptr) {
+  using V = vec_t<C>;
+  constexpr int N = lanes_v<C>;
+  const V vr = vsplat<C>(ref), vc = vsplat<C>(c);
+  auto val = [&](int64_t j) -> V {
+    if constexpr (S == Src::Raw) {
+      return src.vec(j);
+    } else {
+      return vload(buf + (j - j0));
+    }
+  };
+  V s0 = V{}, s1 = V{};
+  int64_t j = j0;
+  for (; j + 2 * N <= j1; j += 2 * N) {
+    if (prefetch) prefetch_l2<2 * N * sizeof(T)>(prefetch + j);
+    const V e0 = vexp2_nonpos((val(j) - vr) * vc);
+    const V e1 = vexp2_nonpos((val(j + N) - vr) * vc);
+    if constexpr (STORE) {
+      vstore(buf + (j - j0), e0);
+      vstore(buf + (j - j0) + N, e1);
+    }
+    s0 += e0;
+    s1 += e1;
+  }
+  for (; j + N <= j1; j += N) {
+    const V e = vexp2_nonpos((val(j) - vr) * vc);
+    if constexpr (STORE) vstore(buf + (j - j0), e);
+    s0 += e;
+  }
+  if (j < j1) {
+    const int cnt = int(j1 - j);
+    V v;
+    if constexpr (S == Src::Raw) {
+      v = src.part(j, cnt);
+    } else {
+      v = vload_n(buf + (j - j0), cnt, C(0));
+    }
+    const V e = vexp2_nonpos(fill_from((v - vr) * vc, cnt, -kInf<C>));
+    if constexpr (STORE) vstore_n(buf + (j - j0), e, cnt);
+    s1 += e;
+  }
+  return hsum(s0 + s1);
+}
+
+template <typename C>
+struct Stats {
+  C ref, sum;  // ref: the max (-inf for none), sum: of 2^((v - ref') * c), ref' = ref or 0 for -inf
+};
+// the reference used for the exponent: a row without a finite max uses 0 (its e are 0, or NaN)
+template <typename C>
+FF_INLINE C usable_ref(C ref) {
+  return ref > -kInf<C> ? ref : C(0);
+}
+template <typename C>
+FF_INLINE C inverse_sum(C sum) {
+  return sum == C(0) ? C(0) : C(1) / sum;  // fully masked: zeros; NaN stays NaN
+}
+// merge b into a (segments of one row)
+template <typename C>
+FF_INLINE void merge_stats(Stats<C>& a, Stats<C> b, C c) {
+  const C r = std::max(a.ref, b.ref);
+  auto rescaled = [&](const Stats<C>& s) {
+    return s.ref == r ? s.sum : s.sum * vexp2_nonpos(vsplat<C>((s.ref - r) * c))[0];
+  };
+  a.sum = rescaled(a) + rescaled(b);
+  a.ref = r;
+}
+
+template <typename T, Src S, typename C = compute_t<T>>
+Stats<C> segment_stats(const RowSrc<T, S>& src, C* buf, int64_t j0, int64_t j1, C c) {
+  const C ref = pass_max(src, buf, j0, j1);
+  return {ref, pass_exp<false>(src, buf, j0, j1, usable_ref(ref), c)};
+}
+
+// y[j0, j1) = 2^((v - ref) * c) * inv, e recomputed from the source
+template <typename T, Src S, typename C = compute_t<T>>
+void segment_write(const RowSrc<T, S>& src, T* y, int64_t j0, int64_t j1, C ref, C c, C inv, bool stream) {
+  using V = vec_t<C>;
+  const V vr = vsplat<C>(ref), vc = vsplat<C>(c), vi = vsplat<C>(inv);
+  write_range(
+      y, j0, j1, stream, [&](int64_t j) { return vexp2_nonpos((src.vec(j) - vr) * vc) * vi; },
+      [&](int64_t j) {
+        V t = vsplat<C>(-kInf<C>);
+        t[0] = (src.one(j) - ref) * c;
+        return vexp2_nonpos(t)[0] * inv;
+      });
+}
+
+// one row of up to kRowInCache columns; columns from `limit` on are zero
+template <typename T, Src S, typename C = compute_t<T>>
+void row_fwd(const RowSrc<T, S>& src, T* y, C* buf, int64_t n, int64_t limit, C c, bool stream, const T* next) {
+  using V = vec_t<C>;
+  const C ref = usable_ref(pass_max(src, buf, 0, limit));
+  const C inv = inverse_sum(pass_exp<true>(src, buf, 0, limit, ref, c, next));
+  const V vi = vsplat<C>(inv);
+  write_range(
+      y, 0, limit, stream, [&](int64_t j) { return vload(buf + j) * vi; }, [&](int64_t j) { return buf[j] * inv; });
+  if (limit < n) write_zeros(y, limit, n, stream);
+}
+
+// one long row, segment by segment (buf holds kSegment values)
+template <typename T, Src S, typename C = compute_t<T>>
+void long_row_fwd(const RowSrc<T, S>& src, T* y, C* buf, int64_t n, int64_t limit, C c, bool stream) {
+  Stats<C> st{-kInf<C>, C(0)};
+  for (int64_t j0 = 0; j0 < limit; j0 += kSegment)
+    merge_stats(st, segment_stats(src, buf, j0, std::min(limit, j0 + kSegment), c), c);
+  segment_write(src, y, 0, limit, usable_ref(st.ref), c, inverse_sum(st.sum), stream);
+  if (limit < n) write_zeros(y, limit, n, stream);
+}
+
+// one row spread over the threads: the segments' statistics, then the segments' outputs
+template <typename T, Src S, typename C = compute_t<T>>
+void split_row_fwd(const RowSrc<T, S>& src, T* y, int64_t n, int64_t limit, C c, bool stream) {
+  const int64_t nseg = (limit + kSegment - 1) / kSegment;
+  std::vector<Stats<C>> st(nseg);
+  parallel_for(0, nseg, 1, [&](int64_t s0, int64_t s1) {
+    Scratch<C> buf(kSegment);
+    for (int64_t s = s0; s < s1; ++s)
+      st[s] = segment_stats(src, buf.p, s * kSegment, std::min(limit, (s + 1) * kSegment), c);
+  });
+  Stats<C> all{-kInf<C>, C(0)};
+  for (const auto& s : st) merge_stats(all, s, c);
+  const C ref = usable_ref(all.ref), inv = inverse_sum(all.sum);
+  parallel_for(0, (n + kSegment - 1) / kSegment, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t j0 = s * kSegment, j1 = std::min(n, j0 + kSegment);
+      if (j0 < limit) segment_write(src, y, j0, std::min(j1, limit), ref, c, inv, stream);
+      if (j1 > limit) write_zeros(y, std::max(j0, limit), j1, stream);
+    }
+    if (stream) vstream_fence();
+  });
+}
+
+template <typename T, Src S>
+void fwd_rows(const SoftmaxFwdArgs& a, bool stream, bool split) {
   using C = compute_t<T>;
   const T* x = static_cast<const T*>(a.x);
   T* y = static_cast<T*>(a.y);
   const int64_t n = a.n;
-  const int64_t grain = std::max<int64_t>(1, 16384 / n);
-  parallel_for(0, a.rows, grain, [&](int64_t r0, int64_t r1) {
-    std::unique_ptr<C[]> scratch;
-    if constexpr (!std::is_same_v<T, C>) scratch.reset(new C[n]);
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * n;
-      T* yr = y + r * n;
-      C* buf;
-      if constexpr (std::is_same_v<T, C>) {
-        buf = yr;
-      } else {
-        buf = scratch.get();
+  const C scale = C(a.scale);
+  const C c = S == Src::Raw ? C(a.scale * kLog2eD) : C(kLog2eD);
+  // f(source of row r), or false when a bool mask broadcast along the row drops all of it
+  auto with_source = [&](int64_t r, auto&& f) -> bool {
+    RowSrc<T, S> s{x + r * n, nullptr, nullptr, scale, C(0)};
+    if constexpr (S == Src::Add) s.madd = static_cast<const C*>(a.mask) + a.mask_row.offset(r);
+    if constexpr (S == Src::AddConst) s.mconst = static_cast<const C*>(a.mask)[a.mask_row.offset(r)];
+    if constexpr (S == Src::Keep) {
+      s.mkeep = static_cast<const uint8_t*>(a.mask) + a.mask_row.offset(r);
+      if (a.mask_col_stride == 0) {
+        if (!s.mkeep[0]) return false;
+        f(RowSrc<T, Src::Scaled>{s.x, nullptr, nullptr, scale, C(0)});
+        return true;
       }
-      int64_t limit = n;
-      if (a.causal) limit = std::min<int64_t>(n, r % a.causal_rows + 1);
-      const void* m = nullptr;
-      if constexpr (MK == MaskKind::Float) {
-        m = static_cast<const C*>(a.mask) + a.mask_row.offset(r);
-      } else if constexpr (MK == MaskKind::Bool) {
-        m = static_cast<const uint8_t*>(a.mask) + a.mask_row.offset(r);
-      }
-      softmax_row<T, MK>(xr, yr, buf, n, limit, C(a.scale), m, a.mask_col_stride);
     }
+    f(s);
+    return true;
+  };
+  auto limit_of = [&](int64_t r) { return a.causal ? std::min<int64_t>(n, r % a.causal_rows + 1) : n; };
+
+  if (split) {
+    for (int64_t r = 0; r < a.rows; ++r) {
+      T* yr = y + r * n;
+      if (!with_source(r, [&](const auto& src) { split_row_fwd(src, yr, n, limit_of(r), c, stream); })) {
+        parallel_for(0, n, kGrainElems, [&](int64_t j0, int64_t j1) {
+          write_zeros(yr, j0, j1, false);
+        });
+      }
+    }
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / n);
+  parallel_for(0, a.rows, grain, [&](int64_t r0, int64_t r1) {
+    const bool in_cache = n <= kRowInCache;
+    Scratch<C> buf(in_cache ? n : kSegment);
+    for (int64_t r = r0; r < r1; ++r) {
+      T* yr = y + r * n;
+      const int64_t limit = limit_of(r);
+      const T* next = r + 1 < r1 ? x + (r + 1) * n : nullptr;
+      const bool kept = with_source(r, [&](const auto& src) {
+        in_cache ? row_fwd(src, yr, buf.p, n, limit, c, stream, next)
+                 : long_row_fwd(src, yr, buf.p, n, limit, c, stream);
+      });
+      if (!kept) write_zeros(yr, 0, n, stream);
+    }
+    if (stream) vstream_fence();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// softmax dim not last: (rows, n, inner), blocks of `bw` inner columns; per column the max, the
+// sum and the output, each a pass along n over the block (which stays in cache).
+
+template <typename T>
+int64_t column_block(int64_t n, int64_t inner) {
+  constexpr int N = lanes_v<compute_t<T>>;
+  const int64_t unit = std::max<int64_t>(N, kStreamAlign / int64_t(sizeof(T)));
+  int64_t bw = kSlabBytes / (n * int64_t(sizeof(T)));
+  bw = std::clamp<int64_t>(bw / unit * unit, unit, kMaxBlock);
+  return std::min(bw, (inner + N - 1) / N * N);
+}
+
+template <typename T, MaskKind MK>
+void fwd_strided(const SoftmaxFwdArgs& a, bool stream) {
+  using C = compute_t<T>;
+  using V = vec_t<C>;
+  constexpr int N = lanes_v<C>;
+  const T* x = static_cast<const T*>(a.x);
+  T* y = static_cast<T*>(a.y);
+  const int64_t n = a.n, inner = a.inner;
+  const int64_t bw = column_block<T>(n, inner);
+  const int64_t nblk = (inner + bw - 1) / bw;
+  const C scale = C(a.scale), c = C(kLog2eD);
+  const int64_t mds = a.mask_dim_stride, mcs = a.mask_col_stride;
+  // streaming needs every output vector aligned: whole lines per row of the block
+  const bool stream_ok = stream && (inner * int64_t(sizeof(T))) % kStreamAlign == 0 &&
+                         reinterpret_cast<uintptr_t>(y) % kStreamAlign == 0;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / (n * bw));
+
+  parallel_for(0, a.rows * nblk, grain, [&](int64_t w0, int64_t w1) {
+    alignas(64) C ref[kMaxBlock];
+    alignas(64) C inv[kMaxBlock];
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t o = w / nblk, i0 = (w % nblk) * bw;
+      const int64_t cols = std::min(bw, inner - i0);
+      const int64_t nfull = cols / N * N;
+      const int rem = int(cols - nfull);
+      const T* xo = x + o * n * inner + i0;
+      T* yo = y + o * n * inner + i0;
+      const int64_t moff = MK == MaskKind::None ? 0 : a.mask_row.offset(o) + i0 * mcs;
+      // logits of row k, columns [i, i + N) of the block (cnt < N: a partial vector, other lanes -inf)
+      auto logits = [&](int64_t k, int64_t i, int cnt) -> V {
+        const T* xk = xo + k * inner + i;
+        V z = cnt == N ? vload(xk) : vload_n(xk, cnt, C(0));
+        z = z * scale;
+        if constexpr (MK == MaskKind::Float) {
+          const C* m = static_cast<const C*>(a.mask) + moff + k * mds + i * mcs;
+          z += mcs == 0 ? vsplat<C>(m[0]) : (cnt == N ? vload(m) : vload_n(m, cnt, C(0)));
+        } else if constexpr (MK == MaskKind::Bool) {
+          const uint8_t* m = static_cast<const uint8_t*>(a.mask) + moff + k * mds + i * mcs;
+          for (int l = 0; l < cnt; ++l) z[l] = m[mcs == 0 ? 0 : l] ? z[l] : -kInf<C>;
+        }
+        if (a.causal && i0 + i + N - 1 > k) {
+          for (int l = 0; l < N; ++l)
+            if (i0 + i + l > k) z[l] = -kInf<C>;
+        }
+        return fill_from(z, cnt, -kInf<C>);
+      };
+      // causal: row k has no kept column in the block when k < i0
+      const int64_t k_first = a.causal ? std::min(n, i0) : 0;
+      for (int64_t i = 0; i < cols; i += N) vstore(ref + i, vsplat<C>(-kInf<C>));
+      for (int64_t k = k_first; k < n; ++k) {
+        int64_t i = 0;
+        for (; i < nfull; i += N) vstore(ref + i, max_skipnan(vload(ref + i), logits(k, i, N)));
+        if (rem) vstore(ref + i, max_skipnan(vload(ref + i), logits(k, i, rem)));
+      }
+      for (int64_t i = 0; i < cols; i += N) {
+        V r = vload(ref + i);
+        for (int l = 0; l < N; ++l) r[l] = usable_ref(r[l]);
+        vstore(ref + i, r);
+        vstore(inv + i, V{});
+      }
+      const V vc = vsplat<C>(c);
+      for (int64_t k = k_first; k < n; ++k) {
+        int64_t i = 0;
+        for (; i < nfull; i += N)
+          vstore(inv + i, vload(inv + i) + vexp2_nonpos((logits(k, i, N) - vload(ref + i)) * vc));
+        if (rem) vstore(inv + i, vload(inv + i) + vexp2_nonpos((logits(k, i, rem) - vload(ref + i)) * vc));
+      }
+      for (int64_t i = 0; i < cols; i += N) {
+        V s = vload(inv + i);
+        for (int l = 0; l < N; ++l) s[l] = inverse_sum(s[l]);
+        vstore(inv + i, s);
+      }
+      for (int64_t k = 0; k < n; ++k) {
+        T* yk = yo + k * inner;
+        int64_t i = 0;
+        if (k < k_first) {
+          for (; i < nfull; i += N) store_vec(yk + i, V{}, stream_ok);
+          if (rem) vstore_n(yk + i, V{}, rem);
+          continue;
+        }
+        for (; i < nfull; i += N)
+          store_vec(yk + i, vexp2_nonpos((logits(k, i, N) - vload(ref + i)) * vc) * vload(inv + i), stream_ok);
+        if (rem) vstore_n(yk + i, vexp2_nonpos((logits(k, i, rem) - vload(ref + i)) * vc) * vload(inv + i), rem);
+      }
+    }
+    if (stream_ok) vstream_fence();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward: grad_x = scale * y * (grad_y - sum(grad_y * y))
+
+template <typename T, typename C = compute_t<T>>
+C dot_range(const T* g, const T* y, int64_t j0, int64_t j1) {
+  using V = vec_t<C>;
+  constexpr int N = lanes_v<C>;
+  V a0 = V{}, a1 = V{}, a2 = V{}, a3 = V{};
+  int64_t j = j0;
+  for (; j + 4 * N <= j1; j += 4 * N) {
+    a0 += vload(g + j) * vload(y + j);
+    a1 += vload(g + j + N) * vload(y + j + N);
+    a2 += vload(g + j + 2 * N) * vload(y + j + 2 * N);
+    a3 += vload(g + j + 3 * N) * vload(y + j + 3 * N);
+  }
+  for (; j + N <= j1; j += N) a0 += vload(g + j) * vload(y + j);
+  C d = hsum((a0 + a1) + (a2 + a3));
+  for (; j < j1; ++j) d += to_float(g[j]) * to_float(y[j]);
+  return d;
+}
+
+// gx[j0, j1); with next_g / next_y, the next row is prefetched meanwhile
+template <typename T, typename C = compute_t<T>>
+void bwd_write(const T* g, const T* y, T* gx, int64_t j0, int64_t j1, C dot, C s, bool stream,
+               const T* next_g = nullptr, const T* next_y = nullptr) {
+  using V = vec_t<C>;
+  constexpr int N = lanes_v<C>;
+  const V vd = vsplat<C>(dot), vs = vsplat<C>(s);
+  write_range(
+      gx, j0, j1, stream,
+      [&](int64_t j) {
+        if (next_g) {
+          prefetch_l2<N * sizeof(T)>(next_g + j);
+          prefetch_l2<N * sizeof(T)>(next_y + j);
+        }
+        return vload(y + j) * (vload(g + j) - vd) * vs;
+      },
+      [&](int64_t j) { return to_float(y[j]) * (to_float(g[j]) - dot) * s; });
+}
+
+template <typename T>
+void bwd_rows(const SoftmaxBwdArgs& a, bool stream, bool split) {
+  using C = compute_t<T>;
+  const T* gy = static_cast<const T*>(a.grad_y);
+  const T* y = static_cast<const T*>(a.y);
+  T* gx = static_cast<T*>(a.grad_x);
+  const int64_t n = a.n;
+  const C s = C(a.scale);
+  if (split) {
+    for (int64_t r = 0; r < a.rows; ++r) {
+      const T* g = gy + r * n;
+      const T* yr = y + r * n;
+      const int64_t nseg = (n + kSegment - 1) / kSegment;
+      std::vector<C> part(nseg);
+      parallel_for(0, nseg, 1, [&](int64_t s0, int64_t s1) {
+        for (int64_t q = s0; q < s1; ++q) part[q] = dot_range(g, yr, q * kSegment, std::min(n, (q + 1) * kSegment));
+      });
+      C dot = 0;
+      for (C p : part) dot += p;
+      parallel_for(0, nseg, 1, [&](int64_t s0, int64_t s1) {
+        for (int64_t q = s0; q < s1; ++q)
+          bwd_write(g, yr, gx + r * n, q * kSegment, std::min(n, (q + 1) * kSegment), dot, s, stream);
+        if (stream) vstream_fence();
+      });
+    }
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / n);
+  parallel_for(0, a.rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* g = gy + r * n;
+      const T* yr = y + r * n;
+      const bool next = r + 1 < r1 && n <= kRowInCache;
+      bwd_write(g, yr, gx + r * n, 0, n, dot_range(g, yr, 0, n), s, stream, next ? g + n : nullptr,
+                next ? yr + n : nullptr);
+    }
+    if (stream) vstream_fence();
   });
 }
 
 template <typename T>
-void softmax_bwd_impl(const SoftmaxBwdArgs& a) {
+void bwd_strided(const SoftmaxBwdArgs& a, bool stream) {
   using C = compute_t<T>;
   using V = vec_t<C>;
   constexpr int N = lanes_v<C>;
   const T* gy = static_cast<const T*>(a.grad_y);
   const T* y = static_cast<const T*>(a.y);
   T* gx = static_cast<T*>(a.grad_x);
-  const int64_t n = a.n;
-  const int64_t grain = std::max<int64_t>(1, 16384 / n);
-  parallel_for(0, a.rows, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* g = gy + r * n;
-      const T* yr = y + r * n;
-      T* o = gx + r * n;
-      V acc = V{};
-      int64_t j = 0;
-      for (; j + N <= n; j += N) acc += vload(g + j) * vload(yr + j);
-      C dot = hsum(acc);
-      for (; j < n; ++j) dot += to_float(g[j]) * to_float(yr[j]);
-      const V vdot = vsplat<C>(dot);
-      const C s = a.scale;
-      j = 0;
-      for (; j + N <= n; j += N) vstore(o + j, vload(yr + j) * (vload(g + j) - vdot) * s);
-      for (; j < n; ++j) o[j] = to_storage<T>(to_float(yr[j]) * (to_float(g[j]) - dot) * s);
+  const int64_t n = a.n, inner = a.inner;
+  const int64_t bw = column_block<T>(n, inner);
+  const int64_t nblk = (inner + bw - 1) / bw;
+  const C s = C(a.scale);
+  const bool stream_ok = stream && (inner * int64_t(sizeof(T))) % kStreamAlign == 0 &&
+                         reinterpret_cast<uintptr_t>(gx) % kStreamAlign == 0;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / (n * bw));
+  parallel_for(0, a.rows * nblk, grain, [&](int64_t w0, int64_t w1) {
+    alignas(64) C dot[kMaxBlock];
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t o = w / nblk, i0 = (w % nblk) * bw;
+      const int64_t cols = std::min(bw, inner - i0);
+      const int64_t nfull = cols / N * N;
+      const int rem = int(cols - nfull);
+      const int64_t base = o * n * inner + i0;
+      auto ld = [&](const T* p, int cnt) -> V { return cnt == N ? vload(p) : vload_n(p, cnt, C(0)); };
+      for (int64_t i = 0; i < cols; i += N) vstore(dot + i, V{});
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t off = base + k * inner;
+        for (int64_t i = 0; i < cols; i += N) {
+          const int cnt = i < nfull ? N : rem;
+          vstore(dot + i, vload(dot + i) + ld(gy + off + i, cnt) * ld(y + off + i, cnt));
+        }
+      }
+      const V vs = vsplat<C>(s);
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t off = base + k * inner;
+        int64_t i = 0;
+        for (; i < nfull; i += N)
+          store_vec(gx + off + i, vload(y + off + i) * (vload(gy + off + i) - vload(dot + i)) * vs, stream_ok);
+        if (rem) vstore_n(gx + off + i, ld(y + off + i, rem) * (ld(gy + off + i, rem) - vload(dot + i)) * vs, rem);
+      }
     }
+    if (stream_ok) vstream_fence();
   });
+}
+
+bool wants_stream(int64_t rows, int64_t n, int64_t inner, int64_t elem_bytes) {
+  return rows * n * std::max<int64_t>(inner, 1) * elem_bytes >= kStreamMinBytes;
+}
+// few rows longer than a segment: spread each row over the threads
+bool wants_split(int64_t rows, int64_t n) { return n >= 2 * kSegment && rows < num_threads(); }
+
+template <typename T>
+void softmax_fwd_impl(const SoftmaxFwdArgs& a) {
+  const bool stream = wants_stream(a.rows, a.n, a.inner, sizeof(T));
+  if (a.inner > 1) {
+    switch (a.mask_kind) {
+      case MaskKind::None:
+        return fwd_strided<T, MaskKind::None>(a, stream);
+      case MaskKind::Bool:
+        return fwd_strided<T, MaskKind::Bool>(a, stream);
+      case MaskKind::Float:
+        return fwd_strided<T, MaskKind::Float>(a, stream);
+    }
+    return;
+  }
+  const bool split = wants_split(a.rows, a.n);
+  switch (a.mask_kind) {
+    case MaskKind::None:
+      return a.scale >= 0 ? fwd_rows<T, Src::Raw>(a, stream, split) : fwd_rows<T, Src::Scaled>(a, stream, split);
+    case MaskKind::Bool:
+      return fwd_rows<T, Src::Keep>(a, stream, split);
+    case MaskKind::Float:
+      return a.mask_col_stride == 0 ? fwd_rows<T, Src::AddConst>(a, stream, split)
+                                    : fwd_rows<T, Src::Add>(a, stream, split);
+  }
 }
 
 }  // namespace
 
 void softmax_fwd(const SoftmaxFwdArgs& a) {
-  dispatch_dtype(a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    switch (a.mask_kind) {
-      case MaskKind::None:
-        softmax_fwd_impl<T, MaskKind::None>(a);
-        break;
-      case MaskKind::Bool:
-        softmax_fwd_impl<T, MaskKind::Bool>(a);
-        break;
-      case MaskKind::Float:
-        softmax_fwd_impl<T, MaskKind::Float>(a);
-        break;
-    }
-  });
+  dispatch_dtype(a.dtype, [&](auto tag) { softmax_fwd_impl<decltype(tag)>(a); });
 }
 
 void softmax_bwd(const SoftmaxBwdArgs& a) {
-  dispatch_dtype(a.dtype, [&](auto tag) { softmax_bwd_impl<decltype(tag)>(a); });
+  dispatch_dtype(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const bool stream = wants_stream(a.rows, a.n, a.inner, sizeof(T));
+    if (a.inner > 1) {
+      bwd_strided<T>(a, stream);
+    } else {
+      bwd_rows<T>(a, stream, wants_split(a.rows, a.n));
+    }
+  });
 }
 
 }  // namespace fusedformer::cpu::FF_ISA

@@ -32,14 +32,16 @@ at::Tensor broadcast_mask(const at::Tensor& mask, at::IntArrayRef target, const 
 // softmax
 
 struct SoftmaxProblem {
-  at::Tensor x;     // contiguous, the softmax dim moved last
+  at::Tensor x;     // contiguous, the softmax dim moved last (unless move_dim is false)
   at::Tensor mask;  // undefined, or expanded to x's (moved) shape
   int64_t dim;      // wrapped dim of the caller's tensor
-  bool moved;       // dim was not the last one: the result must be moved back
-  bool causal;      // causal applies to the last two dims of x (only when the softmax dim is last)
+  bool moved;       // dim was not the last one and was moved: the result must be moved back
+  // causal applies to the last two dims of x: only when the softmax dim is last, or (move_dim
+  // false) the second to last; for other dims it is folded into `mask`
+  bool causal;
 };
 SoftmaxProblem prepare_softmax(const at::Tensor& x, int64_t dim, const std::optional<at::Tensor>& mask,
-                               bool is_causal);
+                               bool is_causal, bool move_dim = true);
 void check_softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, int64_t dim);
 // Row dims (all but the last) of a mask expanded to the softmax input, size-1 dims dropped and
 // runs that are contiguous with each other merged: at most max_dims (size, stride) pairs, so that

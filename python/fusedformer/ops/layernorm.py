@@ -5,6 +5,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._fake_checks import check_same_device
+
 _ops = torch.ops.fusedformer
 
 _Shape = Union[int, Sequence[int], torch.Size]
@@ -62,6 +64,8 @@ def _compute_dtype(t):
 
 @torch.library.register_fake("fusedformer::layer_norm_fwd")
 def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps, residual):
+    for t, name in [(weight, "weight"), (bias, "bias"), (residual, "residual")]:
+        check_same_device("fusedformer.layer_norm", input, "input", t, name)
     out = torch.empty_like(input, memory_format=torch.contiguous_format)
     h = torch.empty_like(out) if residual is not None else input.new_empty((0,))
     stats = _stats_shape(input, normalized_shape)
@@ -79,6 +83,8 @@ def _layer_norm_bwd_fake(grad_out, grad_residual_out, input, mean, rstd, weight,
 
 @torch.library.register_fake("fusedformer::rms_norm_fwd")
 def _rms_norm_fwd_fake(input, normalized_shape, weight, eps, residual):
+    for t, name in [(weight, "weight"), (residual, "residual")]:
+        check_same_device("fusedformer.rms_norm", input, "input", t, name)
     out = torch.empty_like(input, memory_format=torch.contiguous_format)
     h = torch.empty_like(out) if residual is not None else input.new_empty((0,))
     return out, h, input.new_empty(_stats_shape(input, normalized_shape), dtype=_compute_dtype(input))

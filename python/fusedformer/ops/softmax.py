@@ -4,6 +4,8 @@ from typing import Optional
 
 import torch
 
+from ._fake_checks import check_same_device
+
 _ops = torch.ops.fusedformer
 
 
@@ -27,6 +29,7 @@ def softmax(
 
 @torch.library.register_fake("fusedformer::softmax_fwd")
 def _softmax_fwd_fake(x, dim, scale, mask, is_causal):
+    check_same_device("fusedformer.softmax", x, "x", mask, "mask")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

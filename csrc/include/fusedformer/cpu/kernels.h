@@ -34,6 +34,11 @@ struct RowIndexer {
 };
 
 // y = softmax(x * scale + mask) over contiguous rows of length n.
+//
+// With inner > 1 the softmax dim is not the last: x and y are contiguous (rows, n, inner) and the
+// softmax runs along n for each (row, inner index) pair. The mask element of (row, k, i) is then
+// at mask_row.offset(row) + k * mask_dim_stride + i * mask_col_stride, and causal keeps the inner
+// (key) index i <= k (the softmax dim is the query dim, the last dim the key dim).
 struct SoftmaxFwdArgs {
   DType dtype;
   const void* x;
@@ -46,9 +51,12 @@ struct SoftmaxFwdArgs {
   int64_t mask_col_stride;
   bool causal;          // row r is query (r % causal_rows); keeps columns j <= that
   int64_t causal_rows;
+  int64_t inner;        // 0 or 1: the softmax dim is the last
+  int64_t mask_dim_stride;
 };
 
-// grad_x = scale * y * (grad_y - sum(grad_y * y)) over contiguous rows.
+// grad_x = scale * y * (grad_y - sum(grad_y * y)) over contiguous rows (with inner > 1, along n
+// of the contiguous (rows, n, inner) layout, as in SoftmaxFwdArgs).
 struct SoftmaxBwdArgs {
   DType dtype;
   const void* grad_y;
@@ -56,6 +64,7 @@ struct SoftmaxBwdArgs {
   void* grad_x;
   int64_t rows, n;
   double scale;
+  int64_t inner;  // 0 or 1: the softmax dim is the last
 };
 
 // LayerNorm / RMSNorm forward over contiguous rows of length n. With `residual`, the input is

@@ -14,8 +14,10 @@
 #include <type_traits>
 #include <utility>
 
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__F16C__) || defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 #ifndef FF_ISA
@@ -249,12 +251,22 @@ FF_INLINE vf vload(const bf16_t* p) {
   vu u = __builtin_convertvector(h, vu) << 16;
   return (vf)u;
 }
-FF_INLINE void vstore(bf16_t* p, vf v) {
+// float -> bfloat16 bits, round to nearest even; NaN stays a (quiet) NaN with its sign
+FF_INLINE vh to_bf16_bits(vf v) {
   vu u = (vu)v;
-  vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  vu q = (u >> 16) | 0x40u;
-  r = ((u & 0x7fffffffu) > 0x7f800000u) ? q : r;
-  vh h = __builtin_convertvector(r, vh);
+  vu hi = u >> 16;
+  vu r = (u + 0x7fffu + (hi & 1u)) >> 16;
+  r = (v != v) ? (hi | 0x40u) : r;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // r < 2^16: an unsigned-saturating pack is exact; it interleaves 128-bit halves, undone by permute
+  __m256i pk = _mm256_packus_epi32((__m256i)r, (__m256i)r);
+  return (vh)_mm256_castsi256_si128(_mm256_permute4x64_epi64(pk, 0x08));
+#else
+  return __builtin_convertvector(r, vh);
+#endif
+}
+FF_INLINE void vstore(bf16_t* p, vf v) {
+  vh h = to_bf16_bits(v);
   __builtin_memcpy(p, &h, sizeof(h));
 }
 FF_INLINE vf vload(const f16_t* p) {
@@ -268,14 +280,146 @@ FF_INLINE vf vload(const f16_t* p) {
   return v;
 #endif
 }
-FF_INLINE void vstore(f16_t* p, vf v) {
+// float -> float16 bits, round to nearest even
+FF_INLINE vh to_f16_bits(vf v) {
 #if defined(__AVX512F__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+  return (vh)_mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT);
 #elif defined(__F16C__) && defined(__AVX2__)
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+  return (vh)_mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT);
 #else
-  for (int i = 0; i < W; ++i) p[i].x = float_to_half(v[i]);
+  vh h;
+  for (int i = 0; i < W; ++i) h[i] = float_to_half(v[i]);
+  return h;
 #endif
+}
+FF_INLINE void vstore(f16_t* p, vf v) {
+  vh h = to_f16_bits(v);
+  __builtin_memcpy(p, &h, sizeof(h));
+}
+
+// v rounded to the precision of storage type T (and back to float)
+template <typename T>
+FF_INLINE vf round_through(vf v) {
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    return (vf)(__builtin_convertvector(to_bf16_bits(v), vu) << 16);
+  } else if constexpr (std::is_same_v<T, f16_t>) {
+    const vh h = to_f16_bits(v);
+    return vload(reinterpret_cast<const f16_t*>(&h));
+  } else {
+    return v;
+  }
+}
+template <typename T>
+FF_INLINE vd round_through(vd v) {
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Non-temporal (streaming) stores, for outputs too large to stay in cache: they skip the read of
+// the destination line that a plain store costs. p must be aligned to the stored vector's size
+// (kStreamAlign bytes suffices for every type); where the instruction set has no such store, a
+// plain one. Each thread that streamed calls vstream_fence() before its data is read elsewhere.
+
+inline constexpr int kStreamAlign = 64;
+// outputs of at least this many bytes are written with streaming stores by the memory-bound kernels
+inline constexpr int64_t kStreamMinBytes = int64_t(4) << 20;
+
+template <typename V>
+FF_INLINE void vstream_bytes(void* p, V v) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) {
+    _mm512_stream_si512(static_cast<__m512i*>(p), (__m512i)v);
+    return;
+  } else if constexpr (sizeof(V) == 32) {
+    _mm256_stream_si256(static_cast<__m256i*>(p), (__m256i)v);
+    return;
+  }
+#elif defined(__AVX2__)
+  if constexpr (sizeof(V) % 32 == 0) {
+    for (size_t i = 0; i < sizeof(V); i += 32) {
+      __m256i c;
+      __builtin_memcpy(&c, reinterpret_cast<const char*>(&v) + i, 32);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<char*>(p) + i), c);
+    }
+    return;
+  }
+#endif
+#if defined(__SSE2__)
+  if constexpr (sizeof(V) % 16 == 0) {
+    for (size_t i = 0; i < sizeof(V); i += 16) {
+      __m128i c;
+      __builtin_memcpy(&c, reinterpret_cast<const char*>(&v) + i, 16);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(p) + i), c);
+    }
+    return;
+  }
+#endif
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+FF_INLINE void vstream(float* p, vf v) { vstream_bytes(p, v); }
+FF_INLINE void vstream(double* p, vd v) { vstream_bytes(p, v); }
+FF_INLINE void vstream(bf16_t* p, vf v) { vstream_bytes(p, to_bf16_bits(v)); }
+FF_INLINE void vstream(f16_t* p, vf v) { vstream_bytes(p, to_f16_bits(v)); }
+FF_INLINE void vstream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+// elements of T from p up to the next kStreamAlign boundary
+template <typename T>
+FF_INLINE int64_t stream_head(const T* p) {
+  return int64_t((kStreamAlign - reinterpret_cast<uintptr_t>(p) % kStreamAlign) % kStreamAlign) / int64_t(sizeof(T));
+}
+
+// Software prefetch of `bytes` (a compile-time size) from p into L2: the memory-bound kernels
+// fetch the next row while they compute on the current one, which sits in L1.
+template <size_t BYTES>
+FF_INLINE void prefetch_l2(const void* p) {
+  for (size_t o = 0; o < BYTES; o += 64) __builtin_prefetch(static_cast<const char*>(p) + o, 0, 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// exp for softmax-type arguments t <= 0 (x - max), cheaper than vexp2: no upper clamp, no select.
+// 2^t with t <= 0 (or NaN): results below 2^-126.5 (t = -inf included) are exactly 0 and a NaN
+// stays NaN. Degree-6 minimax polynomial on [-1/2, 1/2], relative error < 1e-7.
+
+// max(a, lo), keeping a NaN lane of a
+FF_INLINE vf vmax_keepnan(vf a, vf lo) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_max_ps((__m512)lo, (__m512)a);  // maxps returns its second operand on NaN
+#elif defined(__AVX2__)
+  return (vf)_mm256_max_ps((__m256)lo, (__m256)a);
+#else
+  return lo > a ? lo : a;
+#endif
+}
+FF_INLINE vf vexp2_nonpos(vf t) {
+  t = vmax_keepnan(t, vset1(-127.f));
+  const vf magic = vset1(12582912.f);  // 1.5 * 2^23: the low mantissa bits of t + magic are round(t)
+  const vf s = t + magic;
+  const vf f = t - (s - magic);  // [-1/2, 1/2]
+  vf p = vset1(1.534581242594868e-4f);
+  p = p * f + 1.3399930903688073e-3f;
+  p = p * f + 9.618489071726799e-3f;
+  p = p * f + 5.550328642129898e-2f;
+  p = p * f + 2.4022646248340607e-1f;
+  p = p * f + 6.931471824645996e-1f;
+  p = p * f + 1.0f;
+  // 2^round(t) from those bits: the exponent field wraps to 0 (the float 0) at round(t) = -127
+  const vu e = ((vu)s << 23) + (127u << 23);
+  return p * (vf)e;
+}
+// float64: lane by lane through libm
+FF_INLINE vd vexp2_nonpos(vd t) { return vexp2(t); }
+
+// ---------------------------------------------------------------------------------------------
+// bool masks (one byte per element, nonzero = keep): all-ones lanes where kept
+
+typedef uint8_t vb __attribute__((vector_size(W)));
+FF_INLINE vi vload_keep(const uint8_t* p) {
+  vb b;
+  __builtin_memcpy(&b, p, sizeof(b));
+  return __builtin_convertvector(b, vi) != 0;
 }
 
 // ---------------------------------------------------------------------------------------------
