@@ -55,14 +55,14 @@ def _block(x, w, fused):
 
 
 def run(batch=8, seq=512, d_model=768, heads=12, reps=5, dtype=torch.float32, out=print, generation=True,
-        prompt="import os\n\n\ndef ", new_tokens=100, seed=0):
+        prompt="import os\n\n\ndef ", new_tokens=100, seed=0, timed_tokens=64):
     res = run_block(batch, seq, d_model, heads, reps, dtype, out)
     if generation:
-        res.update(run_generation(prompt, new_tokens, seed, reps, out))
+        res.update(run_generation(prompt, new_tokens, seed, reps, out, timed_tokens))
     return res
 
 
-def run_generation(prompt, new_tokens, seed, reps, out=print):
+def run_generation(prompt, new_tokens, seed, reps, out=print, timed_tokens=64):
     """Stream a sampled continuation of ``prompt`` from the shipped model, then time greedy decoding
     with the fused ops and with plain PyTorch (the same model and weights, ``set_fused(False)``)."""
     import copy
@@ -84,7 +84,7 @@ def run_generation(prompt, new_tokens, seed, reps, out=print):
     out(f"  {stats['tokens']} tokens streamed at {stats['tokens_per_s']:.1f} tokens/s")
     ids = torch.tensor([tok.encode(prompt).ids])
     plain = set_fused(copy.deepcopy(model), False)
-    n = 64
+    n = min(timed_tokens, c.n_positions - ids.shape[1])
 
     def decode(m):
         t0 = time.perf_counter()
