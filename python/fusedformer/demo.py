@@ -1,5 +1,6 @@
-"""The demo workload: a pre-norm Transformer encoder block built from the fused ops, forward and
-backward, against the same block in plain PyTorch (same weights); prints max error and speedup."""
+"""The demo: (1) a pre-norm Transformer encoder block built from the fused ops, forward and backward,
+against the same block in plain PyTorch (same weights): max error and speedup; (2) text streamed from
+the model shipped in the package; (3) its decode tokens/s against the same model in plain PyTorch."""
 
 import math
 import statistics
@@ -53,7 +54,57 @@ def _block(x, w, fused):
     return ops.softmax(logits, -1) if fused else torch.softmax(logits, -1)
 
 
-def run(batch=8, seq=512, d_model=768, heads=12, reps=5, dtype=torch.float32, out=print):
+def run(batch=8, seq=512, d_model=768, heads=12, reps=5, dtype=torch.float32, out=print, generation=True,
+        prompt="import os\n\n\ndef ", new_tokens=100, seed=0, timed_tokens=64):
+    res = run_block(batch, seq, d_model, heads, reps, dtype, out)
+    if generation:
+        res.update(run_generation(prompt, new_tokens, seed, reps, out, timed_tokens))
+    return res
+
+
+def run_generation(prompt, new_tokens, seed, reps, out=print, timed_tokens=64):
+    """Stream a sampled continuation of ``prompt`` from the shipped model, then time greedy decoding
+    with the fused ops and with plain PyTorch (the same model and weights, ``set_fused(False)``)."""
+    import copy
+
+    from . import generate
+    from .models import set_fused
+    from .textgen import load_model, stream_text
+
+    model, tok = load_model()
+    c = model.config
+    out(f"\nthe shipped model ({c.n_layer} layers, d_model {c.d_model}, vocab {c.vocab_size}, context "
+        f"{c.n_positions}), sampled with temperature 0.8, top-p 0.95, seed {seed}:")
+    out("-" * 72)
+    pieces = [prompt]
+    out(prompt, end="", flush=True)
+    stats = stream_text(model, tok, prompt, max_new_tokens=new_tokens, seed=seed, temperature=0.8, top_p=0.95,
+                        do_sample=True, write=lambda s: (pieces.append(s), out(s, end="", flush=True)))
+    out("\n" + "-" * 72)
+    out(f"  {stats['tokens']} tokens streamed at {stats['tokens_per_s']:.1f} tokens/s")
+    ids = torch.tensor([tok.encode(prompt).ids])
+    plain = set_fused(copy.deepcopy(model), False)
+    n = min(timed_tokens, c.n_positions - ids.shape[1])
+
+    def decode(m):
+        t0 = time.perf_counter()
+        y = generate(m, ids, max_new_tokens=n, eos_token_id=[])
+        return time.perf_counter() - t0, y
+
+    times = {"fused": [], "plain": []}
+    outputs = {}
+    for _ in range(max(3, reps)):
+        for name, m in (("fused", model), ("plain", plain)):
+            t, outputs[name] = decode(m)
+            times[name].append(t)
+    same = torch.equal(outputs["fused"], outputs["plain"])
+    tf, tp = statistics.median(times["fused"]), statistics.median(times["plain"])
+    out(f"greedy decode, batch 1, {n} new tokens: fusedformer {n / tf:.1f} tokens/s, plain PyTorch {n / tp:.1f} "
+        f"tokens/s: {tp / tf:.2f}x (same tokens: {same})")
+    return {"gen_tokens_per_s": n / tf, "plain_tokens_per_s": n / tp, "same_tokens": same}
+
+
+def run_block(batch=8, seq=512, d_model=768, heads=12, reps=5, dtype=torch.float32, out=print):
     torch.manual_seed(0)
     w = _Weights(d_model, heads, 4 * d_model, dtype)
     x = torch.randn(batch, seq, d_model, dtype=dtype).requires_grad_()

@@ -35,7 +35,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 200
     eval_batches: int = 16
-    save_dtype: str = "float32"  # dtype of the saved weights (bfloat16 halves the file)
+    save_dtype: str = "bfloat16"  # dtype of the saved weights (bfloat16 halves the file; loading casts back)
     seed: int = 0
     progress: bool = True
 
@@ -181,16 +181,13 @@ def train(cfg: TrainConfig, log=print):
             (bar.write if bar is not None else log)(
                 f"step {step + 1}: training loss {loss:.3f}, held-out loss {val:.3f}, perplexity {math.exp(val):.1f} "
                 f"(unigram {unigram:.1f}), {time.time() - t_train:.0f} s")
-            model.save_pretrained(cfg.out, tokenizer=tok)
+            model.save_pretrained(cfg.out, tokenizer=tok, dtype=getattr(torch, cfg.save_dtype))
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr_at(step, cfg):.2e}")
             bar.update(1)
     if bar is not None:
         bar.close()
     train_s = time.time() - t_train
-    if cfg.save_dtype != "float32":
-        model.to(getattr(torch, cfg.save_dtype)).save_pretrained(cfg.out, tokenizer=tok)
-        model.float()
     val_loss = history["val"][-1]["loss"]
     summary = {"steps": cfg.steps, "tokens_seen": cfg.steps * cfg.batch_size * context,
                "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),

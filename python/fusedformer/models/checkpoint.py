@@ -18,7 +18,9 @@ class CheckpointMixin:
 
     config_class = None
 
-    def save_pretrained(self, directory, tokenizer=None):
+    def save_pretrained(self, directory, tokenizer=None, dtype=None):
+        """Write the weights (cast to ``dtype`` when given, e.g. torch.bfloat16 to halve the file; floating
+        tensors only), the config and the tokenizer; ``from_pretrained`` casts back to the model's dtype."""
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
@@ -28,7 +30,8 @@ class CheckpointMixin:
             if key in seen:  # a tied weight: stored under its first name only
                 continue
             seen[key] = name
-            state[name] = t.detach().contiguous()
+            t = t.detach()
+            state[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
         save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
             json.dump(self.config.to_dict(), f, indent=1)
