@@ -4,6 +4,8 @@ from typing import Optional
 
 import torch
 
+from ._checks import check_same_device, check_tensor
+
 _ops = torch.ops.fusedformer
 
 
@@ -22,11 +24,13 @@ def softmax(
     masked gives zeros (torch.softmax would give NaN); a NaN in a row makes the row NaN.
     An additive mask that requires grad receives its gradient.
     """
+    check_tensor("fusedformer.softmax", "x", x)
     return _ops.softmax_fwd(x, dim, float(scale), mask, is_causal)
 
 
 @torch.library.register_fake("fusedformer::softmax_fwd")
 def _softmax_fwd_fake(x, dim, scale, mask, is_causal):
+    check_same_device("fusedformer.softmax", "input", x, mask=mask)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
