@@ -56,8 +56,15 @@ void fwd_item(const AttnFwdArgs& a, const FwdPlan& pl, int64_t b, int64_t h, int
     for (int64_t r = 0; r < rows; ++r) {
       float* s = sb + r * BC;
       vf mx = vset1(-kInf);
-      for (int64_t c = 0; c < BC; c += W) mx = vmax(mx, vload(s + c));
-      const float m_new = std::max(mrow[r], hmax(mx));
+      decltype(mx != mx) nan_seen{};  // vmax and std::max drop NaN: track it, so a NaN row stays NaN
+      for (int64_t c = 0; c < BC; c += W) {
+        const vf sv = vload(s + c);
+        mx = vmax(mx, sv);
+        nan_seen |= (sv != sv);
+      }
+      bool has_nan = mrow[r] != mrow[r];
+      for (int i = 0; i < W; ++i) has_nan |= nan_seen[i] != 0;
+      const float m_new = has_nan ? std::numeric_limits<float>::quiet_NaN() : std::max(mrow[r], hmax(mx));
       if (m_new == -kInf) {  // every key so far masked
         std::fill(s, s + BC, 0.f);
         continue;
@@ -86,8 +93,9 @@ void fwd_item(const AttnFwdArgs& a, const FwdPlan& pl, int64_t b, int64_t h, int
   float* lse = static_cast<float*>(a.lse) + (b * a.Hq + h) * a.L + i0;
   for (int64_t r = 0; r < rows; ++r) {
     const float l = lrow[r];
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    lse[r] = l > 0.f ? (mrow[r] + std::log2(l)) * kLn2 : kInf;
+    // l == 0: every key masked (zeros, lse +inf); l NaN: a NaN logit (NaN row and lse)
+    const float inv = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);
+    lse[r] = l > 0.f ? (mrow[r] + std::log2(l)) * kLn2 : (l == 0.f ? kInf : l);
     const float* o = ob + r * Evp;
     T* dst = out + r * pl.Ev;
     const vf vi_ = vset1(inv);

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_same_device
+from ._checks import check_same_device, refuse_double_backward
 
 _ops = torch.ops.fusedformer
 
@@ -86,3 +86,4 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("fusedformer::attention_fwd", _backward, setup_context=_setup_context)
+refuse_double_backward("fusedformer::attention_bwd")

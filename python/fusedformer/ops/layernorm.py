@@ -5,7 +5,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import check_same_device, check_tensor
+from ._checks import check_same_device, check_tensor, refuse_double_backward
 
 _ops = torch.ops.fusedformer
 
@@ -141,3 +141,5 @@ def _rms_backward(ctx, g_out, g_h, g_rstd):
 
 torch.library.register_autograd("fusedformer::layer_norm_fwd", _ln_backward, setup_context=_ln_setup)
 torch.library.register_autograd("fusedformer::rms_norm_fwd", _rms_backward, setup_context=_rms_setup)
+refuse_double_backward("fusedformer::layer_norm_bwd")
+refuse_double_backward("fusedformer::rms_norm_bwd")

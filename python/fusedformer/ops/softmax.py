@@ -4,7 +4,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_same_device, check_tensor
+from ._checks import check_same_device, check_tensor, refuse_double_backward
 
 _ops = torch.ops.fusedformer
 
@@ -62,3 +62,4 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("fusedformer::softmax_fwd", _backward, setup_context=_setup_context)
+refuse_double_backward("fusedformer::softmax_bwd")
