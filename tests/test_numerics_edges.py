@@ -124,14 +124,17 @@ def test_softmax_row_of_a_million(dtype):
     r = ref.softmax(x)
     peer = torch.softmax(x.detach(), -1)
     if dtype == torch.float32:
-        # relative error of each probability: float32 rounding of the logits already costs ~2e-4 at
-        # |z| ~ 15, for torch.softmax as for us; the rule is ours <= 2 x torch's
+        # relative error of each probability: the float32 sum of 1e6 terms costs ~2e-4, for
+        # torch.softmax as for us; the rule is ours <= 2 x torch's
         ours_rel = ((y.double() - r).abs() / r).max().item()
         peer_rel = ((peer.double() - r).abs() / r).max().item()
         assert ours_rel <= 2 * peer_rel + 1e-6, (ours_rel, peer_rel)
     else:
         assert_matches_reference(y, r, peer, what="softmax 1e6")
-    torch.testing.assert_close(y.double().sum(-1), torch.ones(2, dtype=torch.float64), rtol=1e-3 if dtype != torch.float32 else 1e-5, atol=0)
+    # the rows sum to 1 up to the float32 rounding of a 1e6-term sum, no worse than torch.softmax's
+    ours_sum_err = (y.double().sum(-1) - 1).abs().max().item()
+    peer_sum_err = (peer.double().sum(-1) - 1).abs().max().item()
+    assert ours_sum_err <= 2 * peer_sum_err + 1e-5, (ours_sum_err, peer_sum_err)
     w = torch.randn(2, n)
     (gx,) = torch.autograd.grad((y.float() * w).sum(), x)
     x64 = x.detach().double().requires_grad_(True)
