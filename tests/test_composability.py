@@ -197,9 +197,9 @@ def test_autocast_norm_promotes_mixed_residual(rms):
     res = t["res"].clone().requires_grad_(True)
     norm = ops.rms_norm if rms else ops.layer_norm
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, hsum = norm(h16, 40, t["w"], 1e-5, residual=res)
+        out, hsum = norm(h16, 40, t["w"], eps=1e-5, residual=res)
     assert out.dtype == hsum.dtype == torch.float32
-    expect_out, expect_h = norm(h16.detach().float(), 40, t["w"], 1e-5, residual=res.detach())
+    expect_out, expect_h = norm(h16.detach().float(), 40, t["w"], eps=1e-5, residual=res.detach())
     assert torch.equal(out, expect_out) and torch.equal(hsum, expect_h)
     (out.sum() + hsum.sum()).backward()
     assert h16.grad.dtype == torch.bfloat16 and res.grad.dtype == torch.float32
@@ -253,7 +253,7 @@ def test_double_backward_is_refused_clearly():
     (g,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="softmax_bwd: double backward"):
         torch.autograd.grad(g.sum(), x)
-    h = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(3, 8, requires_grad=True)
     for y in (ops.layer_norm(h, 8), ops.rms_norm(h, 8), ops.attention(h.view(1, 3, 8), h.view(1, 3, 8), h.view(1, 3, 8))):
         (g,) = torch.autograd.grad((y * y).sum(), h, create_graph=True)
         with pytest.raises(RuntimeError, match="double backward"):
