@@ -41,8 +41,11 @@ PY
 SANITIZE_TESTS=(tests/test_fuzz.py tests/test_errors_isolated.py tests/test_numerics_edges.py tests/test_concurrency.py::test_threads_match_one_thread)
 if [ $# -gt 0 ]; then SANITIZE_TESTS=("$@"); fi
 
+# libstdc++ is preloaded too: the ASan runtime looks up __cxa_throw when it starts, and the
+# interpreter itself does not link libstdc++ (without it the first C++ exception aborts).
 LIBASAN=$(gcc -print-file-name=libasan.so)
-export LD_PRELOAD="$LIBASAN"
+LIBSTDCXX=$(gcc -print-file-name=libstdc++.so.6)
+export LD_PRELOAD="$LIBASAN $LIBSTDCXX"
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86:allocator_may_return_null=1:detect_odr_violation=0:new_delete_type_mismatch=0:alloc_dealloc_mismatch=0:handle_segv=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=87"
 export FUSEDFORMER_SANITIZE_STAGE="$(realpath "$STAGE")"
