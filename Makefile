@@ -13,7 +13,7 @@ STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: all demo test bench bench-quick build deps clean cuda-check
+.PHONY: all demo test bench bench-quick build deps clean cuda-check sanitize fuzz
 
 all: build
 
@@ -34,6 +34,17 @@ build: $(BUILD_STAMP)
 
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# AddressSanitizer + UndefinedBehaviorSanitizer build (build/sanitize) and the op tests against it;
+# any report fails. SANITIZE_TESTS picks other tests.
+SANITIZE_TESTS ?=
+sanitize: deps
+	scripts/sanitize.sh $(SANITIZE_TESTS)
+
+# Deep property-test run: FUZZ_EXAMPLES examples per property (CI runs 25).
+FUZZ_EXAMPLES ?= 2000
+fuzz: build
+	FUSEDFORMER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py $(PYTEST_ARGS)
 
 demo: build
 	$(PY) -m fusedformer demo

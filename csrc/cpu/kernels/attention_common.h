@@ -250,7 +250,9 @@ FF_INLINE C softmax_block_row(C* s, C& m, C& l) {
     mx = vmax(mx, x[c]);
   }
   const C m_new = std::max(m, hmax(mx));
-  if (m_new == -kInf<C>) {  // every key so far masked
+  if (m_new == -kInf<C>) {  // every key so far masked, or the unmasked logits are NaN (max drops NaN)
+    for (int c = 0; c < int(BC); ++c)
+      if (s[c] != s[c]) l = s[c];  // a NaN logit makes the row NaN (finish_row), as in softmax
     std::fill(s, s + BC, C(0));
     return C(1);
   }
@@ -280,8 +282,9 @@ FF_INLINE void rescale_row(C* o, int64_t n, C alpha) {
 template <typename T, typename C>
 FF_INLINE void finish_row(const C* o, C m, C l, int64_t Ev, T* dst, C* lse) {
   constexpr int N = lanes_v<C>;
-  const C inv = l > C(0) ? C(1) / l : C(0);
-  *lse = l > C(0) ? (m + std::log2(l)) * kLn2<C> : kInf<C>;
+  // l is NaN when a logit was NaN: the output and lse are then NaN, not the zeros of a masked row
+  const C inv = l > C(0) ? C(1) / l : (l == C(0) ? C(0) : l);
+  *lse = l > C(0) ? (m + std::log2(l)) * kLn2<C> : (l == C(0) ? kInf<C> : l);
   const vec_t<C> vi = vbroadcast<C>(inv);
   int64_t c = 0;
   for (; c + N <= Ev; c += N) vstore(dst + c, vload(o + c) * vi);

@@ -3,5 +3,6 @@
 from .attention import attention
 from .layernorm import layer_norm, rms_norm
 from .softmax import softmax
+from . import autocast as _autocast  # noqa: F401,E402  (kernels for the autocast dispatch keys)
 
 __all__ = ["attention", "layer_norm", "rms_norm", "softmax"]

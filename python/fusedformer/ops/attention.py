@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from ._checks import check_same_device, refuse_double_backward
+
 _ops = torch.ops.fusedformer
 
 
@@ -51,6 +53,7 @@ def attention(
 
 @torch.library.register_fake("fusedformer::attention_fwd")
 def _attention_fwd_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
+    check_same_device("fusedformer.attention", "query", query, key=key, value=value, attn_mask=attn_mask)
     out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
     lse = query.new_empty(query.shape[:-1], dtype=torch.float64 if query.dtype == torch.float64 else torch.float32)
     return out, lse
@@ -83,3 +86,4 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("fusedformer::attention_fwd", _backward, setup_context=_setup_context)
+refuse_double_backward("fusedformer::attention_bwd")

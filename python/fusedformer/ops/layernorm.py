@@ -5,7 +5,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._fake_checks import check_same_device
+from ._checks import check_same_device, check_tensor, refuse_double_backward
 
 _ops = torch.ops.fusedformer
 
@@ -29,6 +29,7 @@ def layer_norm(
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """As ``torch.nn.functional.layer_norm``. With ``residual``, returns
     ``(layer_norm(input + residual), input + residual)`` computed in one pass."""
+    check_tensor("fusedformer.layer_norm", "input", input)
     out, h, _, _ = _ops.layer_norm_fwd(input, _as_shape(normalized_shape), weight, bias, float(eps), residual)
     return (out, h) if residual is not None else out
 
@@ -43,6 +44,7 @@ def rms_norm(
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """As ``torch.nn.functional.rms_norm`` (``eps=None`` means ``torch.finfo(input.dtype).eps``).
     With ``residual``, returns ``(rms_norm(input + residual), input + residual)`` in one pass."""
+    check_tensor("fusedformer.rms_norm", "input", input)
     if eps is None:
         eps = torch.finfo(input.dtype).eps if input.dtype.is_floating_point else 1e-6
     out, h, _ = _ops.rms_norm_fwd(input, _as_shape(normalized_shape), weight, float(eps), residual)
@@ -64,8 +66,7 @@ def _compute_dtype(t):
 
 @torch.library.register_fake("fusedformer::layer_norm_fwd")
 def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps, residual):
-    for t, name in [(weight, "weight"), (bias, "bias"), (residual, "residual")]:
-        check_same_device("fusedformer.layer_norm", input, "input", t, name)
+    check_same_device("fusedformer.layer_norm", "input", input, weight=weight, bias=bias, residual=residual)
     out = torch.empty_like(input, memory_format=torch.contiguous_format)
     h = torch.empty_like(out) if residual is not None else input.new_empty((0,))
     stats = _stats_shape(input, normalized_shape)
@@ -83,8 +84,7 @@ def _layer_norm_bwd_fake(grad_out, grad_residual_out, input, mean, rstd, weight,
 
 @torch.library.register_fake("fusedformer::rms_norm_fwd")
 def _rms_norm_fwd_fake(input, normalized_shape, weight, eps, residual):
-    for t, name in [(weight, "weight"), (residual, "residual")]:
-        check_same_device("fusedformer.rms_norm", input, "input", t, name)
+    check_same_device("fusedformer.rms_norm", "input", input, weight=weight, residual=residual)
     out = torch.empty_like(input, memory_format=torch.contiguous_format)
     h = torch.empty_like(out) if residual is not None else input.new_empty((0,))
     return out, h, input.new_empty(_stats_shape(input, normalized_shape), dtype=_compute_dtype(input))
@@ -141,3 +141,5 @@ def _rms_backward(ctx, g_out, g_h, g_rstd):
 
 torch.library.register_autograd("fusedformer::layer_norm_fwd", _ln_backward, setup_context=_ln_setup)
 torch.library.register_autograd("fusedformer::rms_norm_fwd", _rms_backward, setup_context=_rms_setup)
+refuse_double_backward("fusedformer::layer_norm_bwd")
+refuse_double_backward("fusedformer::rms_norm_bwd")

@@ -4,7 +4,7 @@ from typing import Optional
 
 import torch
 
-from ._fake_checks import check_same_device
+from ._checks import check_same_device, check_tensor, refuse_double_backward
 
 _ops = torch.ops.fusedformer
 
@@ -24,12 +24,13 @@ def softmax(
     masked gives zeros (torch.softmax would give NaN); a NaN in a row makes the row NaN.
     An additive mask that requires grad receives its gradient.
     """
+    check_tensor("fusedformer.softmax", "x", x)
     return _ops.softmax_fwd(x, dim, float(scale), mask, is_causal)
 
 
 @torch.library.register_fake("fusedformer::softmax_fwd")
 def _softmax_fwd_fake(x, dim, scale, mask, is_causal):
-    check_same_device("fusedformer.softmax", x, "x", mask, "mask")
+    check_same_device("fusedformer.softmax", "x", x, mask=mask)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -61,3 +62,4 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("fusedformer::softmax_fwd", _backward, setup_context=_setup_context)
+refuse_double_backward("fusedformer::softmax_bwd")
