@@ -58,10 +58,10 @@ def _meta_inputs():
 # name -> (callable, expected exception type or None for "returns normally", message substrings)
 CASES = {
     # softmax
-    "softmax int input": (lambda: _ops().softmax(torch.arange(6).view(2, 3)), TypeError, ["input", "Long"]),
-    "softmax complex input": (lambda: _ops().softmax(torch.ones(2, 3, dtype=torch.complex64)), TypeError, ["input"]),
-    "softmax scalar input": (lambda: _ops().softmax(torch.tensor(1.0)), ValueError, ["input", "dimension"]),
-    "softmax empty input": (lambda: _ops().softmax(torch.empty(0, 3)), ValueError, ["input", "empty"]),
+    "softmax int input": (lambda: _ops().softmax(torch.arange(6).view(2, 3)), TypeError, ["x", "Long"]),
+    "softmax complex input": (lambda: _ops().softmax(torch.ones(2, 3, dtype=torch.complex64)), TypeError, ["x"]),
+    "softmax scalar input": (lambda: _ops().softmax(torch.tensor(1.0)), ValueError, ["x", "dimension"]),
+    "softmax empty input": (lambda: _ops().softmax(torch.empty(0, 3)), ValueError, ["x", "empty"]),
     "softmax dim out of range": (lambda: _ops().softmax(_t(2, 3), dim=2), IndexError, ["dim", "2"]),
     "softmax mask shape": (lambda: _ops().softmax(_t(2, 3), mask=torch.ones(4, dtype=torch.bool)), ValueError, ["mask", "[4]"]),
     "softmax mask int": (lambda: _ops().softmax(_t(2, 3), mask=torch.ones(2, 3, dtype=torch.int32)), TypeError, ["mask", "Int"]),
