@@ -6,8 +6,11 @@ and reports the ratio against the first peer, the achieved GB/s or GFLOP/s and t
 ceiling (copy bandwidth or matmul rate) measured in the same run.
 """
 
+import ctypes
+import ctypes.util
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import platform
@@ -17,6 +20,12 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.utils.benchmark as tbench
+
+try:  # glibc's malloc_trim, to reset the heap between timed functions (see _reset_allocator)
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+    _LIBC.malloc_trim
+except (OSError, AttributeError, TypeError):
+    _LIBC = None
 
 
 @dataclasses.dataclass
@@ -113,14 +122,28 @@ def machine_info(device: str) -> Dict[str, str]:
     return info
 
 
+def _reset_allocator(device: str) -> None:
+    """Start every timed function from the same allocator state: the validation before it (float64
+    references) and the function timed before it leave glibc's heap in a state (its dynamic mmap and
+    trim thresholds) that decides whether the next function's ~25 MB outputs come from the heap or
+    fresh from the OS with a page fault per 4 KB, which at these sizes costs more than the kernel."""
+    gc.collect()
+    if device == "cpu" and _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def run_case(case: Case, device: str, quick: bool, ceilings: Dict[str, float]) -> Dict[str, object]:
     res = {"op": case.op, "direction": case.direction, "dtype": case.dtype, "shape": case.shape,
            "large": case.large, "target": case.target, "note": case.note}
     if case.validate is not None:
         case.validate()
     res["validated"] = case.validate is not None
+    _reset_allocator(device)
     res["ours_ms"] = time_ms(case.ours, device, quick)
-    res["peers_ms"] = {k: time_ms(f, device, quick) for k, f in case.peers.items()}
+    res["peers_ms"] = {}
+    for k, f in case.peers.items():
+        _reset_allocator(device)
+        res["peers_ms"][k] = time_ms(f, device, quick)
     if case.peers:
         first = next(iter(case.peers))
         res["peer"] = first
