@@ -304,24 +304,6 @@ __global__ void attn_bwd_prepare_kernel(const AttnBwdParams bp) {
   }
 }
 
-template <typename F>
-void dispatch_simt(DType dt, F&& f) {
-  switch (dt) {
-    case DType::Float32:
-      f(float{});
-      break;
-    case DType::BFloat16:
-      f(bf16{});
-      break;
-    case DType::Float16:
-      f(f16{});
-      break;
-    case DType::Float64:
-      f(double{});
-      break;
-  }
-}
-
 template <typename K>
 cudaError_t launch_with_smem(K kernel, dim3 grid, size_t smem, cudaStream_t stream, const AttnBwdParams& bp) {
   if (smem > 48 * 1024) {
@@ -338,7 +320,7 @@ cudaError_t attention_fwd_simt(const AttnFwdParams& p, cudaStream_t stream) {
   AttnBwdParams bp{};
   bp.fwd = p;
   cudaError_t err = cudaSuccess;
-  dispatch_simt(p.dtype, [&](auto tag) {
+  dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
     const size_t smem = (size_t(kKeyTile) * (padded(p.E) + padded(p.Ev)) + size_t(kRows) * p.E) * sizeof(C);
@@ -351,7 +333,7 @@ cudaError_t attention_fwd_simt(const AttnFwdParams& p, cudaStream_t stream) {
 cudaError_t attention_bwd_simt(const AttnBwdParams& bp, cudaStream_t stream) {
   const AttnFwdParams& p = bp.fwd;
   cudaError_t err = cudaSuccess;
-  dispatch_simt(p.dtype, [&](auto tag) {
+  dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
     const size_t smem_dq =
@@ -373,7 +355,7 @@ cudaError_t attention_bwd_prepare(const AttnBwdParams& bp, cudaStream_t stream) 
   constexpr int kPrepThreads = 256;
   const unsigned grid = unsigned(ceil_div(rows, kPrepThreads / 32));
   cudaError_t err = cudaSuccess;
-  dispatch_simt(p.dtype, [&](auto tag) {
+  dispatch_dtype(p.dtype, [&](auto tag) {
     attn_bwd_prepare_kernel<decltype(tag)><<<grid, kPrepThreads, 0, stream>>>(bp);
     err = cudaGetLastError();
   });

@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace fusedformer::cuda {
 
@@ -19,6 +20,41 @@ enum class MaskKind : int { None = 0, Bool = 1, Float = 2 };
 
 using bf16 = __nv_bfloat16;
 using f16 = __half;
+
+// f(T{}) with T the kernel element type of `dt` (float, bf16, f16 or double)
+template <typename F>
+inline void dispatch_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::Float32:
+      f(float{});
+      break;
+    case DType::BFloat16:
+      f(bf16{});
+      break;
+    case DType::Float16:
+      f(f16{});
+      break;
+    case DType::Float64:
+      f(double{});
+      break;
+  }
+}
+
+// f(std::integral_constant<MaskKind, K>{}) for the mask kind k
+template <typename F>
+inline void dispatch_mask(MaskKind k, F&& f) {
+  switch (k) {
+    case MaskKind::None:
+      f(std::integral_constant<MaskKind, MaskKind::None>{});
+      break;
+    case MaskKind::Bool:
+      f(std::integral_constant<MaskKind, MaskKind::Bool>{});
+      break;
+    case MaskKind::Float:
+      f(std::integral_constant<MaskKind, MaskKind::Float>{});
+      break;
+  }
+}
 
 // compute type: double for double, float otherwise (as on the CPU)
 template <typename T>

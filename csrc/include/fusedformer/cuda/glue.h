@@ -29,41 +29,6 @@ inline MaskKind mask_kind_of(const at::Tensor& m) {
   return m.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Float;
 }
 
-// f(T{}) with T the kernel element type of `dt` (float, bf16, f16 or double)
-template <typename F>
-inline void dispatch_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::Float32:
-      f(float{});
-      break;
-    case DType::BFloat16:
-      f(bf16{});
-      break;
-    case DType::Float16:
-      f(f16{});
-      break;
-    case DType::Float64:
-      f(double{});
-      break;
-  }
-}
-
-// f(std::integral_constant<MaskKind, K>{}) for the mask kind k
-template <typename F>
-inline void dispatch_mask(MaskKind k, F&& f) {
-  switch (k) {
-    case MaskKind::None:
-      f(std::integral_constant<MaskKind, MaskKind::None>{});
-      break;
-    case MaskKind::Bool:
-      f(std::integral_constant<MaskKind, MaskKind::Bool>{});
-      break;
-    case MaskKind::Float:
-      f(std::integral_constant<MaskKind, MaskKind::Float>{});
-      break;
-  }
-}
-
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // multiprocessors of the current device
