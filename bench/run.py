@@ -20,7 +20,7 @@ from common import format_table, machine_info, measure_ceilings, run_case, write
 
 # suite -> bench modules, each exposing cases(device, quick) -> list[Case]
 SUITES = {
-    "kernels": ["bench_softmax", "bench_layernorm", "bench_attention", "bench_cuda"],
+    "kernels": ["bench_softmax", "bench_layernorm", "bench_attention", "bench_linear", "bench_cuda"],
     "modules": ["bench_modules"],
     "generation": ["bench_generation"],
 }

@@ -35,4 +35,9 @@ TORCH_LIBRARY(fusedformer, m) {
       "attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
       "Tensor? attn_mask, float dropout_p, bool is_causal, float scale, Tensor? seed) -> "
       "(Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+
+  // input @ weight.T + bias (nn.Linear), weight (out_features, in_features). The CPU kernel streams
+  // the weights once for all rows: the path for few rows (generation); the backward is composed of
+  // matmuls.
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
 }

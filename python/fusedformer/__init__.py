@@ -5,7 +5,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
 from . import ops
-from .ops import attention, layer_norm, rms_norm, softmax
+from .ops import attention, layer_norm, linear, rms_norm, softmax
 from .patch import patch  # eager: a lazily imported submodule named patch would shadow the function
 
 __version__ = "0.1.0"
@@ -55,6 +55,7 @@ def built_with_cuda() -> bool:
 __all__ = [
     "attention",
     "layer_norm",
+    "linear",
     "rms_norm",
     "softmax",
     "patch",

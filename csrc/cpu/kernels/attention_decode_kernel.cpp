@@ -16,48 +16,6 @@ constexpr int64_t kMaxRows = 8;
 // Fewest keys per split.
 constexpr int64_t kMinSplitKeys = 512;
 
-// Transposed reduction: lane p of the result is the sum of the lanes of acc[p]. Pairs of vectors
-// are folded in halves (stage H keeps H lanes of each 2H-lane block), which leaves the inputs in
-// bit-reversed order; they are fed in that order so the result comes out in natural order.
-template <int N, int H>
-constexpr int fold_lo(int p) {
-  const int b = p / (2 * H), o = p % (2 * H);
-  return o < H ? b * 2 * H + o : N + b * 2 * H + o - H;
-}
-template <int N, int H>
-constexpr int fold_hi(int p) {
-  const int b = p / (2 * H), o = p % (2 * H);
-  return o < H ? b * 2 * H + H + o : N + b * 2 * H + o;
-}
-template <int H, typename V, std::size_t... I>
-FF_INLINE V fold(V x, V y, std::index_sequence<I...>) {
-  constexpr int N = int(sizeof...(I));
-  return __builtin_shufflevector(x, y, fold_lo<N, H>(int(I))...) + __builtin_shufflevector(x, y, fold_hi<N, H>(int(I))...);
-}
-constexpr int bit_reverse(int x, int bits) {
-  int r = 0;
-  for (int i = 0; i < bits; ++i) r |= ((x >> i) & 1) << (bits - 1 - i);
-  return r;
-}
-template <typename C>
-FF_INLINE vec_t<C> reduce_lanes(const vec_t<C>* acc) {
-  using V = vec_t<C>;
-  constexpr int N = lanes_v<C>;
-  constexpr int bits = __builtin_ctz(N);
-  V v[N];
-  for (int k = 0; k < N; ++k) v[k] = acc[bit_reverse(k, bits)];
-  [&]<int... S>(std::integer_sequence<int, S...>) {
-    // stage s halves the vector count: H = N >> (s + 1)
-    ((
-         [&] {
-           constexpr int H = N >> (S + 1);
-           for (int k = 0; k < (N >> (S + 1)); ++k) v[k] = fold<H>(v[2 * k], v[2 * k + 1], std::make_index_sequence<N>{});
-         }()),
-     ...);
-  }(std::make_integer_sequence<int, bits>{});
-  return v[0];
-}
-
 // s[j] = q . k_j for keys j < n (k_j at kp + j * ldk, Ep features, zero-padded like q); the
 // scores of keys [n, round_up(n, lanes)) are unspecified.
 template <typename C>

@@ -29,6 +29,11 @@ at::Tensor broadcast_mask(const at::Tensor& mask, at::IntArrayRef target, const 
                           at::ScalarType compute);
 
 // ---------------------------------------------------------------------------------------------
+// linear: input (..., K), weight (N, K), bias (N) or none, one dtype and device
+
+void check_linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
+// ---------------------------------------------------------------------------------------------
 // softmax
 
 struct SoftmaxProblem {

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointMixin
 from .config import GPTConfig
+from ..nn.linear import Linear
 from .layers import Block, KVCache, Norm, Rotary, init_weights
 
 
@@ -33,7 +34,7 @@ class GPT(CheckpointMixin, nn.Module):
                   mlp_bias=c.mlp_bias, norm_first=True, dropout=c.dropout)
             for _ in range(c.n_layer))
         self.norm = Norm(c.d_model, c.norm, c.norm_eps)
-        self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.head = Linear(c.d_model, c.vocab_size, bias=False)
         init_weights(self, n_layer=c.n_layer)
         if c.tie_embeddings:
             self.head.weight = self.embed.weight

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..nn.linear import Linear
 
 
 class Norm(nn.Module):
@@ -45,8 +46,8 @@ class MLP(nn.Module):
     def __init__(self, d: int, d_ff: int, activation: str, bias: bool = True):
         super().__init__()
         self.activation = activation
-        self.up = nn.Linear(d, 2 * d_ff if activation == "swiglu" else d_ff, bias=bias)
-        self.down = nn.Linear(d_ff, d, bias=bias)
+        self.up = Linear(d, 2 * d_ff if activation == "swiglu" else d_ff, bias=bias)
+        self.down = Linear(d_ff, d, bias=bias)
 
     def forward(self, x):
         h = self.up(x)
@@ -142,11 +143,11 @@ class Attention(nn.Module):
         self.cross = cross
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         if cross:
-            self.q = nn.Linear(d_model, q_dim, bias=bias)
-            self.kv = nn.Linear(d_model, 2 * kv_dim, bias=bias)
+            self.q = Linear(d_model, q_dim, bias=bias)
+            self.kv = Linear(d_model, 2 * kv_dim, bias=bias)
         else:
-            self.qkv = nn.Linear(d_model, q_dim + 2 * kv_dim, bias=bias)
-        self.out = nn.Linear(q_dim, d_model, bias=out_bias)
+            self.qkv = Linear(d_model, q_dim + 2 * kv_dim, bias=bias)
+        self.out = Linear(q_dim, d_model, bias=out_bias)
 
     def _heads(self, t, n):
         """(B, L, n * E) -> (B, n, L, E), a view."""
@@ -250,9 +251,9 @@ class Block(nn.Module):
 
 def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
     """Switch a model between the fused ops and plain PyTorch (F.layer_norm / F.rms_norm, an unfused
-    residual add, F.scaled_dot_product_attention): the same model and weights, for comparisons."""
+    residual add, F.scaled_dot_product_attention, F.linear): the same model and weights, for comparisons."""
     for m in model.modules():
-        if isinstance(m, (Norm, Attention)):
+        if isinstance(m, (Norm, Attention, Linear)):
             m.fused = fused
     return model
 

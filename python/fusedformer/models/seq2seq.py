@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointMixin
 from .config import EncoderDecoderConfig
+from ..nn.linear import Linear
 from .layers import Block, KVCache, Norm, init_weights
 
 
@@ -38,7 +39,7 @@ class EncoderDecoder(CheckpointMixin, nn.Module):
         self.encoder_norm = Norm(c.d_model, "layernorm", c.norm_eps)
         self.decoder = nn.ModuleList(block(True) for _ in range(c.n_decoder_layers))
         self.decoder_norm = Norm(c.d_model, "layernorm", c.norm_eps)
-        self.head = nn.Linear(c.d_model, c.tgt_vocab_size, bias=False)
+        self.head = Linear(c.d_model, c.tgt_vocab_size, bias=False)
         init_weights(self, n_layer=max(c.n_encoder_layers, c.n_decoder_layers))
         if c.tie_embeddings:
             self.head.weight = self.tgt_embed.weight

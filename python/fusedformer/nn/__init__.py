@@ -1,4 +1,4 @@
-"""fusedformer.nn: drop-in replacements for torch.nn's LayerNorm, RMSNorm, MultiheadAttention and
+"""fusedformer.nn: drop-in replacements for torch.nn's Linear, LayerNorm, RMSNorm, MultiheadAttention and
 Transformer modules, computed by fusedformer's fused kernels.
 
 Each class subclasses its torch.nn namesake: same constructor arguments and defaults, forward
@@ -7,11 +7,13 @@ signature, return values and state_dict keys (a torch.nn state_dict loads strict
 """
 
 from .attention import MultiheadAttention
+from .linear import Linear
 from .layers import TransformerDecoderLayer, TransformerEncoderLayer
 from .norm import LayerNorm, RMSNorm
 from .transformer import Transformer, TransformerDecoder, TransformerEncoder
 
 __all__ = [
+    "Linear",
     "LayerNorm",
     "RMSNorm",
     "MultiheadAttention",

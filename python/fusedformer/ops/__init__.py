@@ -2,7 +2,8 @@
 
 from .attention import attention
 from .layernorm import layer_norm, rms_norm
+from .linear import linear
 from .softmax import softmax
 from . import autocast as _autocast  # noqa: F401,E402  (kernels for the autocast dispatch keys)
 
-__all__ = ["attention", "layer_norm", "rms_norm", "softmax"]
+__all__ = ["attention", "layer_norm", "linear", "rms_norm", "softmax"]

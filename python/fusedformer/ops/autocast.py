@@ -9,6 +9,8 @@
   ``input + residual`` would be. Without a residual they run in the input's dtype (they accumulate
   in float32 whatever that is); weight and bias may have any floating dtype.
 - ``softmax`` runs in its input's dtype (it accumulates in float32).
+- ``linear`` is a lower-precision op, like ``F.linear``: input, weight and bias are cast to the
+  autocast dtype.
 """
 
 import torch
@@ -59,10 +61,16 @@ def _register(device_type):
         with _exclude(key):
             return _ops.rms_norm_fwd(input, normalized_shape, weight, eps, residual)
 
+    def linear(input, weight, bias):
+        dtype = _autocast_dtype(device_type)
+        with _exclude(key):
+            return _ops.linear(_lower(input, dtype), _lower(weight, dtype), _lower(bias, dtype))
+
     dispatch_key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     _lib.impl("attention_fwd", attention_fwd, dispatch_key)
     _lib.impl("layer_norm_fwd", layer_norm_fwd, dispatch_key)
     _lib.impl("rms_norm_fwd", rms_norm_fwd, dispatch_key)
+    _lib.impl("linear", linear, dispatch_key)
 
 
 _register("cpu")

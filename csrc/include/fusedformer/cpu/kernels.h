@@ -131,6 +131,17 @@ struct AttnBwdArgs {
   void* grad_v;          // contiguous (B, Hkv, S, Ev)
 };
 
+// y = x W^T + bias (nn.Linear): x (M, K) rows ldx elements apart, W (N, K) contiguous, bias (N)
+// nullable, y (M, N) contiguous; all of one dtype, accumulated in the compute type.
+struct LinearArgs {
+  DType dtype;
+  const void* x;
+  const void* w;
+  const void* bias;
+  void* y;
+  int64_t M, N, K, ldx;
+};
+
 struct KernelTable {
   const char* name;
   void (*softmax_fwd)(const SoftmaxFwdArgs&);
@@ -139,6 +150,7 @@ struct KernelTable {
   void (*norm_bwd)(const NormBwdArgs&);
   void (*attention_fwd)(const AttnFwdArgs&);
   void (*attention_bwd)(const AttnBwdArgs&);
+  void (*linear_fwd)(const LinearArgs&);
 };
 
 #define FF_DECLARE_KERNELS(ns)                     \
@@ -149,6 +161,7 @@ struct KernelTable {
   void norm_bwd(const NormBwdArgs&);               \
   void attention_fwd(const AttnFwdArgs&);          \
   void attention_bwd(const AttnBwdArgs&);          \
+  void linear_fwd(const LinearArgs&);              \
   }
 
 // The kernel table in use.

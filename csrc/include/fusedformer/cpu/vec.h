@@ -246,10 +246,17 @@ FF_INLINE f16_t from_float<f16_t>(float v) {
 }
 
 FF_INLINE vf vload(const bf16_t* p) {
+  // one widening load and a shift (the generic conversion compiles to a split widen and a lane insert)
+#if defined(__AVX512F__)
+  return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#elif defined(__AVX2__)
+  return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#else
   vh h;
   __builtin_memcpy(&h, p, sizeof(h));
   vu u = __builtin_convertvector(h, vu) << 16;
   return (vf)u;
+#endif
 }
 // float -> bfloat16 bits, round to nearest even; NaN stays a (quiet) NaN with its sign
 FF_INLINE vh to_bf16_bits(vf v) {
@@ -469,6 +476,48 @@ FF_INLINE vec_t<C> vload_n(const T* p, int n, C fill = C(0)) {
 template <typename T, typename V>
 FF_INLINE void vstore_n(T* p, V v, int n) {
   for (int i = 0; i < n; ++i) p[i] = to_storage<T>(v[i]);
+}
+
+// Transposed reduction (N = lanes accumulators at once): lane p of the result is the sum of the lanes of acc[p]. Pairs of vectors
+// are folded in halves (stage H keeps H lanes of each 2H-lane block), which leaves the inputs in
+// bit-reversed order; they are fed in that order so the result comes out in natural order.
+template <int N, int H>
+constexpr int fold_lo(int p) {
+  const int b = p / (2 * H), o = p % (2 * H);
+  return o < H ? b * 2 * H + o : N + b * 2 * H + o - H;
+}
+template <int N, int H>
+constexpr int fold_hi(int p) {
+  const int b = p / (2 * H), o = p % (2 * H);
+  return o < H ? b * 2 * H + H + o : N + b * 2 * H + o;
+}
+template <int H, typename V, std::size_t... I>
+FF_INLINE V fold(V x, V y, std::index_sequence<I...>) {
+  constexpr int N = int(sizeof...(I));
+  return __builtin_shufflevector(x, y, fold_lo<N, H>(int(I))...) + __builtin_shufflevector(x, y, fold_hi<N, H>(int(I))...);
+}
+constexpr int bit_reverse(int x, int bits) {
+  int r = 0;
+  for (int i = 0; i < bits; ++i) r |= ((x >> i) & 1) << (bits - 1 - i);
+  return r;
+}
+template <typename C>
+FF_INLINE vec_t<C> reduce_lanes(const vec_t<C>* acc) {
+  using V = vec_t<C>;
+  constexpr int N = lanes_v<C>;
+  constexpr int bits = __builtin_ctz(N);
+  V v[N];
+  for (int k = 0; k < N; ++k) v[k] = acc[bit_reverse(k, bits)];
+  [&]<int... S>(std::integer_sequence<int, S...>) {
+    // stage s halves the vector count: H = N >> (s + 1)
+    ((
+         [&] {
+           constexpr int H = N >> (S + 1);
+           for (int k = 0; k < (N >> (S + 1)); ++k) v[k] = fold<H>(v[2 * k], v[2 * k + 1], std::make_index_sequence<N>{});
+         }()),
+     ...);
+  }(std::make_integer_sequence<int, bits>{});
+  return v[0];
 }
 
 // Map the dtype tag of the argument structs to the storage type.

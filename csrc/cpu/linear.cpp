@@ -1,0 +1,43 @@
+// linear for the CPU dispatch key: y = input W^T + bias through the few-rows streaming kernel
+// (csrc/cpu/kernels/linear_kernel.cpp), for any number of rows.
+#include <torch/library.h>
+
+#include "fusedformer/common.h"
+#include "fusedformer/cpu/glue.h"
+
+namespace fusedformer::cpu {
+namespace {
+
+at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_linear(input, weight, bias);
+  const int64_t K = weight.size(1), N = weight.size(0);
+  // rows of input as an (M, K) matrix with unit feature stride (a view when the layout allows)
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < input.dim(); ++d) M *= input.size(d);
+  at::Tensor x2 = input.reshape({M, K});
+  if (K > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
+  if (x2.size(0) > 1 && x2.stride(0) < K) x2 = x2.contiguous();
+  at::Tensor w = weight.contiguous();
+  at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  auto out_shape = input.sizes().vec();
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, input.options().memory_format(at::MemoryFormat::Contiguous));
+  LinearArgs a{};
+  a.dtype = dtype_of(input);
+  a.x = x2.data_ptr();
+  a.w = w.data_ptr();
+  a.bias = b.defined() ? b.data_ptr() : nullptr;
+  a.y = y.data_ptr();
+  a.M = x2.size(0);
+  a.N = N;
+  a.K = K;
+  a.ldx = x2.size(0) > 1 ? x2.stride(0) : K;
+  kernels().linear_fwd(a);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedformer, CPU, m) { m.impl("linear", &linear); }
+
+}  // namespace fusedformer::cpu

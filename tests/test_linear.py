@@ -1,0 +1,170 @@
+"""fusedformer.ops.linear and the fusedformer::linear kernel: values against float64 for every dtype,
+row count (the register tile's remainders), feature count (the vector tails), bias or not, strided
+inputs and every instruction set; gradients, opcheck, torch.compile, autocast, nn.Linear parity and
+the error messages."""
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedformer
+from _util import DEVICES, DTYPES, ISAS, LOWP, assert_matches_reference, cpu_isa, make
+
+_ops = torch.ops.fusedformer
+_linear_mod = sys.modules["fusedformer.ops.linear"]
+
+
+def _check(M, N, K, dtype, *, bias=True, device="cpu", noncontig=False, lead=(), seed=0):
+    x = make((*lead, M, K), dtype, device, seed=seed, noncontig=noncontig)
+    w = make((N, K), dtype, device, seed=seed + 1, scale=K ** -0.5)
+    b = make((N,), dtype, device, seed=seed + 2) if bias else None
+    got = _ops.linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), b.double() if bias else None)
+    peer = F.linear(x.float(), w.float(), b.float() if bias else None).to(dtype) if dtype in LOWP else None
+    assert got.dtype == dtype and got.shape == (*lead, M, N) and got.is_contiguous()
+    assert_matches_reference(got, ref, peer, rtol=2e-5, atol=2e-5, what=f"linear {dtype} M={M} N={N} K={K}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 9, 16, 33])
+def test_rows_and_tails(isa, dtype, M):
+    with cpu_isa(isa):
+        for N, K in [(1, 1), (5, 7), (7, 33), (13, 64), (50, 100), (97, 257)]:
+            _check(M, N, K, dtype, bias=(N % 2 == 1), seed=M * 100 + N)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_large_and_blocked(isa, dtype):
+    # more W rows than one L2 block, K a multiple of the vector width and not
+    with cpu_isa(isa):
+        _check(6, 1031, 768, dtype)
+        _check(1, 3000, 131, dtype, bias=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_and_batched_input(device):
+    _check(5, 11, 40, torch.float32, device=device, noncontig=True)
+    _check(3, 9, 24, torch.float32, device=device, lead=(2, 3))
+    x = make((8, 6, 32), seed=3, device=device).transpose(0, 1)  # rows not evenly spaced
+    w = make((10, 32), seed=4, device=device)
+    torch.testing.assert_close(_ops.linear(x, w, None), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_and_nonfinite():
+    w = make((4, 8), seed=1)
+    assert _ops.linear(torch.empty(0, 8), w, None).shape == (0, 4)
+    out = _ops.linear(torch.randn(2, 0), torch.randn(3, 0), torch.arange(3.0))
+    torch.testing.assert_close(out, torch.arange(3.0).expand(2, 3))
+    x = torch.randn(3, 8)
+    x[1, 2] = float("nan")
+    x[2, 5] = float("inf")
+    got = _ops.linear(x, w, None)
+    ref = F.linear(x, w)
+    assert torch.isnan(got[1]).all() and not torch.isnan(got[0]).any()
+    torch.testing.assert_close(got, ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients(dtype):
+    x = make((3, 5, 9), dtype, requires_grad=True, seed=5)
+    w = make((7, 9), dtype, requires_grad=True, seed=6)
+    b = make((7,), dtype, requires_grad=True, seed=7)
+    g = make((3, 5, 7), dtype, seed=8)
+    _ops.linear(x, w, b).backward(g)
+    grads = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    F.linear(x, w, b).backward(g)
+    for ours, ref in zip(grads, (x.grad, w.grad, b.grad)):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda *a: _ops.linear(*a), (x, w, b))
+        assert torch.autograd.gradcheck(lambda a, c: _ops.linear(a, c, None), (x, w))
+
+
+def test_opcheck():
+    x, w, b = make((4, 16), seed=1), make((6, 16), seed=2), make((6,), seed=3)
+    torch.library.opcheck(_ops.linear.default, (x, w, b))
+    torch.library.opcheck(_ops.linear.default, (x.requires_grad_(), w.requires_grad_(), None))
+
+
+def test_compile_fullgraph():
+    x, w, b = make((2, 16), seed=1), make((6, 16), seed=2), make((6,), seed=3)
+    got = torch.compile(lambda a: fusedformer.linear(a, w, b).relu(), fullgraph=True)(x)
+    torch.testing.assert_close(got, F.linear(x, w, b).relu(), rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_rule(monkeypatch):
+    """Few rows take the kernel, many take F.linear; bfloat16 on a CPU without bfloat16 matrix
+    instructions always takes the kernel."""
+    calls = []
+    real = _linear_mod._ops.linear
+
+    class Spy:
+        def linear(self, *a):
+            calls.append(a[0].shape)
+            return real(*a)
+
+    monkeypatch.setattr(_linear_mod, "_ops", Spy())
+    w = make((6, 16), seed=2)
+    fusedformer.linear(make((_linear_mod.SMALL_ROWS, 16)), w)
+    assert len(calls) == 1
+    big = make((2, _linear_mod.SMALL_ROWS, 16))
+    torch.testing.assert_close(fusedformer.linear(big, w), F.linear(big, w))
+    assert len(calls) == 1
+    fusedformer.linear(big.bfloat16(), w.bfloat16())
+    assert len(calls) == (2 if _linear_mod.HALF_ROWS is None else 1)
+
+
+def test_autocast():
+    x, w, b = make((3, 16), seed=1), make((6, 16), seed=2), make((6,), seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _ops.linear(x, w, b)
+    assert got.dtype == torch.bfloat16
+    ref = F.linear(x.bfloat16().float(), w.bfloat16().float(), b.bfloat16().float())
+    torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_nn_linear_drop_in():
+    torch.manual_seed(0)
+    tl = torch.nn.Linear(24, 10)
+    fl = fusedformer.nn.Linear(24, 10)
+    fl.load_state_dict(tl.state_dict(), strict=True)
+    assert set(fl.state_dict()) == {"weight", "bias"}
+    for rows in (1, 3, 40):
+        x = make((rows, 24), seed=rows, requires_grad=True)
+        torch.testing.assert_close(fl(x), tl(x), rtol=1e-5, atol=1e-5)
+    x = make((2, 24), requires_grad=True, seed=9)
+    fl(x).sum().backward()
+    gw = fl.weight.grad.clone()
+    tl(x).sum().backward()
+    torch.testing.assert_close(gw, tl.weight.grad)
+    nb = fusedformer.nn.Linear(24, 10, bias=False)
+    assert nb.bias is None and nb(make((1, 24))).shape == (1, 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_errors(device):
+    x, w = make((2, 8), device=device), make((3, 8), device=device)
+    with pytest.raises(ValueError, match="in_features"):
+        _ops.linear(make((2, 7), device=device), w, None)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        _ops.linear(x, make((3, 8, 1), device=device), None)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        _ops.linear(x, w, make((4,), device=device))
+    with pytest.raises(TypeError, match="weight must have the dtype of input"):
+        _ops.linear(x, w.double(), None)
+    with pytest.raises(TypeError, match="bias must have the dtype of input"):
+        _ops.linear(x, w, make((3,), device=device).half())
+    with pytest.raises(TypeError, match="input must be float32"):
+        _ops.linear(x.long(), w.long(), None)
+    with pytest.raises(ValueError, match="at least one dimension"):
+        _ops.linear(torch.tensor(1.0, device=device), w, None)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        fusedformer.linear([1.0], w)
+    with pytest.raises(RuntimeError, match="weight must be on the device of input"):
+        _ops.linear(x, w.to("meta"), None)
