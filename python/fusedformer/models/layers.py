@@ -51,15 +51,16 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.up(x)
+        # without autograd the activation overwrites the projection (no second d_ff-wide buffer)
+        inplace = not torch.is_grad_enabled()
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate).mul_(up) if not torch.is_grad_enabled() else F.silu(gate) * up
-        elif self.activation == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")
-        elif self.activation == "gelu":
-            h = F.gelu(h)
+            h = F.silu(gate).mul_(up) if inplace else F.silu(gate) * up
+        elif self.activation in ("gelu_tanh", "gelu"):
+            approximate = "tanh" if self.activation == "gelu_tanh" else "none"
+            h = torch.ops.aten.gelu_(h, approximate=approximate) if inplace else F.gelu(h, approximate=approximate)
         else:
-            h = F.relu(h)
+            h = F.relu(h, inplace=inplace)
         return self.down(h)
 
 
