@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
 from typing import Callable, Dict, List, Optional
@@ -132,18 +133,57 @@ def _reset_allocator(device: str) -> None:
         _LIBC.malloc_trim(0)
 
 
+# Calls at least this long (end-to-end cases) are timed in interleaved rounds.
+_LONG_CALL_MS = 20.0
+
+
+def _call_ms(fn: Callable[[], object]) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved_ms(fns: List[Callable[[], object]], quick: bool) -> List[float]:
+    """Median milliseconds per call of each function, timed in rounds that call every function once,
+    in alternating order (ABBA...). On a shared machine the speed drifts over seconds; a long call
+    timed in one block per function would be compared with its peer's block taken at another speed.
+    At least 5 rounds (3 with quick), more up to ~20 s of calls."""
+    first = []
+    for f in fns:
+        _reset_allocator("cpu")
+        first.append(_call_ms(f))
+    per_round = sum(first) / 1e3
+    rounds = 3 if quick else int(min(15, max(5, 20.0 / max(per_round, 1e-3))))
+    times = [[] for _ in fns]
+    for r in range(rounds):
+        order = list(range(len(fns))) if r % 2 == 0 else list(reversed(range(len(fns))))
+        for i in order:
+            _reset_allocator("cpu")
+            t0 = time.perf_counter()
+            fns[i]()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
 def run_case(case: Case, device: str, quick: bool, ceilings: Dict[str, float]) -> Dict[str, object]:
     res = {"op": case.op, "direction": case.direction, "dtype": case.dtype, "shape": case.shape,
            "large": case.large, "target": case.target, "note": case.note}
     if case.validate is not None:
         case.validate()
     res["validated"] = case.validate is not None
-    _reset_allocator(device)
-    res["ours_ms"] = time_ms(case.ours, device, quick)
     res["peers_ms"] = {}
-    for k, f in case.peers.items():
+    if device == "cpu" and _call_ms(case.ours) >= _LONG_CALL_MS:
+        times = interleaved_ms([case.ours, *case.peers.values()], quick)
+        res["ours_ms"] = times[0]
+        res["peers_ms"] = dict(zip(case.peers, times[1:]))
+        res["timing"] = "interleaved rounds"
+    else:
         _reset_allocator(device)
-        res["peers_ms"][k] = time_ms(f, device, quick)
+        res["ours_ms"] = time_ms(case.ours, device, quick)
+        for k, f in case.peers.items():
+            _reset_allocator(device)
+            res["peers_ms"][k] = time_ms(f, device, quick)
     if case.peers:
         first = next(iter(case.peers))
         res["peer"] = first
@@ -194,7 +234,9 @@ def write_results(results, ceilings, info, out_dir: str, stem: str, title: str):
     md.append("Ceilings measured in the same run: " + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()))
     md.append("")
     md.append("Medians; speedup = peer time / our time (higher is better); % of ceiling is GB/s against the "
-              "copy bandwidth (memory-bound ops) or GFLOP/s against the matmul rate (attention).")
+              "copy bandwidth (memory-bound ops) or GFLOP/s against the matmul rate (attention). Cases whose "
+              "call takes 20 ms or more (end-to-end) are timed in interleaved rounds, ours and the peers "
+              "alternating, 5-15 rounds.")
     md.append("")
     md.append(format_table(results))
     md.append("")
