@@ -85,6 +85,14 @@ def test_bert_inference(impl):
     torch.testing.assert_close(b.pooler_output, a.pooler_output, rtol=1e-5, atol=1e-5)
     if impl == "sdpa":  # padded tokens were skipped: zeros there
         assert not b.last_hidden_state[~keep].any()
+    # left padding: the real tokens are not a prefix of each row (the indexed gather / scatter)
+    left = _ids()[2]
+    with torch.no_grad():
+        al, bl = model(input_ids=ids, attention_mask=left), patched(input_ids=ids, attention_mask=left)
+    kl = left.bool()
+    torch.testing.assert_close(bl.last_hidden_state[kl], al.last_hidden_state[kl], rtol=1e-5, atol=1e-5)
+    if impl == "sdpa":
+        assert not bl.last_hidden_state[~kl].any()
     # without padding and with skip_padding=False every position matches
     full = _patched(model, skip_padding=False)
     with torch.no_grad():
