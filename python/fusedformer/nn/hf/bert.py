@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from transformers.activations import GELUActivation
 from transformers.models.bert import modeling_bert as mb
 
 from ..functional import merge_heads, split_heads
@@ -105,6 +106,15 @@ class _Tokens:
         return _scatter_rows(x, self.rows, self.pad_rows, self.B * self.L).view(self.B, self.L, -1)
 
 
+def _intermediate(inter: torch.nn.Module, h: Tensor) -> Tensor:
+    """``BertIntermediate`` without autograd: the exact GELU overwrites the fresh projection (no
+    second intermediate-sized buffer)."""
+    act = inter.intermediate_act_fn
+    if type(inter) is mb.BertIntermediate and type(act) is GELUActivation and act.act is torch.nn.functional.gelu:
+        return torch.ops.aten.gelu_(inter.dense(h))
+    return inter(h)
+
+
 def _unpadded_layer(layer: mb.BertLayer, x: Tensor, keep4: Tensor, tokens: _Tokens) -> Tensor:
     """One BertLayer over the real tokens ``x`` (T, D); attention on the padded layout."""
     sa = layer.attention.self
@@ -115,7 +125,7 @@ def _unpadded_layer(layer: mb.BertLayer, x: Tensor, keep4: Tensor, tokens: _Toke
     out = attend(sa, q, k, v, keep4, 0.0, sa.scaling, False)
     out = tokens.gather(out.transpose(1, 2)).flatten(1)
     h = layer.attention.output(out, x)
-    return layer.output(layer.intermediate(h), h)
+    return layer.output(_intermediate(layer.intermediate, h), h)
 
 
 class FusedBertEncoder(mb.BertEncoder):
