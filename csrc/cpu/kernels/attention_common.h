@@ -237,12 +237,13 @@ FF_INLINE vf exp2_neg(vf x) {
 }
 FF_INLINE vd exp2_neg(vd x) { return vexp2(x); }
 
-// Online softmax of one row of base-2 logits s[0, BC): updates the running max m and sum l, turns
-// s into probabilities (before dropout) and returns the factor the row's output must be scaled by.
-template <typename C>
+// Online softmax of one row of base-2 logits s[0, NB * lanes): updates the running max m and sum l,
+// turns s into probabilities (before dropout) and returns the factor the row's output must be scaled
+// by. NB is a compile-time count so that the row stays in registers.
+template <typename C, int NB = int(BC) / lanes_v<C>>
 FF_INLINE C softmax_block_row(C* s, C& m, C& l) {
   using V = vec_t<C>;
-  constexpr int N = lanes_v<C>, NB = int(BC) / N;
+  constexpr int N = lanes_v<C>, W = NB * N;
   V x[NB];
   V mx = vbroadcast<C>(-kInf<C>);
   for (int c = 0; c < NB; ++c) {
@@ -251,9 +252,9 @@ FF_INLINE C softmax_block_row(C* s, C& m, C& l) {
   }
   const C m_new = std::max(m, hmax(mx));
   if (m_new == -kInf<C>) {  // every key so far masked, or the unmasked logits are NaN (max drops NaN)
-    for (int c = 0; c < int(BC); ++c)
+    for (int c = 0; c < W; ++c)
       if (s[c] != s[c]) l = s[c];  // a NaN logit makes the row NaN (finish_row), as in softmax
-    std::fill(s, s + BC, C(0));
+    std::fill(s, s + W, C(0));
     return C(1);
   }
   const V vm = vbroadcast<C>(m_new);
@@ -266,6 +267,18 @@ FF_INLINE C softmax_block_row(C* s, C& m, C& l) {
   const C alpha = m == m_new ? C(1) : std::exp2(m - m_new);
   l = l * alpha + hsum(sum);
   m = m_new;
+  return alpha;
+}
+
+// The same over s[0, width), width a multiple of the lane count and at most BC.
+template <typename C>
+FF_INLINE C softmax_row(C* s, C& m, C& l, int64_t width) {
+  constexpr int N = lanes_v<C>, NBMAX = int(BC) / N;
+  if (width == BC) return softmax_block_row<C, NBMAX>(s, m, l);
+  C alpha = C(1);
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    ((width == int64_t(I + 1) * N ? (void)(alpha = softmax_block_row<C, I + 1>(s, m, l)) : void()), ...);
+  }(std::make_integer_sequence<int, NBMAX - 1>{});
   return alpha;
 }
 
@@ -291,17 +304,17 @@ FF_INLINE void finish_row(const C* o, C m, C l, int64_t Ev, T* dst, C* lse) {
   for (; c < Ev; ++c) dst[c] = to_storage<T>(o[c] * inv);
 }
 
-// Base-2 logits of a tile s[rows][BC] (rows i0.., keys j0..): add the mask (additive, times
+// Base-2 logits of a tile s[rows][width] (rows i0.., keys j0..): add the mask (additive, times
 // log2 e) or drop (bool), drop keys j > i when causal and keys at or beyond `valid`.
 template <MaskKind MK, typename C>
 inline void mask_tile(C* s, int64_t lds, int64_t rows, int64_t i0, int64_t j0, int64_t valid, const void* mask,
-                      int64_t m_sl, int64_t m_ss, bool causal) {
+                      int64_t m_sl, int64_t m_ss, bool causal, int64_t width = BC) {
   constexpr int N = lanes_v<C>;
   const C ninf = -kInf<C>;
   for (int64_t r = 0; r < rows; ++r) {
     C* row = s + r * lds;
     const int64_t i = i0 + r;
-    int64_t lim = valid;  // keys [lim, BC) are dropped
+    int64_t lim = valid;  // keys [lim, width) are dropped
     if (causal) lim = std::min<int64_t>(lim, std::max<int64_t>(0, i - j0 + 1));
     if constexpr (MK == MaskKind::Float) {
       const C* m = static_cast<const C*>(mask) + i * m_sl + j0 * m_ss;
@@ -316,7 +329,7 @@ inline void mask_tile(C* s, int64_t lds, int64_t rows, int64_t i0, int64_t j0, i
       for (int64_t c = 0; c < lim; ++c)
         if (!m[c * m_ss]) row[c] = ninf;
     }
-    for (int64_t c = lim; c < BC; ++c) row[c] = ninf;
+    for (int64_t c = lim; c < width; ++c) row[c] = ninf;
   }
 }
 

@@ -46,16 +46,18 @@ void fwd_item(const AttnFwdArgs& a, const FwdPlan& pl, int64_t b, int64_t h, int
   const uint64_t bh = uint64_t(b * a.Hq + h);
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const int64_t j0 = kb * BC, valid = std::min<int64_t>(BC, a.S - j0);
-    gemm<false>(rows, BC, E, qs, E, 1, kt + kb * BC * E, E, sb, BC);
+    // a partial last block is computed over whole panels only (short sequences: up to ~2x less work)
+    const int64_t width = valid == BC ? BC : round_up(valid, Tile<C>::NW);
+    gemm<false>(rows, width, E, qs, E, 1, kt + kb * BC * E, E, sb, BC);
     const bool diag = a.causal && j0 + BC - 1 > i0;
-    if (MK != MaskKind::None || diag || valid < BC)
-      mask_tile<MK>(sb, BC, rows, i0, j0, valid, mask, a.m_sl, a.m_ss, diag);
+    if (MK != MaskKind::None || diag || valid < width)
+      mask_tile<MK>(sb, BC, rows, i0, j0, valid, mask, a.m_sl, a.m_ss, diag, width);
     for (int64_t r = 0; r < rows; ++r) {
       C* s = sb + r * BC;
-      rescale_row(ob + r * Evp, Evp, softmax_block_row(s, mrow[r], lrow[r]));
+      rescale_row(ob + r * Evp, Evp, softmax_row(s, mrow[r], lrow[r], width));
       if (drop.on) drop.apply(s, valid, bh, i0 + r, j0);
     }
-    gemm<true>(rows, Evp, BC, sb, BC, 1, vp + kb * BC * Evp, BC, ob, Evp);
+    gemm<true>(rows, Evp, width, sb, BC, 1, vp + kb * BC * Evp, BC, ob, Evp);
   }
   // normalize, write out and the log-sum-exp (natural log; +inf for a fully masked row)
   T* out = static_cast<T*>(a.out) + ((b * a.Hq + h) * a.L + i0) * pl.Ev;
