@@ -43,10 +43,12 @@ FF_INLINE void tile(const C* const* x, const T* const* w, const T* const* next, 
       for (int j = 0; j < NR; ++j) acc[u][i][j] = V{};
   const int64_t Kv = K - K % (U * N);
   for (int64_t k = 0; k < Kv; k += U * N) {
-    // the W rows of the next tile, one cache line per row per step, so that they stream in from
-    // memory while this tile computes
-    if (k % (64 / sizeof(T)) < U * N)
-      for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + k, 0, 0);
+    // the W rows of a tile ahead, as many cache lines per row as this step reads, so that they
+    // stream in from memory while this tile computes
+    constexpr int64_t kLine = 64 / int64_t(sizeof(T));  // elements per cache line
+    if (k % kLine < U * N)
+      for (int64_t o = 0; o < U * N; o += kLine)
+        for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + k + o, 0, 0);
     for (int u = 0; u < U; ++u) {
       V wv[NR];
       for (int j = 0; j < NR; ++j) wv[j] = vload(w[j] + k + u * N);
