@@ -1,8 +1,14 @@
-"""linear for few rows (suite ``kernels``): the streaming kernel against ``F.linear`` on GPT-2-124M's
-projections (q/k/v 768->2304, MLP 768->3072 and 3072->768, LM head 768->50257), for 1 and 8 rows (one
-decode step at batch 1 and 8) in float32 and with bfloat16 weights. Bytes are the weight bytes, which
-each call must read once: the GB/s column says how close a call is to memory speed (the LM head's
-77-154 MB come from DRAM; the others fit the last-level cache)."""
+"""linear (suite ``kernels``) against ``F.linear``.
+
+Few rows: the streaming kernel on GPT-2-124M's projections (q/k/v 768->2304, MLP 768->3072 and
+3072->768, LM head 768->50257), for 1 and 8 rows (one decode step at batch 1 and 8) in float32 and with
+bfloat16 weights. Bytes are the weight bytes, which each call must read once: the GB/s column says how
+close a call is to memory speed (the LM head's 77-154 MB come from DRAM; the others fit the last-level
+cache).
+
+Many rows (float32, 4096 rows: a training batch or a long prompt): the blocked product on the same
+projections and MiniLM's (384->1536, 1536->384), forward (``x W^T``, W read transposed in place) and
+the input gradient of the backward (``g W``, which the op computes as ``linear(g, W.T)``)."""
 
 import torch
 import torch.nn.functional as F
@@ -39,4 +45,31 @@ def cases(device, quick):
                     validate=validate, bytes=w.numel() * w.element_size(),
                     note="weight bytes per call",
                 ))
+    out += _many_rows(quick)
+    return out
+
+
+def _many_rows(quick):
+    M = 512 if quick else 4096
+    shapes = [(768, 2304)] if quick else [(768, 2304), (768, 3072), (3072, 768), (384, 1536), (1536, 384)]
+    out = []
+    for K, N in shapes:
+        g = torch.Generator().manual_seed(N + K)
+        w = torch.randn(N, K, generator=g) * K ** -0.5
+        b = torch.randn(N, generator=g)
+        x = torch.randn(M, K, generator=g)
+        dy = torch.randn(M, N, generator=g)
+        for direction, ours, peer, ref in [
+            ("fwd", lambda x=x, w=w, b=b: torch.ops.fusedformer.linear(x, w, b),
+             lambda x=x, w=w, b=b: F.linear(x, w, b), lambda x=x, w=w, b=b: F.linear(x.double(), w.double(), b.double())),
+            ("bwd", lambda dy=dy, w=w: torch.ops.fusedformer.linear(dy, w.t(), None),
+             lambda dy=dy, w=w: dy @ w, lambda dy=dy, w=w: dy.double() @ w.double()),
+        ]:
+            def validate(ours=ours, ref=ref):
+                torch.testing.assert_close(ours().double(), ref(), rtol=1e-4, atol=1e-4)
+
+            shape = f"({M}, {K}) x ({N}, {K})" if direction == "fwd" else f"({M}, {N}) x ({N}, {K})"
+            out.append(Case(op="linear", direction=direction, dtype="fp32", shape=shape, ours=ours,
+                            peers={"F.linear" if direction == "fwd" else "matmul": peer}, validate=validate,
+                            flops=2.0 * M * N * K, note="many rows: the blocked product"))
     return out

@@ -98,9 +98,11 @@ def test_compile_fullgraph():
     torch.testing.assert_close(got, F.linear(x, w, b).relu(), rtol=1e-5, atol=1e-5)
 
 
-def test_dispatch_rule(monkeypatch):
-    """Few rows take the kernel, many take F.linear; bfloat16 on a CPU without bfloat16 matrix
-    instructions always takes the kernel."""
+@pytest.mark.parametrize("isa", ISAS)
+def test_dispatch_rule(monkeypatch, isa):
+    """Few rows take the op; many float32 rows take it on AVX2 / AVX-512 (the blocked product) and
+    F.linear on the generic build; float64 above SMALL_ROWS takes F.linear; bfloat16 on a CPU
+    without bfloat16 matrix instructions always takes the op."""
     calls = []
     real = _linear_mod._ops.linear
 
@@ -111,13 +113,73 @@ def test_dispatch_rule(monkeypatch):
 
     monkeypatch.setattr(_linear_mod, "_ops", Spy())
     w = make((6, 16), seed=2)
-    fusedformer.linear(make((_linear_mod.SMALL_ROWS, 16)), w)
-    assert len(calls) == 1
-    big = make((2, _linear_mod.SMALL_ROWS, 16))
-    torch.testing.assert_close(fusedformer.linear(big, w), F.linear(big, w))
-    assert len(calls) == 1
-    fusedformer.linear(big.bfloat16(), w.bfloat16())
-    assert len(calls) == (2 if _linear_mod.HALF_ROWS is None else 1)
+    with cpu_isa(isa):
+        fusedformer.linear(make((_linear_mod.SMALL_ROWS, 16)), w)
+        assert len(calls) == 1
+        big = make((2, _linear_mod.SMALL_ROWS, 16))
+        torch.testing.assert_close(fusedformer.linear(big, w), F.linear(big, w), rtol=1e-5, atol=1e-5)
+        gemm = isa in _linear_mod._GEMM_ISAS
+        assert len(calls) == (2 if gemm else 1)
+        fusedformer.linear(big.double(), w.double())
+        assert len(calls) == (2 if gemm else 1)
+        fusedformer.linear(big.bfloat16(), w.bfloat16())
+        assert len(calls) == (2 if gemm else 1) + (1 if _linear_mod.HALF_ROWS is None else 0)
+
+
+# The blocked float32 product (more than 16 rows): register-tile and block remainders in every
+# dimension (rows: tiles of 6 and blocks of up to 144; columns: panels of 2 vectors and blocks of 96
+# panels; K: blocks of up to 384), transposed and strided operands read through their strides.
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M,N,K", [(17, 1, 1), (17, 5, 7), (23, 33, 65), (145, 47, 385), (300, 17, 800),
+                                   (37, 3100, 20), (1000, 70, 48)])
+def test_blocked_product(isa, M, N, K):
+    with cpu_isa(isa):
+        _check(M, N, K, torch.float32, bias=(N % 2 == 1), seed=M + N + K)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_blocked_product_strides(isa):
+    with cpu_isa(isa):
+        x = make((70, 90), seed=1)
+        w = make((50, 90), seed=2)
+        b = make((50,), seed=3)
+        for xs in (x, x.t().contiguous().t(), make((70, 180), seed=1)[:, ::2]):
+            for ws in (w, w.t().contiguous().t(), make((100, 90), seed=2)[::2]):
+                got = _ops.linear(xs, ws, b)
+                ref = F.linear(xs.double(), ws.double(), b.double())
+                torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+        # an expanded (stride 0) input and a batch whose rows are not evenly spaced
+        e = make((1, 90), seed=4).expand(40, 90)
+        torch.testing.assert_close(_ops.linear(e, w, None).double(), F.linear(e.double(), w.double()),
+                                   rtol=1e-5, atol=1e-5)
+        t = make((8, 6, 90), seed=5).transpose(0, 1)
+        torch.testing.assert_close(_ops.linear(t, w, b), F.linear(t, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_blocked_product_threads(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check(20, 200, 64, torch.float32)  # one row block: the columns are split over the threads
+        _check(600, 130, 400, torch.float32, bias=False)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_blocked_product_gradients():
+    """The backward takes the input gradient through the op (weight.T read in place)."""
+    x = make((4, 10, 33), requires_grad=True, seed=5)
+    w = make((21, 33), requires_grad=True, seed=6)
+    b = make((21,), requires_grad=True, seed=7)
+    g = make((4, 10, 21), seed=8)
+    fusedformer.linear(x, w, b).backward(g)
+    grads = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    F.linear(x.double(), w.double(), b.double()).backward(g.double())
+    for ours, ref in zip(grads, (x.grad, w.grad, b.grad)):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_autocast():

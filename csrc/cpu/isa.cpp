@@ -20,7 +20,7 @@ FF_DECLARE_KERNELS(avx512)
 namespace {
 
 #define FF_TABLE(ns) \
-  KernelTable { #ns, ns::softmax_fwd, ns::softmax_bwd, ns::norm_fwd, ns::norm_bwd, ns::attention_fwd, ns::attention_bwd, ns::linear_fwd }
+  KernelTable { #ns, ns::softmax_fwd, ns::softmax_bwd, ns::norm_fwd, ns::norm_bwd, ns::attention_fwd, ns::attention_bwd, ns::linear_fwd, ns::gemm }
 
 const KernelTable kGeneric = FF_TABLE(generic);
 #ifdef FF_HAVE_ISA_avx2

@@ -1,5 +1,7 @@
-// linear for the CPU dispatch key: y = input W^T + bias through the few-rows streaming kernel
-// (csrc/cpu/kernels/linear_kernel.cpp), for any number of rows.
+// linear for the CPU dispatch key: y = input W^T + bias. float32 inputs of more than kSmallRows rows
+// go through the blocked matrix product (csrc/cpu/kernels/gemm_kernel.cpp), which reads input and
+// weight through their strides (a transposed view costs no copy); the others through the few-rows
+// streaming kernel (csrc/cpu/kernels/linear_kernel.cpp), for any number of rows.
 #include <torch/library.h>
 
 #include "fusedformer/common.h"
@@ -8,6 +10,10 @@
 namespace fusedformer::cpu {
 namespace {
 
+// Rows above which float32 takes the blocked product: below, the streaming kernel reads W once
+// against all rows at memory speed, which the product's packing of W cannot match.
+constexpr int64_t kSmallRows = 16;
+
 at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_linear(input, weight, bias);
   const int64_t K = weight.size(1), N = weight.size(0);
@@ -15,12 +21,31 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   int64_t M = 1;
   for (int64_t d = 0; d + 1 < input.dim(); ++d) M *= input.size(d);
   at::Tensor x2 = input.reshape({M, K});
+  auto out_shape = input.sizes().vec();
+  out_shape.back() = N;
+  if (input.scalar_type() == at::kFloat && M > kSmallRows) {
+    at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+    at::Tensor y = at::empty(out_shape, input.options().memory_format(at::MemoryFormat::Contiguous));
+    GemmArgs g{};
+    g.a = x2.const_data_ptr<float>();
+    g.b = weight.const_data_ptr<float>();
+    g.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
+    g.c = y.mutable_data_ptr<float>();
+    g.M = M;
+    g.N = N;
+    g.K = K;
+    g.rsa = x2.stride(0);
+    g.csa = x2.stride(1);
+    g.rsb = weight.stride(1);  // B = W^T: B(k, j) = W(j, k)
+    g.csb = weight.stride(0);
+    g.ldc = N;
+    kernels().gemm(g);
+    return y;
+  }
   if (K > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
   if (x2.size(0) > 1 && x2.stride(0) < K) x2 = x2.contiguous();
   at::Tensor w = weight.contiguous();
   at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  auto out_shape = input.sizes().vec();
-  out_shape.back() = N;
   at::Tensor y = at::empty(out_shape, input.options().memory_format(at::MemoryFormat::Contiguous));
   LinearArgs a{};
   a.dtype = dtype_of(input);

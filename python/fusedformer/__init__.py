@@ -6,6 +6,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C
 from . import ops
 from .ops import attention, layer_norm, linear, rms_norm, softmax
+from .ops.linear import _capability_changed as _linear_capability_changed
 from .patch import patch  # eager: a lazily imported submodule named patch would shadow the function
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ def set_cpu_capability(name: str) -> None:
     """Select the instruction set of the CPU kernels (for testing and benchmarking); the default is
     the best available, or the FUSEDFORMER_CPU_CAPABILITY environment variable."""
     _C.set_cpu_capability(name)
+    _linear_capability_changed()
 
 
 def built_with_cuda() -> bool:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops import attention, softmax
+from ..ops import attention, linear, softmax
 
 
 MAX_BLOCK_BYTES = 16 << 20
@@ -66,20 +66,20 @@ def in_projection(
         d = in_proj_weight.size(0) // 3
         tokens = query.numel() // max(1, query.size(-1))
         if query is key and key is value and fits(tokens, 3 * d, query.dtype):
-            return F.linear(query, in_proj_weight, in_proj_bias).split(d, dim=-1)
+            return linear(query, in_proj_weight, in_proj_bias).split(d, dim=-1)
         w_q, w_kv = in_proj_weight.split((d, 2 * d))
         b_q, b_kv = in_proj_bias.split((d, 2 * d)) if in_proj_bias is not None else (None, None)
-        q = F.linear(query, w_q, b_q)
+        q = linear(query, w_q, b_q)
         if key is value and fits(key.numel() // max(1, key.size(-1)), 2 * d, key.dtype):
-            k, v = F.linear(key, w_kv, b_kv).split(d, dim=-1)
+            k, v = linear(key, w_kv, b_kv).split(d, dim=-1)
             return q, k, v
         w_k, w_v = w_kv.chunk(2)
         b_k, b_v = b_kv.chunk(2) if b_kv is not None else (None, None)
-        return q, F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        return q, linear(key, w_k, b_k), linear(value, w_v, b_v)
     b_q = b_k = b_v = None
     if in_proj_bias is not None:
         b_q, b_k, b_v = in_proj_bias.chunk(3)
-    return F.linear(query, q_proj_weight, b_q), F.linear(key, k_proj_weight, b_k), F.linear(value, v_proj_weight, b_v)
+    return linear(query, q_proj_weight, b_q), linear(key, k_proj_weight, b_k), linear(value, v_proj_weight, b_v)
 
 
 def append_kv(
@@ -163,7 +163,7 @@ def multi_head_attention(
         k, v = append_kv(k, v, bias_k, bias_v, add_zero_attn, batch_first)
     q, k, v = (split_heads(t, num_heads, batch_first) for t in (q, k, v))
     out, weights = attention_core(q, k, v, mask, is_causal, dropout_p, need_weights)
-    out = F.linear(merge_heads(out, batch_first), out_proj_weight, out_proj_bias)
+    out = linear(merge_heads(out, batch_first), out_proj_weight, out_proj_bias)
     if weights is not None and average_attn_weights:
         weights = weights.mean(dim=1)
     return out, weights

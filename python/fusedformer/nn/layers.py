@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .attention import MultiheadAttention
 from .functional import row_blocks
+from .linear import dense
 from .masks import seq_len
 
 def fuses_residual(norm: torch.nn.Module) -> bool:
@@ -47,13 +48,13 @@ def apply_dropout(dropout: torch.nn.Module, x: Tensor) -> Tensor:
 
 
 def _ff_block(layer: torch.nn.Module, x: Tensor, dropout_out: torch.nn.Module) -> Tensor:
-    h = layer.linear1(x)
+    h = dense(layer.linear1, x)
     act = layer.activation
     if (act is F.relu or type(act) is torch.nn.ReLU) and type(layer.linear1) is torch.nn.Linear:
         h = torch.relu_(h)
     else:
         h = act(h)
-    h = layer.linear2(apply_dropout(layer.dropout, h))
+    h = dense(layer.linear2, apply_dropout(layer.dropout, h))
     return apply_dropout(dropout_out, h)
 
 
@@ -76,7 +77,7 @@ def feed_forward_rows(layer: torch.nn.Module, x: Tensor, dropout_out: torch.nn.M
         out = x.new_empty(rows, layer.linear2.out_features)
         w2, b2 = layer.linear2.weight, layer.linear2.bias
         for r in range(0, rows, block):
-            h = layer.linear1(x[r : r + block])
+            h = dense(layer.linear1, x[r : r + block])
             h = torch.relu_(h) if layer.activation is F.relu else layer.activation(h)
             h = apply_dropout(layer.dropout, h)
             dst = out[r : r + block]

@@ -1,6 +1,6 @@
 """Linear: ``torch.nn.Linear`` (same constructor, parameters and state_dict) on ``fusedformer.ops.linear``,
-whose CPU kernel streams the weights once for inputs of few rows (one token per sequence in
-generation) and hands larger inputs to ``torch.nn.functional.linear``."""
+whose CPU kernels stream the weights once for inputs of few rows (one token per sequence in
+generation) and run a blocked float32 product for many rows; see fusedformer.ops.linear."""
 
 import torch
 from torch import Tensor
@@ -9,10 +9,8 @@ from ..ops import linear
 
 
 class Linear(torch.nn.Linear):
-    """``torch.nn.Linear`` through ``fusedformer.ops.linear``: the fused kernel up to
-    16 rows of input (every bfloat16 / float16 input on CPUs without bfloat16 matrix instructions),
-    ``F.linear`` beyond. ``fused = False`` (an instance
-    or class attribute) makes it plain ``F.linear``."""
+    """``torch.nn.Linear`` through ``fusedformer.ops.linear`` (which picks the kernel by rows and
+    dtype). ``fused = False`` (an instance or class attribute) makes it plain ``F.linear``."""
 
     fused = True
 
@@ -20,3 +18,12 @@ class Linear(torch.nn.Linear):
         if not self.fused:
             return torch.nn.functional.linear(input, self.weight, self.bias)
         return linear(input, self.weight, self.bias)
+
+
+def dense(m: torch.nn.Module, x: Tensor) -> Tensor:
+    """``m(x)`` for a projection held by a module of torch.nn or HF: a plain ``torch.nn.Linear``
+    without hooks runs on ``fusedformer.ops.linear`` (the same function, faster kernels); anything
+    else is called as it is."""
+    if type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks):
+        return linear(x, m.weight, m.bias)
+    return m(x)

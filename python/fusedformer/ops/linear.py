@@ -1,11 +1,13 @@
-"""fusedformer.ops.linear: ``input @ weight.T + bias`` (torch.nn.functional.linear), with a CPU
-kernel for few rows.
+"""fusedformer.ops.linear: ``input @ weight.T + bias`` (torch.nn.functional.linear), with CPU
+kernels for few rows and, in float32, for many.
 
 With few rows (generation: one new token per sequence) a linear layer is a stream over its weights,
 and the general matrix product of the BLAS library reads them at a fraction of memory speed. The
 ``fusedformer::linear`` kernel reads each weight once, in place and in its own dtype, against all
-the rows at once. ``linear`` takes it up to ``SMALL_ROWS`` rows and ``torch.nn.functional.linear``
-beyond, where the BLAS product is the faster one (bench/bench_linear.py measures both).
+the rows at once, up to ``SMALL_ROWS`` rows. Above that, float32 goes through the op's blocked
+matrix product (AVX2 / AVX-512 builds), which reads a transposed weight through its strides; the
+backward uses it for the input gradient. Other inputs above ``SMALL_ROWS`` rows go to
+``torch.nn.functional.linear`` (bench/bench_linear.py measures both).
 """
 
 from typing import Optional
@@ -13,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import _C
 from ._checks import check_same_device, check_tensor
 
 _ops = torch.ops.fusedformer
@@ -33,9 +36,25 @@ def _cpu_has_fast_half_gemm() -> bool:
 HALF_ROWS = SMALL_ROWS if _cpu_has_fast_half_gemm() else None
 
 
+# Instruction sets whose build of the op has the float32 blocked product for many rows (the generic
+# build has it too, for tests, but slower than the BLAS product).
+_GEMM_ISAS = ("avx2", "avx512")
+# Whether the instruction set in use is one of them: kept here, not asked of the extension on every
+# call, so that torch.compile traces linear without a graph break (fusedformer.set_cpu_capability
+# updates it).
+_gemm = _C.cpu_capability() in _GEMM_ISAS
+
+
+def _capability_changed() -> None:
+    global _gemm
+    _gemm = _C.cpu_capability() in _GEMM_ISAS
+
+
 def _use_kernel(input: torch.Tensor) -> bool:
     if input.dim() == 0:
         return True  # the op raises the error
+    if input.device.type == "cpu" and input.dtype == torch.float32 and _gemm:
+        return True
     if input.dtype in (torch.bfloat16, torch.float16) and input.device.type == "cpu":
         limit = HALF_ROWS
     else:
@@ -45,9 +64,10 @@ def _use_kernel(input: torch.Tensor) -> bool:
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``input @ weight.T + bias`` for ``input`` (..., in_features), ``weight`` (out_features, in_features)
-    and ``bias`` (out_features,) or None, all of one dtype. The fused kernel takes inputs of up to
-    ``SMALL_ROWS`` rows (every bfloat16 / float16 input on a CPU without bfloat16 matrix instructions,
-    see ``HALF_ROWS``); ``torch.nn.functional.linear`` the others. Differentiable in every argument."""
+    and ``bias`` (out_features,) or None, all of one dtype. The op takes inputs of up to
+    ``SMALL_ROWS`` rows, every float32 CPU input on AVX2 / AVX-512 builds and every bfloat16 / float16
+    input on a CPU without bfloat16 matrix instructions (see ``HALF_ROWS``);
+    ``torch.nn.functional.linear`` the others. Differentiable in every argument."""
     check_tensor("fusedformer.linear", "input", input)
     check_tensor("fusedformer.linear", "weight", weight)
     if _use_kernel(input):
@@ -74,7 +94,7 @@ def _backward(ctx, grad):
     input, weight = ctx.saved_tensors
     grad_input = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_input = grad @ weight
+        grad_input = linear(grad, weight.t())  # the blocked product reads weight.T in place
     if ctx.needs_input_grad[1]:
         grad_weight = grad.reshape(-1, grad.shape[-1]).T @ input.reshape(-1, input.shape[-1])
     if ctx.has_bias and ctx.needs_input_grad[2]:

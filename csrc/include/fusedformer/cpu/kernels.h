@@ -142,6 +142,18 @@ struct LinearArgs {
   int64_t M, N, K, ldx;
 };
 
+// C = A B + bias (float32): A (M, K) with element (i, k) at a[i * rsa + k * csa], B (K, N) with
+// element (k, j) at b[k * rsb + j * csb] (any strides: transposed views need no copy), bias (N)
+// nullable, C (M, N) rows ldc elements apart.
+struct GemmArgs {
+  const float* a;
+  const float* b;
+  const float* bias;
+  float* c;
+  int64_t M, N, K;
+  int64_t rsa, csa, rsb, csb, ldc;
+};
+
 struct KernelTable {
   const char* name;
   void (*softmax_fwd)(const SoftmaxFwdArgs&);
@@ -151,6 +163,7 @@ struct KernelTable {
   void (*attention_fwd)(const AttnFwdArgs&);
   void (*attention_bwd)(const AttnBwdArgs&);
   void (*linear_fwd)(const LinearArgs&);
+  void (*gemm)(const GemmArgs&);
 };
 
 #define FF_DECLARE_KERNELS(ns)                     \
@@ -162,6 +175,7 @@ struct KernelTable {
   void attention_fwd(const AttnFwdArgs&);          \
   void attention_bwd(const AttnBwdArgs&);          \
   void linear_fwd(const LinearArgs&);              \
+  void gemm(const GemmArgs&);                      \
   }
 
 // The kernel table in use.

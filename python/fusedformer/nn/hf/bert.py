@@ -22,7 +22,8 @@ from transformers.models.bert import modeling_bert as mb
 
 from ..functional import merge_heads, split_heads
 from ..layers import add_then_norm
-from .common import attend, capturing_outputs, native_masks, packed_linear
+from ...ops import linear
+from .common import attend, capturing_outputs, dense, native_masks, packed_linear
 
 
 class FusedBertSelfAttention(mb.BertSelfAttention):
@@ -36,7 +37,7 @@ class FusedBertSelfAttention(mb.BertSelfAttention):
         if past_key_values is not None or kwargs.get("output_attentions") or native_masks(self):
             return super().forward(hidden_states, attention_mask, past_key_values, **kwargs)
         w, b = packed_linear(self, (self.query, self.key, self.value))
-        q, k, v = torch.nn.functional.linear(hidden_states, w, b).split(self.all_head_size, dim=-1)
+        q, k, v = linear(hidden_states, w, b).split(self.all_head_size, dim=-1)
         h = self.num_attention_heads
         q, k, v = (split_heads(t, h, True) for t in (q, k, v))
         out = attend(self, q, k, v, attention_mask, self.dropout.p if self.training else 0.0, self.scaling,
@@ -46,12 +47,12 @@ class FusedBertSelfAttention(mb.BertSelfAttention):
 
 class FusedBertSelfOutput(mb.BertSelfOutput):
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        return add_then_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)
+        return add_then_norm(self.LayerNorm, self.dropout(dense(self.dense, hidden_states)), input_tensor)
 
 
 class FusedBertOutput(mb.BertOutput):
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        return add_then_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)
+        return add_then_norm(self.LayerNorm, self.dropout(dense(self.dense, hidden_states)), input_tensor)
 
 
 def _key_padding(mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -111,7 +112,7 @@ def _intermediate(inter: torch.nn.Module, h: Tensor) -> Tensor:
     second intermediate-sized buffer)."""
     act = inter.intermediate_act_fn
     if type(inter) is mb.BertIntermediate and type(act) is GELUActivation and act.act is torch.nn.functional.gelu:
-        return torch.ops.aten.gelu_(inter.dense(h))
+        return torch.ops.aten.gelu_(dense(inter.dense, h))
     return inter(h)
 
 
@@ -119,7 +120,7 @@ def _unpadded_layer(layer: mb.BertLayer, x: Tensor, keep4: Tensor, tokens: _Toke
     """One BertLayer over the real tokens ``x`` (T, D); attention on the padded layout."""
     sa = layer.attention.self
     w, b = packed_linear(sa, (sa.query, sa.key, sa.value))
-    full = tokens.scatter(torch.nn.functional.linear(x, w, b))
+    full = tokens.scatter(linear(x, w, b))
     q, k, v = full.split(sa.all_head_size, dim=-1)
     q, k, v = (split_heads(t, sa.num_attention_heads, True) for t in (q, k, v))
     out = attend(sa, q, k, v, keep4, 0.0, sa.scaling, False)

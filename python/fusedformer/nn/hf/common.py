@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ...ops import attention
+from ..linear import dense  # noqa: F401  (re-exported for the twins)
 
 # module -> (key, packed weight, packed bias); weak, so it never outlives the module, and outside
 # the module, so it is not in its state_dict, pickles or deep copies.

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 from transformers.models.llama import modeling_llama as ml
 
-from ...ops import rms_norm
+from ...ops import linear, rms_norm
 from ..functional import merge_heads, split_heads
 from ..layers import add_norm
-from .common import attend, native_masks, packed_linear
+from .common import attend, dense, native_masks, packed_linear
 
 
 class FusedLlamaRMSNorm(ml.LlamaRMSNorm):
@@ -38,7 +38,7 @@ class FusedLlamaAttention(ml.LlamaAttention):
             return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         w, b = packed_linear(self, (self.q_proj, self.k_proj, self.v_proj))
         sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
-        q, k, v = torch.nn.functional.linear(hidden_states, w, b).split(sizes, dim=-1)
+        q, k, v = linear(hidden_states, w, b).split(sizes, dim=-1)
         q, k, v = (split_heads(t, t.size(-1) // self.head_dim, True) for t in (q, k, v))
         cos, sin = position_embeddings
         q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
@@ -46,7 +46,7 @@ class FusedLlamaAttention(ml.LlamaAttention):
             k, v = past_key_values.update(k, v, self.layer_idx)
         out = attend(self, q, k, v, attention_mask, self.attention_dropout if self.training else 0.0, self.scaling,
                      kwargs.get("is_causal"))
-        return self.o_proj(merge_heads(out, True)), None
+        return dense(self.o_proj, merge_heads(out, True)), None
 
 
 class FusedLlamaDecoderLayer(ml.LlamaDecoderLayer):
