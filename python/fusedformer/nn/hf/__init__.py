@@ -18,7 +18,7 @@ from typing import Dict, Optional
 import torch
 
 SUPPORTED_MAJOR = 5
-TESTED_VERSION = "5.23"
+TESTED_VERSION = "5.23 and 5.24"
 
 # transformers module of a class -> the twin module here
 FAMILIES = {
@@ -54,9 +54,12 @@ def check_version() -> str:
 
 
 def _check_structure(module: torch.nn.Module, cls: type, requires, version: str) -> None:
+    from .common import CACHE_NAMES
+
     attrs, params = requires
     missing = [a for a in attrs if not hasattr(module, a)]
-    got = tuple(inspect.signature(cls.forward).parameters)
+    # the KV-cache parameter counts as one name whichever of its names the version uses ("cache")
+    got = tuple(CACHE_NAMES[0] if p in CACHE_NAMES else p for p in inspect.signature(cls.forward).parameters)
     if missing or got != params:
         what = []
         if missing:

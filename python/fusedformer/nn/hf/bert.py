@@ -23,7 +23,7 @@ from transformers.models.bert import modeling_bert as mb
 from ..functional import merge_heads, split_heads
 from ..layers import add_then_norm
 from ...ops import linear
-from .common import attend, capturing_outputs, dense, native_masks, packed_linear
+from .common import attend, capturing_outputs, dense, native_masks, packed_linear, take_cache
 
 
 class FusedBertSelfAttention(mb.BertSelfAttention):
@@ -31,11 +31,12 @@ class FusedBertSelfAttention(mb.BertSelfAttention):
         self,
         hidden_states: Tensor,
         attention_mask: Optional[Tensor] = None,
-        past_key_values=None,
+        cache=None,
         **kwargs,
     ):
-        if past_key_values is not None or kwargs.get("output_attentions") or native_masks(self):
-            return super().forward(hidden_states, attention_mask, past_key_values, **kwargs)
+        cache = take_cache(cache, kwargs)
+        if cache is not None or kwargs.get("output_attentions") or native_masks(self):
+            return super().forward(hidden_states, attention_mask, cache, **kwargs)
         w, b = packed_linear(self, (self.query, self.key, self.value))
         q, k, v = linear(hidden_states, w, b).split(self.all_head_size, dim=-1)
         h = self.num_attention_heads
@@ -132,10 +133,10 @@ def _unpadded_layer(layer: mb.BertLayer, x: Tensor, keep4: Tensor, tokens: _Toke
 class FusedBertEncoder(mb.BertEncoder):
     skip_padding = True
 
-    def _can_skip_padding(self, hidden_states, attention_mask, encoder_hidden_states, past_key_values) -> bool:
+    def _can_skip_padding(self, hidden_states, attention_mask, encoder_hidden_states, cache) -> bool:
         if not self.skip_padding or torch.is_grad_enabled() or encoder_hidden_states is not None:
             return False
-        if past_key_values is not None or capturing_outputs() or torch.compiler.is_compiling():
+        if cache is not None or capturing_outputs() or torch.compiler.is_compiling():
             return False
         for layer in self.layer:
             if (
@@ -158,16 +159,17 @@ class FusedBertEncoder(mb.BertEncoder):
         attention_mask: Optional[Tensor] = None,
         encoder_hidden_states: Optional[Tensor] = None,
         encoder_attention_mask: Optional[Tensor] = None,
-        past_key_values=None,
+        cache=None,
         use_cache: Optional[bool] = None,
         **kwargs,
     ):
+        cache = take_cache(cache, kwargs)
         keep = None
-        if self._can_skip_padding(hidden_states, attention_mask, encoder_hidden_states, past_key_values):
+        if self._can_skip_padding(hidden_states, attention_mask, encoder_hidden_states, cache):
             keep = _key_padding(attention_mask)
         if keep is None or bool(keep.all()):
             return super().forward(
-                hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, past_key_values,
+                hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache,
                 use_cache, **kwargs,
             )
         B, L, D = hidden_states.shape
@@ -190,13 +192,13 @@ TWINS = {
 REQUIRES = {
     mb.BertSelfAttention: (
         ("query", "key", "value", "dropout", "num_attention_heads", "all_head_size", "scaling"),
-        ("self", "hidden_states", "attention_mask", "past_key_values", "kwargs"),
+        ("self", "hidden_states", "attention_mask", "cache", "kwargs"),
     ),
     mb.BertSelfOutput: (("dense", "dropout", "LayerNorm"), ("self", "hidden_states", "input_tensor")),
     mb.BertOutput: (("dense", "dropout", "LayerNorm"), ("self", "hidden_states", "input_tensor")),
     mb.BertEncoder: (
         ("layer",),
         ("self", "hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
-         "past_key_values", "use_cache", "kwargs"),
+         "cache", "use_cache", "kwargs"),
     ),
 }

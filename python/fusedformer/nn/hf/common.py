@@ -1,6 +1,7 @@
 """Helpers shared by the HuggingFace twins: packed projection weights and the attention call with
 the masking rules of transformers' ``sdpa`` integration."""
 
+import inspect
 import weakref
 from typing import Optional, Sequence, Tuple
 
@@ -9,6 +10,24 @@ from torch import Tensor
 
 from ...ops import attention
 from ..linear import dense  # noqa: F401  (re-exported for the twins)
+
+# transformers 5.24 renamed the KV-cache parameter of the modules' forwards from ``past_key_values`` to
+# ``cache`` (at the same position; the old name stays as a deprecated keyword). The twins take it under
+# either name and pass it on under the name of the installed version.
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_arg(cls: type) -> str:
+    """The name under which ``cls.forward`` (a transformers module) takes the KV cache."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def take_cache(cache, kwargs: dict):
+    """The KV cache passed to a twin's forward: its ``cache`` parameter (filled positionally or under
+    the new name) or the old ``past_key_values`` keyword, which is removed from ``kwargs``."""
+    old = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else old
+
 
 # module -> (key, packed weight, packed bias); weak, so it never outlives the module, and outside
 # the module, so it is not in its state_dict, pickles or deep copies.

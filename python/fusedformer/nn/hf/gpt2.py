@@ -15,20 +15,21 @@ from transformers.models.gpt2 import modeling_gpt2 as mg
 
 from ..functional import merge_heads, split_heads
 from ..layers import add_norm
-from .common import attend, native_masks
+from .common import attend, native_masks, take_cache
 
 
 class FusedGPT2Attention(mg.GPT2Attention):
     def forward(
         self,
         hidden_states: Tensor,
-        past_key_values=None,
+        cache=None,
         attention_mask: Optional[Tensor] = None,
         encoder_hidden_states: Optional[Tensor] = None,
         encoder_attention_mask: Optional[Tensor] = None,
         output_attentions: Optional[bool] = False,
         **kwargs,
     ):
+        cache = take_cache(cache, kwargs)
         if (
             encoder_hidden_states is not None
             or output_attentions
@@ -36,13 +37,12 @@ class FusedGPT2Attention(mg.GPT2Attention):
             or (self.reorder_and_upcast_attn and self.config._attn_implementation == "eager")
         ):
             return super().forward(
-                hidden_states, past_key_values, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                hidden_states, cache, attention_mask, encoder_hidden_states, encoder_attention_mask,
                 output_attentions, **kwargs,
             )
         q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)
         q, k, v = (split_heads(t, self.num_heads, True) for t in (q, k, v))
-        if past_key_values is not None:
-            cache = past_key_values
+        if cache is not None:
             if isinstance(cache, EncoderDecoderCache):
                 cache = cache.self_attention_cache
             k, v = cache.update(k, v, self.layer_idx)
@@ -56,21 +56,22 @@ class FusedGPT2Block(mg.GPT2Block):
     def forward(
         self,
         hidden_states: Tensor,
-        past_key_values=None,
+        cache=None,
         attention_mask: Optional[Tensor] = None,
         encoder_hidden_states: Optional[Tensor] = None,
         encoder_attention_mask: Optional[Tensor] = None,
         use_cache: Optional[bool] = False,
         **kwargs,
     ) -> Tensor:
+        cache = take_cache(cache, kwargs)
         if encoder_hidden_states is not None:
             return super().forward(
-                hidden_states, past_key_values, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                hidden_states, cache, attention_mask, encoder_hidden_states, encoder_attention_mask,
                 use_cache, **kwargs,
             )
+        # the cache goes by position, where every transformers 5 release takes it
         attn_output, _ = self.attn(
-            self.ln_1(hidden_states), past_key_values=past_key_values, attention_mask=attention_mask,
-            use_cache=use_cache, **kwargs,
+            self.ln_1(hidden_states), cache, attention_mask=attention_mask, use_cache=use_cache, **kwargs,
         )
         normed, hidden_states = add_norm(self.ln_2, attn_output, hidden_states)
         return hidden_states + self.mlp(normed)
@@ -82,12 +83,12 @@ REQUIRES = {
     mg.GPT2Attention: (
         ("c_attn", "c_proj", "attn_dropout", "resid_dropout", "split_size", "num_heads", "scaling", "layer_idx",
          "reorder_and_upcast_attn", "is_cross_attention"),
-        ("self", "hidden_states", "past_key_values", "attention_mask", "encoder_hidden_states",
+        ("self", "hidden_states", "cache", "attention_mask", "encoder_hidden_states",
          "encoder_attention_mask", "output_attentions", "kwargs"),
     ),
     mg.GPT2Block: (
         ("ln_1", "attn", "ln_2", "mlp"),
-        ("self", "hidden_states", "past_key_values", "attention_mask", "encoder_hidden_states",
+        ("self", "hidden_states", "cache", "attention_mask", "encoder_hidden_states",
          "encoder_attention_mask", "use_cache", "kwargs"),
     ),
 }

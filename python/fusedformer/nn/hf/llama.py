@@ -15,7 +15,7 @@ from transformers.models.llama import modeling_llama as ml
 from ...ops import linear, rms_norm
 from ..functional import merge_heads, split_heads
 from ..layers import add_norm
-from .common import attend, dense, native_masks, packed_linear
+from .common import attend, cache_arg, dense, native_masks, packed_linear, take_cache
 
 
 class FusedLlamaRMSNorm(ml.LlamaRMSNorm):
@@ -31,19 +31,20 @@ class FusedLlamaAttention(ml.LlamaAttention):
         hidden_states: Tensor,
         position_embeddings=None,
         attention_mask: Optional[Tensor] = None,
-        past_key_values=None,
+        cache=None,
         **kwargs,
     ):
+        cache = take_cache(cache, kwargs)
         if kwargs.get("output_attentions") or native_masks(self):
-            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+            return super().forward(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
         w, b = packed_linear(self, (self.q_proj, self.k_proj, self.v_proj))
         sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
         q, k, v = linear(hidden_states, w, b).split(sizes, dim=-1)
         q, k, v = (split_heads(t, t.size(-1) // self.head_dim, True) for t in (q, k, v))
         cos, sin = position_embeddings
         q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         out = attend(self, q, k, v, attention_mask, self.attention_dropout if self.training else 0.0, self.scaling,
                      kwargs.get("is_causal"))
         return dense(self.o_proj, merge_heads(out, True)), None
@@ -55,19 +56,22 @@ class FusedLlamaDecoderLayer(ml.LlamaDecoderLayer):
         hidden_states: Tensor,
         attention_mask: Optional[Tensor] = None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         use_cache: Optional[bool] = False,
         position_embeddings=None,
         **kwargs,
     ) -> Tensor:
+        kwargs[_ATTN_CACHE] = take_cache(cache, kwargs)
         attn_output, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-            position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
-            position_embeddings=position_embeddings, **kwargs,
+            position_ids=position_ids, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
         )
         normed, hidden_states = add_norm(self.post_attention_layernorm, attn_output, hidden_states)
         return hidden_states + self.mlp(normed)
 
+
+# the keyword under which the decoder layer passes the cache to its attention (HF's or the twin)
+_ATTN_CACHE = cache_arg(ml.LlamaAttention)
 
 TWINS = {
     ml.LlamaRMSNorm: FusedLlamaRMSNorm,
@@ -79,11 +83,11 @@ REQUIRES = {
     ml.LlamaRMSNorm: (("weight", "variance_epsilon"), ("self", "hidden_states")),
     ml.LlamaAttention: (
         ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "attention_dropout", "layer_idx"),
-        ("self", "hidden_states", "position_embeddings", "attention_mask", "past_key_values", "kwargs"),
+        ("self", "hidden_states", "position_embeddings", "attention_mask", "cache", "kwargs"),
     ),
     ml.LlamaDecoderLayer: (
         ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"),
-        ("self", "hidden_states", "attention_mask", "position_ids", "past_key_values", "use_cache",
+        ("self", "hidden_states", "attention_mask", "position_ids", "cache", "use_cache",
          "position_embeddings", "kwargs"),
     ),
 }
