@@ -99,10 +99,12 @@ def test_compile_fullgraph():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_dispatch_rule(monkeypatch, isa):
-    """Few rows take the op; many float32 rows take it on AVX2 / AVX-512 (the blocked product) and
-    F.linear on the generic build; float64 above SMALL_ROWS takes F.linear; bfloat16 on a CPU
-    without bfloat16 matrix instructions always takes the op."""
+@pytest.mark.parametrize("tuned_blas", [False, True])
+def test_dispatch_rule(monkeypatch, isa, tuned_blas):
+    """Few rows take the op; float32 from GEMM_ROWS rows on takes it on AVX2 / AVX-512 (the blocked
+    product) unless the BLAS product is tuned for the CPU, F.linear on the generic build; rows in
+    between and float64 above SMALL_ROWS take F.linear; bfloat16 / float16 take the op up to
+    HALF_ROWS (every input where that is None)."""
     calls = []
     real = _linear_mod._ops.linear
 
@@ -112,18 +114,34 @@ def test_dispatch_rule(monkeypatch, isa):
             return real(*a)
 
     monkeypatch.setattr(_linear_mod, "_ops", Spy())
+    monkeypatch.setattr(_linear_mod, "BLAS_SGEMM_TUNED", tuned_blas)
     w = make((6, 16), seed=2)
+
+    def taken(x):
+        before = len(calls)
+        torch.testing.assert_close(fusedformer.linear(x, w.to(x.dtype)), F.linear(x, w.to(x.dtype)),
+                                   rtol=1e-2 if x.dtype in (torch.bfloat16, torch.float16) else 1e-5, atol=1e-2)
+        return len(calls) > before
+
+    try:
+        _check_dispatch(isa, tuned_blas, taken)
+    finally:
+        monkeypatch.undo()
+        _linear_mod._capability_changed()  # the flag as the real BLAS_SGEMM_TUNED sets it
+
+
+def _check_dispatch(isa, tuned_blas, taken):
     with cpu_isa(isa):
-        fusedformer.linear(make((_linear_mod.SMALL_ROWS, 16)), w)
-        assert len(calls) == 1
-        big = make((2, _linear_mod.SMALL_ROWS, 16))
-        torch.testing.assert_close(fusedformer.linear(big, w), F.linear(big, w), rtol=1e-5, atol=1e-5)
-        gemm = isa in _linear_mod._GEMM_ISAS
-        assert len(calls) == (2 if gemm else 1)
-        fusedformer.linear(big.double(), w.double())
-        assert len(calls) == (2 if gemm else 1)
-        fusedformer.linear(big.bfloat16(), w.bfloat16())
-        assert len(calls) == (2 if gemm else 1) + (1 if _linear_mod.HALF_ROWS is None else 0)
+        assert _linear_mod._gemm == (isa in _linear_mod._GEMM_ISAS and not tuned_blas)
+        assert taken(make((_linear_mod.SMALL_ROWS, 16)))
+        assert not taken(make((2, _linear_mod.SMALL_ROWS, 16)))
+        assert taken(make((_linear_mod.GEMM_ROWS, 16))) == _linear_mod._gemm
+        assert not taken(make((_linear_mod.GEMM_ROWS, 16)).double())
+        for dt, limit in _linear_mod.HALF_ROWS.items():
+            assert taken(make((1, 16)).to(dt))
+            assert taken(make((_linear_mod.GEMM_ROWS, 16)).to(dt)) == (limit is None)
+            if limit is not None:
+                assert taken(make((limit, 16)).to(dt)) and not taken(make((limit + 1, 16)).to(dt))
 
 
 # The blocked float32 product (more than 16 rows): register-tile and block remainders in every

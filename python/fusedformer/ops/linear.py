@@ -4,13 +4,14 @@ kernels for few rows and, in float32, for many.
 With few rows (generation: one new token per sequence) a linear layer is a stream over its weights,
 and the general matrix product of the BLAS library reads them at a fraction of memory speed. The
 ``fusedformer::linear`` kernel reads each weight once, in place and in its own dtype, against all
-the rows at once, up to ``SMALL_ROWS`` rows. Above that, float32 goes through the op's blocked
-matrix product (AVX2 / AVX-512 builds), which reads a transposed weight through its strides; the
-backward uses it for the input gradient. Other inputs above ``SMALL_ROWS`` rows go to
-``torch.nn.functional.linear`` (bench/bench_linear.py measures both).
+the rows at once, up to ``SMALL_ROWS`` rows (``HALF_ROWS`` for bfloat16 / float16). From
+``GEMM_ROWS`` rows on, float32 goes through the op's blocked matrix product (AVX2 / AVX-512 builds)
+where the BLAS product is not tuned for the CPU (see ``BLAS_SGEMM_TUNED``); the backward uses it for
+the input gradient. Other inputs go to ``torch.nn.functional.linear`` (bench/bench_linear.py
+measures both).
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,49 +25,84 @@ _ops = torch.ops.fusedformer
 # float64 (beyond, the BLAS product is faster).
 SMALL_ROWS = 16
 
+# float32 rows from which the blocked product is used: with fewer, copying the weight into panels
+# costs more than the product gains (32-64 rows: 0.3-0.5x F.linear), so F.linear takes them.
+GEMM_ROWS = 512
 
-def _cpu_has_fast_half_gemm() -> bool:
-    cpu = getattr(torch._C, "_cpu", None)
-    return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+def _cpu_info() -> Tuple[str, frozenset]:
+    """The CPU's vendor and feature flags as Linux reports them (empty where it does not)."""
+    vendor, flags = "", frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key == "flags":
+                    flags = frozenset(value.split())
+                    break
+    except OSError:
+        pass
+    return vendor, flags
 
 
-# bfloat16 / float16 on a CPU without bfloat16 matrix instructions (AVX512-BF16, AMX): PyTorch's product
-# widens the operands on every call and runs several times slower than the fused kernel at any size,
-# so the kernel takes every input there; elsewhere the float32 limit applies.
-HALF_ROWS = SMALL_ROWS if _cpu_has_fast_half_gemm() else None
+_VENDOR, _FLAGS = _cpu_info()
 
+
+# bfloat16 / float16 rows up to which the kernel is used (None: every input). On a CPU without
+# matrix instructions for the type PyTorch's product widens the operands on every call and runs
+# several times slower than the fused kernel at any size, so the kernel takes every input. With them
+# (AVX512-BF16 / AMX-BF16; AVX512-FP16 / AMX-FP16), oneDNN's product is faster from 3 bfloat16 rows
+# on (1-2 rows: the kernel at 1.2-1.6x) and somewhere between 8 and 64 float16 rows (8 rows: the
+# kernel at 1.3x; 64: 0.4x).
+HALF_ROWS = {
+    torch.bfloat16: 2 if _FLAGS & {"avx512_bf16", "amx_bf16"} else None,
+    torch.float16: SMALL_ROWS if _FLAGS & {"avx512_fp16", "amx_fp16"} else None,
+}
+
+# Whether torch's float32 product is MKL's on an Intel CPU, where its sgemm runs kernels tuned for
+# the core and beats the blocked product (the product at 0.74-0.95x F.linear at 4096 rows on a Xeon
+# with AVX-512); on other CPUs MKL takes a generic path that the blocked product beats (1.15-1.33x on
+# an AMD EPYC with AVX2). Where it is, float32 above SMALL_ROWS rows goes to F.linear.
+BLAS_SGEMM_TUNED = torch.backends.mkl.is_available() and _VENDOR == "GenuineIntel"
 
 # Instruction sets whose build of the op has the float32 blocked product for many rows (the generic
 # build has it too, for tests, but slower than the BLAS product).
 _GEMM_ISAS = ("avx2", "avx512")
-# Whether the instruction set in use is one of them: kept here, not asked of the extension on every
-# call, so that torch.compile traces linear without a graph break (fusedformer.set_cpu_capability
-# updates it).
-_gemm = _C.cpu_capability() in _GEMM_ISAS
+# Whether float32 from GEMM_ROWS rows on takes the blocked product: kept here, not asked of the
+# extension on every call, so that torch.compile traces linear without a graph break
+# (fusedformer.set_cpu_capability updates it).
+_gemm = False
 
 
 def _capability_changed() -> None:
     global _gemm
-    _gemm = _C.cpu_capability() in _GEMM_ISAS
+    _gemm = _C.cpu_capability() in _GEMM_ISAS and not BLAS_SGEMM_TUNED
+
+
+_capability_changed()
 
 
 def _use_kernel(input: torch.Tensor) -> bool:
     if input.dim() == 0:
         return True  # the op raises the error
-    if input.device.type == "cpu" and input.dtype == torch.float32 and _gemm:
+    K = input.shape[-1]
+    if input.device.type == "cpu" and input.dtype == torch.float32 and _gemm and input.numel() >= GEMM_ROWS * K:
         return True
-    if input.dtype in (torch.bfloat16, torch.float16) and input.device.type == "cpu":
-        limit = HALF_ROWS
+    if input.dtype in HALF_ROWS and input.device.type == "cpu":
+        limit = HALF_ROWS[input.dtype]
     else:
         limit = SMALL_ROWS
-    return limit is None or input.numel() <= limit * input.shape[-1]
+    return limit is None or input.numel() <= limit * K
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``input @ weight.T + bias`` for ``input`` (..., in_features), ``weight`` (out_features, in_features)
     and ``bias`` (out_features,) or None, all of one dtype. The op takes inputs of up to
-    ``SMALL_ROWS`` rows, every float32 CPU input on AVX2 / AVX-512 builds and every bfloat16 / float16
-    input on a CPU without bfloat16 matrix instructions (see ``HALF_ROWS``);
+    ``SMALL_ROWS`` rows (bfloat16 / float16: ``HALF_ROWS``) and float32 CPU inputs of ``GEMM_ROWS``
+    rows or more on AVX2 / AVX-512 builds where the BLAS product is not tuned for the CPU;
     ``torch.nn.functional.linear`` the others. Differentiable in every argument."""
     check_tensor("fusedformer.linear", "input", input)
     check_tensor("fusedformer.linear", "weight", weight)
