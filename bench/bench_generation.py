@@ -6,7 +6,9 @@ Cases (full run): a GPT-2-124M-shaped model with random weights, prompt 32 token
 batch 1 fp32, batch 1 with bf16 weights (against HF fp32), batch 8 (left-padded prompts); prefill of a
 1024-token prompt (generate one token); one training step (AdamW, clipping) of the default
 ``python -m fusedformer train`` model (4 x 256, vocab 4096, context 256, batch 16) against
-torch.nn.TransformerEncoderLayer blocks with the same weights. Decode tokens/s = new tokens x batch / time.
+torch.nn.TransformerEncoderLayer blocks with the same weights, each with its loss as
+``fusedformer.train.lm_loss`` computes it (ours: ``GPT.loss``, the LM head fused into the cross-entropy;
+the peer: logits, then ``F.cross_entropy``). Decode tokens/s = new tokens x batch / time.
 ``--quick`` runs the same cases on a small model.
 """
 
@@ -20,7 +22,7 @@ from common import Case
 
 import fusedformer
 from fusedformer.models import GPT
-from fusedformer.train import TrainConfig, make_optimizer
+from fusedformer.train import TrainConfig, lm_loss, make_optimizer
 
 
 def _hf_gpt2(quick):
@@ -156,8 +158,7 @@ def _train_case(quick, target):
     opts = {id(m): make_optimizer(m, d) for m in (ours, peer)}
 
     def step(model):
-        logits = model(x)
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+        loss = lm_loss(model, x, y)  # ours: GPT.loss (head fused into the loss); the peer: F.cross_entropy
         opt = opts[id(model)]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -167,8 +168,8 @@ def _train_case(quick, target):
 
     def validate():
         with torch.no_grad():
-            a = F.cross_entropy(ours(x).view(-1, cfg["vocab_size"]), y.view(-1))
-            b = F.cross_entropy(peer(x).view(-1, cfg["vocab_size"]), y.view(-1))
+            a = lm_loss(ours, x, y)
+            b = lm_loss(peer, x, y)
         if not torch.allclose(a, b, rtol=1e-5, atol=1e-5):
             raise AssertionError(f"training loss {a.item()} != torch.nn model's {b.item()}")
 

@@ -40,4 +40,17 @@ TORCH_LIBRARY(fusedformer, m) {
   // the weights once for all rows: the path for few rows (generation); the backward is composed of
   // matmuls.
   m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+
+  // GELU (torch.nn.functional.gelu): approximate is "none" (x * Phi(x), Phi the standard normal
+  // CDF) or "tanh" (its tanh approximation). gelu_bwd returns grad * gelu'(input).
+  m.def("gelu(Tensor input, str approximate) -> Tensor");
+  m.def("gelu_bwd(Tensor grad, Tensor input, str approximate) -> Tensor");
+
+  // cross-entropy of logits rows (rows, n) against int64 class indices target (rows,): loss per row
+  // (float32; float64 for float64 logits) logsumexp - logit of the target, and with compute_grad the
+  // gradient of scale * sum(loss) (softmax - one_hot) * scale in logits' dtype (else an empty tensor);
+  // rows whose target is ignore_index: loss 0, zero gradient. scale: a one-element tensor.
+  m.def(
+      "cross_entropy_rows(Tensor logits, Tensor target, Tensor scale, int ignore_index, bool compute_grad) -> "
+      "(Tensor loss, Tensor grad)");
 }

@@ -62,6 +62,30 @@ void check_linear(const at::Tensor& input, const at::Tensor& weight, const std::
   }
 }
 
+void check_cross_entropy(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& scale,
+                         int64_t ignore_index) {
+  const char* op = "fusedformer.cross_entropy_rows";
+  check_float_dtype(logits, op, "logits");
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) >= 1, op,
+                    ": logits must be 2-D (rows, classes) with at least one class, got shape ", logits.sizes());
+  check_same_device(logits, "logits", target, "target", op);
+  check_same_device(logits, "logits", scale, "scale", op);
+  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong, op, ": target must be int64 class indices, got ",
+                    target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0), op, ": target must have shape (",
+                    logits.size(0), ",) (one class per row of logits), got ", target.sizes());
+  TORCH_CHECK_VALUE(scale.numel() == 1 && scale.is_floating_point(), op,
+                    ": scale must be a one-element floating-point tensor, got ", scale.scalar_type(), " of shape ",
+                    scale.sizes());
+  if (target.numel() == 0) return;
+  const at::Tensor bad = ((target < 0) | (target >= logits.size(1))) & (target != ignore_index);
+  if (bad.any().item<bool>()) {
+    const int64_t v = target.masked_select(bad)[0].item<int64_t>();
+    TORCH_CHECK_INDEX(false, op, ": target ", v, " is out of range for ", logits.size(1), " classes (ignore_index ",
+                      ignore_index, ")");
+  }
+}
+
 SoftmaxProblem prepare_softmax(const at::Tensor& x, int64_t dim, const std::optional<at::Tensor>& mask,
                                bool is_causal, bool move_dim) {
   const char* op = "fusedformer.softmax";

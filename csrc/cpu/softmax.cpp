@@ -1,5 +1,6 @@
-// softmax_fwd / softmax_bwd for the CPU dispatch key. The kernels take the softmax dim where it
-// lies: rows when it is the last dim, the (outer, n, inner) layout otherwise (no transpose).
+// softmax_fwd / softmax_bwd and cross_entropy_rows for the CPU dispatch key. The kernels take the
+// softmax dim where it lies: rows when it is the last dim, the (outer, n, inner) layout otherwise
+// (no transpose).
 #include <torch/library.h>
 
 #include "fusedformer/common.h"
@@ -114,11 +115,35 @@ at::Tensor softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, int64_t di
   return gx;
 }
 
+std::tuple<at::Tensor, at::Tensor> cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target,
+                                                      const at::Tensor& scale, int64_t ignore_index,
+                                                      bool compute_grad) {
+  check_cross_entropy(logits, target, scale, ignore_index);
+  at::Tensor x = logits.contiguous();
+  at::Tensor t = target.contiguous();
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::empty({x.size(0)}, x.options().dtype(acc));
+  at::Tensor grad = compute_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  CrossEntropyArgs a{};
+  a.dtype = dtype_of(x);
+  a.x = x.data_ptr();
+  a.target = t.const_data_ptr<int64_t>();
+  a.loss = loss.data_ptr();
+  a.grad = compute_grad ? grad.data_ptr() : nullptr;
+  a.rows = x.size(0);
+  a.n = x.size(1);
+  a.ignore_index = ignore_index;
+  a.scale = scale.item<double>();
+  kernels().cross_entropy(a);
+  return {loss, grad};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedformer, CPU, m) {
   m.impl("softmax_fwd", &softmax_fwd);
   m.impl("softmax_bwd", &softmax_bwd);
+  m.impl("cross_entropy_rows", &cross_entropy_rows);
 }
 
 }  // namespace fusedformer::cpu

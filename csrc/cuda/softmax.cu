@@ -1,4 +1,5 @@
-// softmax_fwd / softmax_bwd for the CUDA dispatch key.
+// softmax_fwd / softmax_bwd and cross_entropy_rows for the CUDA dispatch key.
+#include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
 #include "fusedformer/common.h"
@@ -94,11 +95,42 @@ at::Tensor softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, int64_t di
   return moved ? gx.movedim(-1, d).contiguous() : gx;
 }
 
+std::tuple<at::Tensor, at::Tensor> cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target,
+                                                      const at::Tensor& scale, int64_t ignore_index,
+                                                      bool compute_grad) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  check_cross_entropy(logits, target, scale, ignore_index);
+  at::Tensor x = logits.contiguous();
+  at::Tensor t = target.contiguous();
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor sc = scale.reshape({1}).to(acc);
+  at::Tensor loss = at::empty({x.size(0)}, x.options().dtype(acc));
+  at::Tensor grad = compute_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  if (x.size(0) == 0) return {loss, grad};
+  CrossEntropyParams p{};
+  p.x = x.data_ptr();
+  p.target = t.const_data_ptr<int64_t>();
+  p.loss = loss.data_ptr();
+  p.grad = compute_grad ? grad.data_ptr() : nullptr;
+  p.scale = sc.data_ptr();
+  p.rows = x.size(0);
+  p.n = x.size(1);
+  p.ignore_index = ignore_index;
+  const int block = static_cast<int>(std::min<int64_t>(kLongBlock, (p.n + 31) / 32 * 32));
+  const cudaStream_t stream = current_stream();
+  dispatch_dtype(dtype_of(x), [&](auto tag) {
+    cross_entropy_rows_kernel<decltype(tag)><<<p.rows, block, 0, stream>>>(p);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, grad};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedformer, CUDA, m) {
   m.impl("softmax_fwd", &softmax_fwd);
   m.impl("softmax_bwd", &softmax_bwd);
+  m.impl("cross_entropy_rows", &cross_entropy_rows);
 }
 
 }  // namespace fusedformer::cuda

@@ -122,6 +122,36 @@ __global__ void softmax_fwd_rows_kernel(SoftmaxFwdParams p, int team, int nv) {
 }
 
 // One block per row, for rows longer than the register-resident kernel holds.
+// Max and sum of exp(v - max) of a row of `limit` values v(col) spread over a block's threads (an
+// online pass, then block reductions); NaN values mark the row, -inf ones count for nothing.
+template <typename C>
+struct BlockRowStats {
+  C max, sum;
+  bool nan;
+};
+
+template <typename C, typename F>
+__device__ __forceinline__ BlockRowStats<C> block_row_stats(int64_t limit, int team, C* scratch, F&& v) {
+  const C ninf = -c_inf<C>();
+  C m = ninf, s = 0;
+  bool nan = false;
+  for (int64_t col = threadIdx.x; col < limit; col += team) {
+    const C z = v(col);
+    nan |= z != z;
+    if (z == ninf || z != z) continue;
+    if (z > m) {
+      s = s * c_exp(m - z) + C(1);
+      m = z;
+    } else {
+      s += c_exp(z - m);
+    }
+  }
+  const C mx = team_reduce<C, true>(m, team, scratch);
+  const bool row_nan = team_reduce<C, true>(nan ? C(1) : C(0), team, scratch) > C(0);
+  const C sum = team_reduce<C, false>(m == ninf ? C(0) : s * c_exp(m - mx), team, scratch);
+  return {mx, sum, row_nan};
+}
+
 template <typename T, MaskKind MK>
 __global__ void softmax_fwd_long_kernel(SoftmaxFwdParams p) {
   using C = compute_t<T>;
@@ -135,23 +165,11 @@ __global__ void softmax_fwd_long_kernel(SoftmaxFwdParams p) {
   if constexpr (MK == MaskKind::Bool) mask = static_cast<const uint8_t*>(p.mask) + p.mask_rows.offset(r);
   const C scale = C(p.scale);
   const C ninf = -c_inf<C>();
-  // online max and sum of this thread's entries
-  C m = ninf, s = 0;
-  bool nan = false;
-  for (int64_t col = threadIdx.x; col < limit; col += team) {
-    const C z = softmax_logit<C, MK>(C(to_f(x[col])), col, limit, scale, mask, p.mask_col_stride);
-    nan |= z != z;
-    if (z == ninf || z != z) continue;
-    if (z > m) {
-      s = s * c_exp(m - z) + C(1);
-      m = z;
-    } else {
-      s += c_exp(z - m);
-    }
-  }
-  const C mx = team_reduce<C, true>(m, team, scratch);
-  const bool row_nan = team_reduce<C, true>(nan ? C(1) : C(0), team, scratch) > C(0);
-  const C sum = team_reduce<C, false>(m == ninf ? C(0) : s * c_exp(m - mx), team, scratch);
+  const BlockRowStats<C> st = block_row_stats<C>(limit, team, scratch, [&](int64_t col) {
+    return softmax_logit<C, MK>(C(to_f(x[col])), col, limit, scale, mask, p.mask_col_stride);
+  });
+  const C mx = st.max, sum = st.sum;
+  const bool row_nan = st.nan;
   const C inv = row_nan ? c_nan<C>() : (sum > C(0) ? C(1) / sum : C(0));
   T* y = static_cast<T*>(p.y) + r * p.n;
   for (int64_t col = threadIdx.x; col < p.n; col += team) {
@@ -219,6 +237,40 @@ __global__ void softmax_bwd_long_kernel(SoftmaxBwdParams p) {
   T* gx = static_cast<T*>(p.grad_x) + r * p.n;
   for (int64_t col = threadIdx.x; col < p.n; col += team)
     gx[col] = from_c<T>(C(to_f(y[col])) * (C(to_f(g[col])) - dot) * scale);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy rows (the loss of linear_cross_entropy), a block per row: the online max/sum pass of
+// the long-row softmax gives lse = max + ln(sum); loss = lse - x[target] and, with grad, the gradient
+// row (softmax - one_hot) * scale. Rows whose target is ignore_index: loss 0, zero gradient.
+struct CrossEntropyParams {
+  const void* x;
+  const int64_t* target;
+  void* loss;         // rows, compute type
+  void* grad;         // nullable: rows x n, x's dtype
+  const void* scale;  // one element, compute type
+  int64_t rows, n, ignore_index;
+};
+
+template <typename T>
+__global__ void cross_entropy_rows_kernel(CrossEntropyParams p) {
+  using C = compute_t<T>;
+  __shared__ C scratch[32];
+  const int64_t r = blockIdx.x;
+  const int team = blockDim.x;
+  const T* x = static_cast<const T*>(p.x) + r * p.n;
+  const BlockRowStats<C> st = block_row_stats<C>(p.n, team, scratch, [&](int64_t col) { return C(to_f(x[col])); });
+  const C lse = st.nan ? c_nan<C>() : st.max + log(st.sum);
+  const int64_t t = p.target[r];
+  const bool keep = t != p.ignore_index;
+  if (threadIdx.x == 0) static_cast<C*>(p.loss)[r] = keep ? lse - C(to_f(x[t])) : C(0);
+  if (!p.grad) return;
+  const C sc = keep ? *static_cast<const C*>(p.scale) : C(0);
+  T* g = static_cast<T*>(p.grad) + r * p.n;
+  for (int64_t col = threadIdx.x; col < p.n; col += team) {
+    const C e = keep ? c_exp(C(to_f(x[col])) - lse) : C(0);
+    g[col] = from_c<T>(e * sc - (col == t ? sc : C(0)));
+  }
 }
 
 }  // namespace fusedformer::cuda

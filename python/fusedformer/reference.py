@@ -74,6 +74,10 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     return (out, h) if residual is not None else out
 
 
+def gelu(input, approximate="none"):
+    return torch.nn.functional.gelu(_f64(input), approximate=approximate)
+
+
 def attention(
     query,
     key,

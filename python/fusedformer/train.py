@@ -67,6 +67,9 @@ def batch_windows(ids: torch.Tensor, batch: int, context: int, generator: torch.
 
 
 def lm_loss(model, x, y):
+    """Mean next-token cross-entropy: the model's fused head + loss where it has one (GPT.loss)."""
+    if hasattr(model, "loss"):
+        return model.loss(x, y)
     logits = model(x)
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
 

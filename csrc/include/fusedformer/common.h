@@ -32,6 +32,10 @@ at::Tensor broadcast_mask(const at::Tensor& mask, at::IntArrayRef target, const 
 // linear: input (..., K), weight (N, K), bias (N) or none, one dtype and device
 
 void check_linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+// cross_entropy_rows: logits (rows, n >= 1) float, target (rows,) int64 with every entry in [0, n) or
+// ignore_index, scale one element; all on one device. Reading target costs a device sync on CUDA.
+void check_cross_entropy(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& scale,
+                         int64_t ignore_index);
 
 // ---------------------------------------------------------------------------------------------
 // softmax

@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .. import ops
 from .checkpoint import CheckpointMixin
 from .config import GPTConfig
 from ..nn.linear import Linear
@@ -50,6 +51,20 @@ class GPT(CheckpointMixin, nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
                 last_only: bool = False):
+        return self.head(self.hidden(input_ids, attention_mask, position_ids, cache, last_only))
+
+    def loss(self, input_ids, targets, attention_mask=None, position_ids=None, ignore_index: int = -100):
+        """Mean cross-entropy of the next-token logits against ``targets`` (B, L) (positions equal to
+        ``ignore_index`` left out): ``F.cross_entropy(self(input_ids).flatten(0, 1), targets.flatten())``
+        with the LM head fused into the loss (``fusedformer.ops.linear_cross_entropy``), so the (B, L,
+        vocab) logits and their gradient are never materialized."""
+        h = self.hidden(input_ids, attention_mask, position_ids)
+        return ops.linear_cross_entropy(h, self.head.weight, targets, self.head.bias, ignore_index=ignore_index)
+
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
+               last_only: bool = False):
+        """The final-norm hidden states (B, L, d_model) (or (B, d_model) with ``last_only``) that the
+        LM head turns into logits; the arguments as in ``forward``."""
         c = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"GPT: input_ids must be (batch, length); got shape {tuple(input_ids.shape)}")
@@ -84,7 +99,7 @@ class GPT(CheckpointMixin, nn.Module):
         if last_only:
             h, delta = h[:, -1], delta[:, -1]
         x, _ = self.norm(delta, residual=h)
-        return self.head(x)
+        return x
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """``fusedformer.generate(self, ...)``."""

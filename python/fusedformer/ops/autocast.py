@@ -9,6 +9,8 @@
   ``input + residual`` would be. Without a residual they run in the input's dtype (they accumulate
   in float32 whatever that is); weight and bias may have any floating dtype.
 - ``softmax`` runs in its input's dtype (it accumulates in float32).
+- ``gelu`` runs in its input's dtype, like ``F.gelu`` (bfloat16 / float16 are computed in float32);
+  it has no autocast kernel.
 - ``linear`` is a lower-precision op, like ``F.linear``: input, weight and bias are cast to the
   autocast dtype.
 """

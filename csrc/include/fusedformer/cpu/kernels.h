@@ -154,6 +154,32 @@ struct GemmArgs {
   int64_t rsa, csa, rsb, csb, ldc;
 };
 
+// Cross-entropy over contiguous rows of logits x (rows, n) against class indices target (rows), the
+// loss of fusedformer.ops.linear_cross_entropy: loss[r] = logsumexp(x_r) - x_r[target[r]] (compute
+// type) and, with grad, grad_r = softmax(x_r) * scale minus scale at target[r] (x's dtype). Rows whose
+// target is ignore_index get loss 0 and a zero gradient; the others are in [0, n) (checked by the glue).
+struct CrossEntropyArgs {
+  DType dtype;
+  const void* x;
+  const int64_t* target;
+  void* loss;
+  void* grad;  // nullable
+  int64_t rows, n, ignore_index;
+  double scale;
+};
+
+// GELU over n contiguous elements, as torch.nn.functional.gelu: the exact x * Phi(x) (Phi the
+// standard normal CDF) or, with tanh, its tanh approximation. Forward: out = gelu(x), grad_y null.
+// Backward: out = grad_y * gelu'(x). All arrays in the storage dtype, computed in the compute type.
+struct GeluArgs {
+  DType dtype;
+  bool tanh;
+  const void* x;
+  const void* grad_y;  // backward only
+  void* out;
+  int64_t n;
+};
+
 struct KernelTable {
   const char* name;
   void (*softmax_fwd)(const SoftmaxFwdArgs&);
@@ -164,6 +190,9 @@ struct KernelTable {
   void (*attention_bwd)(const AttnBwdArgs&);
   void (*linear_fwd)(const LinearArgs&);
   void (*gemm)(const GemmArgs&);
+  void (*cross_entropy)(const CrossEntropyArgs&);
+  void (*gelu_fwd)(const GeluArgs&);
+  void (*gelu_bwd)(const GeluArgs&);
 };
 
 #define FF_DECLARE_KERNELS(ns)                     \
@@ -176,6 +205,9 @@ struct KernelTable {
   void attention_bwd(const AttnBwdArgs&);          \
   void linear_fwd(const LinearArgs&);              \
   void gemm(const GemmArgs&);                      \
+  void cross_entropy(const CrossEntropyArgs&);     \
+  void gelu_fwd(const GeluArgs&);                  \
+  void gelu_bwd(const GeluArgs&);                  \
   }
 
 // The kernel table in use.
