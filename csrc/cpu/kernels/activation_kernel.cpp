@@ -121,15 +121,6 @@ struct GeluTanh {
 // ---------------------------------------------------------------------------------------------
 // elementwise driver
 
-template <typename T, typename V>
-FF_INLINE void put(T* p, V v, bool stream) {
-  if (stream) {
-    vstream(p, v);
-  } else {
-    vstore(p, v);
-  }
-}
-
 // out[i] = f(in[i]...) for i in [begin, end): whole vectors, partial ones at the ends and, with
 // streaming stores, up to the first aligned element of out.
 template <typename T, typename F, typename... In>

@@ -37,15 +37,6 @@ int64_t num_chunks(int64_t rows, int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>({rows, 64, by_mem}));
 }
 
-template <typename T, typename V>
-FF_INLINE void put(T* p, V v, bool stream) {
-  if (stream) {
-    vstream(p, v);
-  } else {
-    vstore(p, v);
-  }
-}
-
 // y[0, n) from a vector function fv(j) and a scalar function fs(j); streaming stores from the
 // first kStreamAlign boundary on
 template <typename T, typename FV, typename FS>

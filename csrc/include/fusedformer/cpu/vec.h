@@ -367,6 +367,15 @@ FF_INLINE void vstream(float* p, vf v) { vstream_bytes(p, v); }
 FF_INLINE void vstream(double* p, vd v) { vstream_bytes(p, v); }
 FF_INLINE void vstream(bf16_t* p, vf v) { vstream_bytes(p, to_bf16_bits(v)); }
 FF_INLINE void vstream(f16_t* p, vf v) { vstream_bytes(p, to_f16_bits(v)); }
+// a vector store, streaming (past the caches) or plain
+template <typename T, typename V>
+FF_INLINE void put(T* p, V v, bool stream) {
+  if (stream) {
+    vstream(p, v);
+  } else {
+    vstore(p, v);
+  }
+}
 FF_INLINE void vstream_fence() {
 #if defined(__SSE2__)
   _mm_sfence();
