@@ -35,6 +35,12 @@ TORCH_LIBRARY(fusedformer, m) {
       "attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
       "Tensor? attn_mask, float dropout_p, bool is_causal, float scale, Tensor? seed) -> "
       "(Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  // attention within each of several packed sequences (inference): query (T, Hq, E), key / value
+  // (T, Hkv, E|Ev), sequence b the rows [cu_seqlens[b], cu_seqlens[b + 1]) (cu_seqlens int64, from 0 to T,
+  // nondecreasing). Returns (T, Hq, Ev). CPU only.
+  m.def(
+      "attention_varlen_fwd(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens, bool is_causal, "
+      "float scale) -> Tensor");
 
   // input @ weight.T + bias (nn.Linear), weight (out_features, in_features). The CPU kernel streams
   // the weights once for all rows: the path for few rows (generation); the backward is composed of

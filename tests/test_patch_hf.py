@@ -70,9 +70,18 @@ def _assert_grads_close(a_model, a_loss, b_model, b_loss):
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_bert_inference(impl):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded_attention"])
+def test_bert_inference(impl, packed, monkeypatch):
+    from fusedformer.nn.hf import bert as fbert
+
+    calls = []
+    varlen = fbert.attention_varlen
+    monkeypatch.setattr(fbert, "attention_varlen", lambda *a, **k: calls.append(1) or varlen(*a, **k))
     model = _bert(attn_implementation=impl).eval()
     patched = _patched(model)
+    for m in patched.modules():
+        if isinstance(m, fbert.FusedBertEncoder):
+            m.packed_attention = packed
     names = {new for _, _, new in patched.fusedformer_summary.replaced}
     assert "fusedformer.nn.hf.bert.FusedBertSelfAttention" in names
     assert "fusedformer.nn.hf.bert.FusedBertEncoder" in names
@@ -93,6 +102,8 @@ def test_bert_inference(impl):
     torch.testing.assert_close(bl.last_hidden_state[kl], al.last_hidden_state[kl], rtol=1e-5, atol=1e-5)
     if impl == "sdpa":
         assert not bl.last_hidden_state[~kl].any()
+    # the padding is skipped with sdpa-format masks only; then the attention runs on the packed tokens
+    assert bool(calls) == (packed and impl == "sdpa")
     # without padding and with skip_padding=False every position matches
     full = _patched(model, skip_padding=False)
     with torch.no_grad():

@@ -113,4 +113,22 @@ void check_attention_bwd(const AttnProblem& p, const at::Tensor& grad_out, const
                     lse.sizes());
 }
 
+at::Tensor check_cu_seqlens(const at::Tensor& cu_seqlens, int64_t tokens, const char* op) {
+  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, op,
+                    ": cu_seqlens must be a 1-D tensor of sequence starts and the total (batch + 1 entries), got shape ",
+                    cu_seqlens.sizes());
+  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kLong || cu_seqlens.scalar_type() == at::kInt, op,
+                   ": cu_seqlens must be int64 or int32, got ", cu_seqlens.scalar_type());
+  at::Tensor cu = cu_seqlens.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* c = cu.data_ptr<int64_t>();
+  const int64_t n = cu.numel();
+  TORCH_CHECK_VALUE(c[0] == 0, op, ": cu_seqlens must start at 0, got ", c[0]);
+  for (int64_t i = 1; i < n; ++i)
+    TORCH_CHECK_VALUE(c[i] >= c[i - 1], op, ": cu_seqlens must be nondecreasing, got ", c[i - 1], " then ", c[i],
+                      " at index ", i);
+  TORCH_CHECK_VALUE(c[n - 1] == tokens, op, ": cu_seqlens must end at the number of tokens (", tokens, "), got ",
+                    c[n - 1]);
+  return cu;
+}
+
 }  // namespace fusedformer

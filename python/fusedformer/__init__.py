@@ -5,7 +5,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
 from . import ops
-from .ops import attention, gelu, layer_norm, linear, linear_cross_entropy, rms_norm, softmax
+from .ops import attention, attention_varlen, gelu, layer_norm, linear, linear_cross_entropy, rms_norm, softmax
 from .ops.linear import _capability_changed as _linear_capability_changed
 from .patch import patch  # eager: a lazily imported submodule named patch would shadow the function
 
@@ -56,6 +56,7 @@ def built_with_cuda() -> bool:
 
 __all__ = [
     "attention",
+    "attention_varlen",
     "gelu",
     "layer_norm",
     "linear",

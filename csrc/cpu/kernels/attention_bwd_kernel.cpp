@@ -3,9 +3,11 @@
 // log-sum-exp, and accumulate dV and dK for the block in compute-type tiles and dQ in a
 // compute-type buffer.
 //
-// Work items are (batch, key/value head, range of key blocks). When there are fewer key/value heads
-// than threads, the key blocks of a head are split over several items, each with its own dQ
-// buffer, summed at the end in a fixed order (so the result does not depend on the thread count).
+// Work items are (batch, key/value head, range of key blocks). An item that has all the key blocks
+// of its head accumulates dQ of the head's queries in a buffer of its own and writes it at the end.
+// When there are fewer key/value heads than threads, the key blocks of a head are split over
+// several items, each with its own share of a dQ buffer, summed at the end in a fixed order (so the
+// result does not depend on the thread count).
 #include "attention_common.h"
 
 namespace fusedformer::cpu::FF_ISA {
@@ -13,13 +15,14 @@ namespace {
 
 struct BwdPlan {
   int64_t E, Ev, Ep, Evp, group, nkb, nqb, nsplit, dq_size;
+  bool local_dq;  // nsplit == 1: each item keeps dQ of its heads in its tiles
 };
 
 // Tiles of one worker.
 template <typename C>
 struct BwdTiles {
-  Buf<C> kt, kp, vt, dk, dv, qs, qp, dob, dop, pb, dpb, pdb;
-  BwdTiles(const BwdPlan& pl, bool dropout)
+  Buf<C> kt, kp, vt, dk, dv, qs, qp, dob, dop, pb, dpb, pdb, dql;
+  BwdTiles(const BwdPlan& pl, int64_t L, bool dropout)
       : kt(pl.E * BC),
         kp(BC * pl.Ep),
         vt(pl.Ev * BC),
@@ -31,7 +34,8 @@ struct BwdTiles {
         dop(BR * pl.Evp),
         pb(BR * BC),
         dpb(BR * BC),
-        pdb(dropout ? BR * BC : 1) {}
+        pdb(dropout ? BR * BC : 1),
+        dql(pl.local_dq ? pl.group * L * pl.Ep : 1) {}
 };
 
 template <typename T, MaskKind MK, typename C = compute_t<T>>
@@ -48,6 +52,7 @@ void bwd_item(const AttnBwdArgs& ba, const BwdPlan& pl, int64_t x, int64_t split
   const AttnTensor& g = ba.grad_out;
   const C scale = C(a.scale), scale2 = C(a.scale) * kLog2e<C>;
   C* dqs = dq + split * pl.dq_size;
+  if (pl.local_dq) std::fill(t.dql.get(), t.dql.get() + pl.group * a.L * Ep, C(0));
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t j0 = kb * BC, valid = std::min<int64_t>(BC, a.S - j0);
     pack_panels_t<T, C>(k + j0 * a.k.sl, a.k.sl, a.k.se, valid, E, t.kt.get(), E, BC);
@@ -107,7 +112,8 @@ void bwd_item(const AttnBwdArgs& ba, const BwdPlan& pl, int64_t x, int64_t split
         }
         // dK += dS^T (scale Q), dQ += dS K (scaled at the end)
         gemm<true>(valid, Ep, rows, dp, 1, BC, t.qp.get(), BR, t.dk.get(), Ep);
-        gemm<true>(rows, Ep, BC, dp, BC, 1, t.kp.get(), BC, dqs + (xq * a.L + i0) * Ep, Ep);
+        C* dqr = pl.local_dq ? t.dql.get() + (hg * a.L + i0) * Ep : dqs + (xq * a.L + i0) * Ep;
+        gemm<true>(rows, Ep, BC, dp, BC, 1, t.kp.get(), BC, dqr, Ep);
       }
     }
     // write dK and dV for this key block
@@ -117,6 +123,12 @@ void bwd_item(const AttnBwdArgs& ba, const BwdPlan& pl, int64_t x, int64_t split
       for (int64_t c = 0; c < E; ++c) gk[r * E + c] = to_storage<T>(t.dk.get()[r * Ep + c]);
       for (int64_t c = 0; c < Ev; ++c) gv[r * Ev + c] = to_storage<T>(t.dv.get()[r * Evp + c]);
     }
+  }
+  if (pl.local_dq) {
+    // dQ = scale * the item's sum, for the query heads of this key/value head
+    T* gq = static_cast<T*>(ba.grad_q) + (b * a.Hq + hkv * pl.group) * a.L * E;
+    for (int64_t r = 0; r < pl.group * a.L; ++r)
+      for (int64_t c = 0; c < E; ++c) gq[r * E + c] = to_storage<T>(t.dql.get()[r * Ep + c] * scale);
   }
 }
 
@@ -135,7 +147,8 @@ void attention_bwd_impl(const AttnBwdArgs& ba) {
   const int64_t BHq = a.B * a.Hq, BHkv = a.B * a.Hkv;
   const int threads = num_threads();
   pl.nsplit = BHkv >= threads ? 1 : std::min<int64_t>(pl.nkb, ceil_div(2 * threads, BHkv));
-  pl.dq_size = BHq * a.L * pl.Ep;
+  pl.local_dq = pl.nsplit == 1;
+  pl.dq_size = pl.local_dq ? 0 : BHq * a.L * pl.Ep;
 
   // D = rowsum(dO * O) and the base-2 log-sum-exp, per query row
   Buf<C> dvec(BHq * a.L), lse2(BHq * a.L);
@@ -156,17 +169,18 @@ void attention_bwd_impl(const AttnBwdArgs& ba) {
     }
   });
 
-  Buf<C> dq(pl.nsplit * pl.dq_size);
+  Buf<C> dq(pl.local_dq ? 1 : pl.nsplit * pl.dq_size);
   parallel_for(0, pl.nsplit * pl.dq_size, 1 << 16,
                [&](int64_t s, int64_t e) { std::fill(dq.get() + s, dq.get() + e, C(0)); });
 
   const Dropout<C> drop(a.dropout_p, a.seed);
   run_items(BHkv * pl.nsplit, [&](const auto& take) {
-    BwdTiles<C> t(pl, drop.on);
+    BwdTiles<C> t(pl, a.L, drop.on);
     for (int64_t it; (it = take()) >= 0;)
       bwd_item<T, MK>(ba, pl, it / pl.nsplit, it % pl.nsplit, dvec.get(), lse2.get(), dq.get(), t, drop);
   });
 
+  if (pl.local_dq) return;
   // dQ = scale * sum over splits
   T* gq = static_cast<T*>(ba.grad_q);
   const C scale = C(a.scale);

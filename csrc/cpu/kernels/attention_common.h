@@ -304,6 +304,12 @@ FF_INLINE void finish_row(const C* o, C m, C l, int64_t Ev, T* dst, C* lse) {
   for (; c < Ev; ++c) dst[c] = to_storage<T>(o[c] * inv);
 }
 
+// The output row of (batch b, query head h, position i).
+template <typename T>
+FF_INLINE T* out_row(const AttnFwdArgs& a, int64_t b, int64_t h, int64_t i) {
+  return static_cast<T*>(a.out) + b * a.o_sb + h * a.o_sh + i * a.o_sl;
+}
+
 // Base-2 logits of a tile s[rows][width] (rows i0.., keys j0..): add the mask (additive, times
 // log2 e) or drop (bool), drop keys j > i when causal and keys at or beyond `valid`.
 template <MaskKind MK, typename C>

@@ -97,9 +97,9 @@ void decode_item(const AttnFwdArgs& a, const DecodePlan& pl, int64_t x, int64_t 
     return;
   }
   for (int64_t r = 0; r < R; ++r) {
-    const int64_t row = (b * a.Hq + hkv * pl.group + r / a.L) * a.L + r % a.L;
-    finish_row<T, C>(ob + r * pl.Evp, mrow[r], lrow[r], pl.Ev, static_cast<T*>(a.out) + row * pl.Ev,
-                     static_cast<C*>(a.lse) + row);
+    const int64_t h = hkv * pl.group + r / a.L, i = r % a.L;
+    finish_row<T, C>(ob + r * pl.Evp, mrow[r], lrow[r], pl.Ev, out_row<T>(a, b, h, i),
+                     static_cast<C*>(a.lse) + (b * a.Hq + h) * a.L + i);
   }
 }
 
@@ -122,8 +122,7 @@ void merge_splits(const AttnFwdArgs& a, const DecodePlan& pl, int64_t x, const C
         for (int64_t c = 0; c < pl.Ev; ++c) acc[c] += w * p[2 + c];
       }
     }
-    const int64_t row = (b * a.Hq + h) * a.L + i;
-    finish_row<T, C>(acc, M, l, pl.Ev, static_cast<T*>(a.out) + row * pl.Ev, static_cast<C*>(a.lse) + row);
+    finish_row<T, C>(acc, M, l, pl.Ev, out_row<T>(a, b, h, i), static_cast<C*>(a.lse) + (b * a.Hq + h) * a.L + i);
   }
 }
 

@@ -109,5 +109,7 @@ AttnProblem prepare_attention(const char* op, const at::Tensor& query, const at:
 at::Tensor flatten_batch(const at::Tensor& t, int64_t keep_dims);
 void check_attention_bwd(const AttnProblem& p, const at::Tensor& grad_out, const at::Tensor& out,
                          const at::Tensor& lse);
+// cu_seqlens of the varlen op as int64 on the CPU: 1-D, from 0 to `tokens`, nondecreasing.
+at::Tensor check_cu_seqlens(const at::Tensor& cu_seqlens, int64_t tokens, const char* op);
 
 }  // namespace fusedformer

@@ -51,6 +51,54 @@ def attention(
     return out
 
 
+def attention_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention within each of several sequences packed along the first dim, without padding.
+
+    ``query`` is ``(T, H, E)``, ``key`` / ``value`` ``(T, Hkv, E)`` / ``(T, Hkv, Ev)`` (``H`` a multiple
+    of ``Hkv``: grouped-query attention), any strides (e.g. views of one packed projection); sequence
+    ``b`` is rows ``cu_seqlens[b]:cu_seqlens[b + 1]`` (``cu_seqlens``: int64 or int32, ``batch + 1``
+    entries from 0 to ``T``, nondecreasing) and attends only to its own keys (``is_causal``: key ``j``
+    for query ``i`` when ``j <= i``). Returns ``(T, H, Ev)``, contiguous, so that ``.flatten(1)`` is the
+    ``(T, H * Ev)`` input of the output projection without a copy. The result for sequence ``b`` equals
+    :func:`attention` on its rows alone: no work is spent on padding, and no mask is read.
+
+    Inference only (raises when autograd would need a gradient), and CPU only: elsewhere use
+    :func:`attention` with a key-padding mask.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value), ("cu_seqlens", cu_seqlens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fusedformer.attention_varlen: {name} must be a tensor, got {type(t).__name__}")
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        raise RuntimeError(
+            "fusedformer.attention_varlen has no backward; call it under torch.no_grad() / torch.inference_mode(), "
+            "or use fusedformer.attention with a key-padding mask for training"
+        )
+    if query.device.type != "cpu":
+        raise NotImplementedError(
+            f"fusedformer.attention_varlen runs on the CPU only, got query on {query.device}; use "
+            "fusedformer.attention with a key-padding mask"
+        )
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.size(-1)) if query.dim() else 1.0
+    return _ops.attention_varlen_fwd(query, key, value, cu_seqlens, bool(is_causal), float(scale))
+
+
+@torch.library.register_fake("fusedformer::attention_varlen_fwd")
+def _attention_varlen_fake(query, key, value, cu_seqlens, is_causal, scale):
+    check_same_device("fusedformer.attention_varlen", "query", query, key=key, value=value)
+    if query.dim() != 3 or value.dim() != 3:
+        raise ValueError(f"fusedformer.attention_varlen: query and value must have shape (tokens, heads, head_dim), "
+                         f"got {tuple(query.shape)} and {tuple(value.shape)}")
+    return query.new_empty((query.shape[0], query.shape[1], value.shape[2]))
+
+
 @torch.library.register_fake("fusedformer::attention_fwd")
 def _attention_fwd_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
     check_same_device("fusedformer.attention", "query", query, key=key, value=value, attn_mask=attn_mask)

@@ -101,8 +101,10 @@ struct NormBwdArgs {
 };
 
 // Attention over (B, H, L, E) tensors addressed by element strides. Query head h reads key/value
-// head h / (Hq / Hkv). The output is contiguous (B, Hq, L, Ev); lse is (B, Hq, L) in the compute type, the
-// natural-log log-sum-exp of each row's scaled logits (+inf for a row whose keys are all masked).
+// head h / (Hq / Hkv). The output row (b, h, i) starts at out + b * o_sb + h * o_sh + i * o_sl (its Ev
+// features contiguous; the ops' outputs are contiguous (B, Hq, L, Ev), the varlen op's (T, Hq, Ev)); lse is
+// contiguous (B, Hq, L) in the compute type, the natural-log log-sum-exp of each row's scaled logits (+inf for
+// a row whose keys are all masked).
 struct AttnTensor {
   const void* data;
   int64_t sb, sh, sl, se;  // strides of batch, head, position, feature
@@ -112,6 +114,7 @@ struct AttnFwdArgs {
   DType dtype;
   AttnTensor q, k, v;
   void* out;
+  int64_t o_sb, o_sh, o_sl;  // element strides of the output's batch, head and position
   void* lse;
   int64_t B, Hq, Hkv, L, S, E, Ev;
   MaskKind mask_kind;

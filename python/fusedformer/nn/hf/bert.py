@@ -7,7 +7,9 @@
   into the norm.
 - ``BertEncoder``: in inference (no autograd), when the model's mask only marks padded keys, the
   padded tokens are dropped before the layers and every token-wise part (projections, norms,
-  feed-forward) runs on the real tokens only; the attention itself runs on the padded layout. The
+  feed-forward) runs on the real tokens only; on the CPU so does the attention (each sentence's
+  tokens packed one after another, ``fusedformer.ops.attention_varlen``: no mask read, no work on
+  padding), elsewhere it runs on the padded layout with the key-padding mask. The
   outputs at real tokens are the same; at padded positions ``last_hidden_state`` holds zeros (as
   torch.nn.TransformerEncoder's nested-tensor fast path does) instead of values computed from
   padding. ``fusedformer.patch(model, skip_padding=False)`` keeps the padded computation.
@@ -22,7 +24,7 @@ from transformers.models.bert import modeling_bert as mb
 
 from ..functional import merge_heads, split_heads
 from ..layers import add_then_norm
-from ...ops import linear
+from ...ops import attention_varlen, linear
 from .common import attend, capturing_outputs, dense, native_masks, packed_linear, take_cache
 
 
@@ -80,7 +82,7 @@ class _Tokens:
     when every row is a prefix of tokens followed by padding (right padding, BERT's tokenizers), where
     scattering and gathering are B slice copies instead of indexed copies (several times faster)."""
 
-    def __init__(self, keep: Tensor):
+    def __init__(self, keep: Tensor, packed_attention: bool):
         self.B, self.L = keep.shape
         lengths = keep.sum(1)
         prefix = bool((keep == (torch.arange(self.L, device=keep.device) < lengths[:, None])).all())
@@ -88,6 +90,8 @@ class _Tokens:
         flat = keep.flatten()
         self.rows = flat.nonzero().squeeze(1)
         self.pad_rows = None if prefix else flat.logical_not().nonzero().squeeze(1)
+        # the real tokens are gathered sequence after sequence: sequence b is rows cu[b]:cu[b + 1]
+        self.cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]) if packed_attention else None
 
     def gather(self, x: Tensor) -> Tensor:
         """(B, L, ...) -> (T, ...): the real tokens in order."""
@@ -118,20 +122,27 @@ def _intermediate(inter: torch.nn.Module, h: Tensor) -> Tensor:
 
 
 def _unpadded_layer(layer: mb.BertLayer, x: Tensor, keep4: Tensor, tokens: _Tokens) -> Tensor:
-    """One BertLayer over the real tokens ``x`` (T, D); attention on the padded layout."""
+    """One BertLayer over the real tokens ``x`` (T, D); attention on the packed tokens (CPU) or the padded layout."""
     sa = layer.attention.self
     w, b = packed_linear(sa, (sa.query, sa.key, sa.value))
-    full = tokens.scatter(linear(x, w, b))
-    q, k, v = full.split(sa.all_head_size, dim=-1)
-    q, k, v = (split_heads(t, sa.num_attention_heads, True) for t in (q, k, v))
-    out = attend(sa, q, k, v, keep4, 0.0, sa.scaling, False)
-    out = tokens.gather(out.transpose(1, 2)).flatten(1)
+    qkv = linear(x, w, b)
+    if tokens.cu is not None:
+        q, k, v = (t.unflatten(-1, (sa.num_attention_heads, -1)) for t in qkv.split(sa.all_head_size, dim=-1))
+        out = attention_varlen(q, k, v, tokens.cu, scale=sa.scaling).flatten(1)
+    else:
+        q, k, v = tokens.scatter(qkv).split(sa.all_head_size, dim=-1)
+        q, k, v = (split_heads(t, sa.num_attention_heads, True) for t in (q, k, v))
+        out = attend(sa, q, k, v, keep4, 0.0, sa.scaling, False)
+        out = tokens.gather(out.transpose(1, 2)).flatten(1)
     h = layer.attention.output(out, x)
     return layer.output(_intermediate(layer.intermediate, h), h)
 
 
 class FusedBertEncoder(mb.BertEncoder):
     skip_padding = True
+    # with skipped padding on the CPU: attention over the packed tokens (False: the padded layout and
+    # the key-padding mask, as on other devices)
+    packed_attention = True
 
     def _can_skip_padding(self, hidden_states, attention_mask, encoder_hidden_states, cache) -> bool:
         if not self.skip_padding or torch.is_grad_enabled() or encoder_hidden_states is not None:
@@ -173,7 +184,7 @@ class FusedBertEncoder(mb.BertEncoder):
                 use_cache, **kwargs,
             )
         B, L, D = hidden_states.shape
-        tokens = _Tokens(keep)
+        tokens = _Tokens(keep, self.packed_attention and hidden_states.device.type == "cpu")
         x = tokens.gather(hidden_states)
         keep4 = keep.view(B, 1, 1, L)
         for layer in self.layer:
