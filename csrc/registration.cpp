@@ -51,6 +51,8 @@ TORCH_LIBRARY(fusedformer, m) {
   // CDF) or "tanh" (its tanh approximation). gelu_bwd returns grad * gelu'(input).
   m.def("gelu(Tensor input, str approximate) -> Tensor");
   m.def("gelu_bwd(Tensor grad, Tensor input, str approximate) -> Tensor");
+  // gelu in place on a contiguous input (CPU)
+  m.def("gelu_(Tensor(a!) input, str approximate) -> ()");
 
   // cross-entropy of logits rows (rows, n) against int64 class indices target (rows,): loss per row
   // (float32; float64 for float64 logits) logsumexp - logit of the target, and with compute_grad the

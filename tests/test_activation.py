@@ -152,6 +152,41 @@ def test_opcheck():
     torch.library.opcheck(_ops.gelu.default, (x.new_empty((0, 3)), "tanh"))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(0,), (17,), (3, 1023), (1100, 1001)], ids=str)
+def test_inplace_equals_out_of_place(isa, approximate, dtype, shape):
+    x = make(shape, dtype=dtype, seed=3) * 4
+    with cpu_isa(isa):
+        want = fusedformer.ops.gelu(x, approximate)
+        y = x.clone()
+        with torch.no_grad():
+            got = fusedformer.ops.gelu_(y, approximate)
+    assert got is y
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+def test_inplace_op_and_errors():
+    x = make((4, 2, 9))
+    torch.library.opcheck(_ops.gelu_.default, (x.clone(), "tanh"))
+    torch.library.opcheck(_ops.gelu_.default, (x.clone().to(torch.bfloat16), "none"))
+    with pytest.raises(ValueError, match="input must be contiguous"):
+        fusedformer.ops.gelu_(x.transpose(0, 2), "tanh")
+    with pytest.raises(RuntimeError, match="has no backward"):
+        fusedformer.ops.gelu_(x.clone().requires_grad_(), "tanh")
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh'"):
+        fusedformer.ops.gelu_(x.clone(), "fast")
+    with pytest.raises(TypeError, match="input must be"):
+        fusedformer.ops.gelu_(x.int(), "tanh")
+
+    def f(t):
+        return fusedformer.ops.gelu_(t * 2.0, "tanh") + 1
+
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), fusedformer.ops.gelu(x * 2.0, "tanh") + 1)
+
+
 def test_compile_fullgraph():
     def f(x):
         return fusedformer.ops.gelu(x * 2.0, approximate="tanh") + fusedformer.ops.gelu(x)

@@ -25,6 +25,21 @@ at::Tensor gelu(const at::Tensor& input, c10::string_view approximate) {
   return run(prepare_gelu(input, approximate), false);
 }
 
+// in place on a contiguous input (inference: the fresh output of a projection, which no one else reads)
+void gelu_inplace(const at::Tensor& input, c10::string_view approximate) {
+  GeluProblem p = prepare_gelu(input, approximate);
+  TORCH_CHECK_VALUE(input.is_contiguous(), "fusedformer.gelu_: input must be contiguous, got strides ",
+                    input.strides());
+  if (input.numel() == 0) return;
+  GeluArgs a{};
+  a.dtype = dtype_of(input);
+  a.tanh = p.tanh;
+  a.x = input.data_ptr();
+  a.out = input.data_ptr();
+  a.n = input.numel();
+  kernels().gelu_fwd(a);
+}
+
 at::Tensor gelu_bwd(const at::Tensor& grad, const at::Tensor& input, c10::string_view approximate) {
   return run(prepare_gelu_bwd(grad, input, approximate), true);
 }
@@ -33,6 +48,7 @@ at::Tensor gelu_bwd(const at::Tensor& grad, const at::Tensor& input, c10::string
 
 TORCH_LIBRARY_IMPL(fusedformer, CPU, m) {
   m.impl("gelu", &gelu);
+  m.impl("gelu_", &gelu_inplace);
   m.impl("gelu_bwd", &gelu_bwd);
 }
 

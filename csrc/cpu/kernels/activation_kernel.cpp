@@ -153,7 +153,8 @@ void map_range(T* out, int64_t begin, int64_t end, bool stream, const F& f, cons
 
 template <typename T, typename F, typename... In>
 void map_elements(T* out, int64_t n, const F& f, const In*... in) {
-  const bool stream = n * int64_t(sizeof(T)) >= kStreamMinBytes;
+  // in place, the result is read next (the following projection): kept in the cache, not streamed
+  const bool stream = n * int64_t(sizeof(T)) >= kStreamMinBytes && ((static_cast<const void*>(in) != out) && ...);
   const int64_t blocks = (n + kBlockElems - 1) / kBlockElems;
   parallel_for(0, blocks, std::max<int64_t>(1, kGrainElems / kBlockElems), [&](int64_t b0, int64_t b1) {
     map_range(out, b0 * kBlockElems, std::min(n, b1 * kBlockElems), stream, f, in...);

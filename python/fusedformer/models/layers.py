@@ -53,8 +53,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.up(x)
-        # without autograd the PyTorch activations overwrite the projection (no second d_ff-wide
-        # buffer); the fused GELU writes a new tensor in one pass
+        # without autograd the activations overwrite the projection (no second d_ff-wide buffer,
+        # none of its page faults)
         inplace = not torch.is_grad_enabled()
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
@@ -63,7 +63,9 @@ class MLP(nn.Module):
             approximate = "tanh" if self.activation == "gelu_tanh" else "none"
             # the fused tanh GELU is 3-5x ATen's forward and backward; the exact one 1.5x in the
             # backward but 0.8x in the forward, so inference keeps ATen's in-place exact GELU
-            if self.fused and (approximate == "tanh" or not inplace):
+            if self.fused and approximate == "tanh" and inplace and h.is_contiguous():
+                h = ops.gelu_(h, approximate)
+            elif self.fused and (approximate == "tanh" or not inplace):
                 h = ops.gelu(h, approximate)
             else:
                 h = torch.ops.aten.gelu_(h, approximate=approximate) if inplace else F.gelu(h, approximate=approximate)

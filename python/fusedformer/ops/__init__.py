@@ -1,11 +1,11 @@
 """Functional API: the fused ops with the argument names of their torch.nn.functional namesakes."""
 
 from .attention import attention, attention_varlen
-from .activation import gelu
+from .activation import gelu, gelu_
 from .cross_entropy import linear_cross_entropy
 from .layernorm import layer_norm, rms_norm
 from .linear import linear
 from .softmax import softmax
 from . import autocast as _autocast  # noqa: F401,E402  (kernels for the autocast dispatch keys)
 
-__all__ = ["attention", "attention_varlen", "gelu", "layer_norm", "linear", "linear_cross_entropy", "rms_norm", "softmax"]
+__all__ = ["attention", "attention_varlen", "gelu", "gelu_", "layer_norm", "linear", "linear_cross_entropy", "rms_norm", "softmax"]

@@ -29,8 +29,32 @@ def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return _ops.gelu(input, approximate)
 
 
+def gelu_(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``gelu`` in place: overwrites ``input`` (contiguous) and returns it, for a fresh activation no
+    one else reads (inference: the output of a projection). No autograd: raises when ``input`` needs
+    a gradient. The fused kernel runs on the CPU; on other devices this is ``input.copy_(gelu(input))``.
+    """
+    check_tensor("fusedformer.gelu_", "input", input)
+    if not isinstance(approximate, str):
+        raise TypeError(f"fusedformer.gelu_: approximate must be a str ('none' or 'tanh'), got {type(approximate).__name__}")
+    if input.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("fusedformer.gelu_ has no backward: input requires grad; use fusedformer.gelu")
+    if input.device.type != "cpu":
+        return input.copy_(_ops.gelu(input, approximate))
+    _ops.gelu_(input, approximate)
+    return input
+
+
 # ---------------------------------------------------------------------------------------------
 # fake (shape) implementations
+
+
+@torch.library.register_fake("fusedformer::gelu_")
+def _gelu_inplace_fake(input, approximate):
+    _check_approximate("fusedformer.gelu_", approximate)
+    if not input.is_contiguous():
+        raise ValueError(f"fusedformer.gelu_: input must be contiguous, got strides {tuple(input.stride())}")
+    return None
 
 
 @torch.library.register_fake("fusedformer::gelu")

@@ -179,7 +179,7 @@ struct GeluArgs {
   bool tanh;
   const void* x;
   const void* grad_y;  // backward only
-  void* out;
+  void* out;  // may be x (in place)
   int64_t n;
 };
 
