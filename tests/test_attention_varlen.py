@@ -147,6 +147,8 @@ def test_errors_name_the_argument():
             ops.attention_varlen(make((6, 3, 8)), k, v, cu)
         with pytest.raises(TypeError, match="key"):
             ops.attention_varlen(q, k.double(), v, cu)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="runs on the CPU only"):
+        ops.attention_varlen(q.to("meta"), k.to("meta"), v.to("meta"), cu)
     with pytest.raises(RuntimeError, match="has no backward"):
         ops.attention_varlen(q.requires_grad_(), k, v, cu)
     assert math.isfinite(float(ops.attention_varlen(q.detach(), k, v, cu).sum()))

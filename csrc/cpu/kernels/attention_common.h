@@ -237,6 +237,17 @@ FF_INLINE vf exp2_neg(vf x) {
 }
 FF_INLINE vd exp2_neg(vd x) { return vexp2(x); }
 
+// A row whose logits so far are all masked (-inf), or whose unmasked logits are NaN (max drops NaN):
+// zero probabilities, and a NaN logit makes the row's sum l NaN (finish_row), as in softmax. Returns
+// the output's scale factor (1).
+template <typename C>
+FF_INLINE C masked_row(C* s, C& l, int64_t width) {
+  for (int64_t c = 0; c < width; ++c)
+    if (s[c] != s[c]) l = s[c];
+  std::fill(s, s + width, C(0));
+  return C(1);
+}
+
 // Online softmax of one row of base-2 logits s[0, NB * lanes): updates the running max m and sum l,
 // turns s into probabilities (before dropout) and returns the factor the row's output must be scaled
 // by. NB is a compile-time count so that the row stays in registers.
@@ -251,12 +262,7 @@ FF_INLINE C softmax_block_row(C* s, C& m, C& l) {
     mx = vmax(mx, x[c]);
   }
   const C m_new = std::max(m, hmax(mx));
-  if (m_new == -kInf<C>) {  // every key so far masked, or the unmasked logits are NaN (max drops NaN)
-    for (int c = 0; c < W; ++c)
-      if (s[c] != s[c]) l = s[c];  // a NaN logit makes the row NaN (finish_row), as in softmax
-    std::fill(s, s + W, C(0));
-    return C(1);
-  }
+  if (m_new == -kInf<C>) return masked_row(s, l, W);
   const V vm = vbroadcast<C>(m_new);
   V sum = V{};
   for (int c = 0; c < NB; ++c) {

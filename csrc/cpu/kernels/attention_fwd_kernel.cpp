@@ -50,12 +50,7 @@ FF_INLINE C softmax_span_row(C* s, C& m, C& l, int64_t width) {
   }
   if (c < width) mx0 = vmax(mx0, vload(s + c));
   const C m_new = std::max(m, hmax(vmax(mx0, mx1)));
-  if (m_new == -kInf<C>) {  // every key so far masked, or the unmasked logits are NaN (max drops NaN)
-    for (int64_t j = 0; j < width; ++j)
-      if (s[j] != s[j]) l = s[j];  // a NaN logit makes the row NaN (finish_row), as in softmax
-    std::fill(s, s + width, C(0));
-    return C(1);
-  }
+  if (m_new == -kInf<C>) return masked_row(s, l, width);
   const V vm = vbroadcast<C>(m_new);
   V sum0 = V{}, sum1 = V{};
   for (c = 0; c + 2 * N <= width; c += 2 * N) {
