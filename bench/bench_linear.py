@@ -8,7 +8,8 @@ cache).
 
 Many rows (float32, 4096 rows: a training batch or a long prompt): the blocked product on the same
 projections and MiniLM's (384->1536, 1536->384), forward (``x W^T``, W read transposed in place) and
-the input gradient of the backward (``g W``, which the op computes as ``linear(g, W.T)``)."""
+the backward's input gradient (``g W``, which the op computes as ``linear(g, W.T)``) and weight gradient
+(``g^T x``, a reduction over the rows: ``linear(g.T, x.T)``)."""
 
 import torch
 import torch.nn.functional as F
@@ -64,11 +65,14 @@ def _many_rows(quick):
              lambda x=x, w=w, b=b: F.linear(x, w, b), lambda x=x, w=w, b=b: F.linear(x.double(), w.double(), b.double())),
             ("bwd", lambda dy=dy, w=w: torch.ops.fusedformer.linear(dy, w.t(), None),
              lambda dy=dy, w=w: dy @ w, lambda dy=dy, w=w: dy.double() @ w.double()),
+            ("wgrad", lambda dy=dy, x=x: torch.ops.fusedformer.linear(dy.t(), x.t(), None),
+             lambda dy=dy, x=x: dy.t() @ x, lambda dy=dy, x=x: dy.double().t() @ x.double()),
         ]:
             def validate(ours=ours, ref=ref):
                 torch.testing.assert_close(ours().double(), ref(), rtol=1e-4, atol=1e-4)
 
-            shape = f"({M}, {K}) x ({N}, {K})" if direction == "fwd" else f"({M}, {N}) x ({N}, {K})"
+            shape = {"fwd": f"({M}, {K}) x ({N}, {K})", "bwd": f"({M}, {N}) x ({N}, {K})",
+                     "wgrad": f"({M}, {N})^T x ({M}, {K})"}[direction]
             out.append(Case(op="linear", direction=direction, dtype="fp32", shape=shape, ours=ours,
                             peers={"F.linear" if direction == "fwd" else "matmul": peer}, validate=validate,
                             flops=2.0 * M * N * K, note="many rows: the blocked product"))

@@ -200,6 +200,39 @@ def test_blocked_product_gradients():
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("gemm", [False, True])
+def test_weight_gradient_product(monkeypatch, gemm):
+    """The weight gradient ``grad.T @ input`` (a reduction over the rows) takes the blocked product
+    where the forward does, reading both operands transposed through their strides, and torch's
+    product otherwise; the values are float64's either way."""
+    calls = []
+    real = _linear_mod._ops.linear
+
+    class Spy:
+        def linear(self, *a):
+            calls.append(tuple(a[0].shape))
+            return real(*a)
+
+    monkeypatch.setattr(_linear_mod, "_ops", Spy())
+    monkeypatch.setattr(_linear_mod, "_gemm", gemm)
+    M, N, K = _linear_mod.GEMM_ROWS + 37, _linear_mod.GEMM_ROWS + 5, 70
+    x = make((M + 3, K), seed=1)[3:].requires_grad_()  # a storage offset
+    w = make((N, K), seed=2, scale=K ** -0.5).requires_grad_()
+    b = make((N,), seed=3).requires_grad_()
+    g = make((N, M), seed=4).t()  # a transposed output gradient
+    fusedformer.linear(x, w, b).backward(g)
+    assert ((N, M) in calls) == gemm  # grad.T (N, M) as the op's input
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    F.linear(xd, wd, bd).backward(g.double())
+    for ours, ref in zip((x.grad, w.grad, b.grad), (xd.grad, wd.grad, bd.grad)):
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-4)
+    # too few rows for the blocked product: torch's
+    calls.clear()
+    small = make((8, K), seed=5).requires_grad_()
+    fusedformer.linear(small, w, b).backward(make((8, N), seed=6))
+    assert (N, 8) not in calls
+
+
 def test_autocast():
     x, w, b = make((3, 16), seed=1), make((6, 16), seed=2), make((6,), seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):

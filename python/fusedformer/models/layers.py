@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..nn.functional import relu_feed_forward
 from ..nn.linear import Linear
 
 
@@ -40,7 +41,7 @@ class Norm(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: ``down(act(up(x)))``, or SwiGLU ``down(silu(gate(x)) * up(x))`` with gate
+    """Position-wise feed-forward: ``down(act(up(x)))`` (ReLU: ``fusedformer.nn.functional.relu_feed_forward``), or SwiGLU ``down(silu(gate(x)) * up(x))`` with gate
     and up in one matmul (rows [gate; up]). GELU (exact or tanh) is the fused ``ops.gelu``."""
 
     fused = True  # False: GELU from F.gelu (see ``set_fused``)
@@ -52,6 +53,11 @@ class MLP(nn.Module):
         self.down = Linear(d_ff, d, bias=bias)
 
     def forward(self, x):
+        if self.activation == "relu" and self.fused and all(
+            m.fused and not (m._forward_hooks or m._forward_pre_hooks) for m in (self.up, self.down)
+        ):
+            # ReLU in place on the fresh projection, and (with autograd) its backward in place too
+            return relu_feed_forward(x, self.up.weight, self.up.bias, self.down.weight, self.down.bias)
         h = self.up(x)
         # without autograd the activations overwrite the projection (no second d_ff-wide buffer,
         # none of its page faults)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import MultiheadAttention
-from .functional import row_blocks
+from .functional import relu_feed_forward, row_blocks
 from .linear import dense
 from .masks import seq_len
 
@@ -47,14 +47,21 @@ def apply_dropout(dropout: torch.nn.Module, x: Tensor) -> Tensor:
     return dropout(x)
 
 
+def _plain_linear(m: torch.nn.Module) -> bool:
+    return type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+
+
 def _ff_block(layer: torch.nn.Module, x: Tensor, dropout_out: torch.nn.Module) -> Tensor:
-    h = dense(layer.linear1, x)
     act = layer.activation
-    if (act is F.relu or type(act) is torch.nn.ReLU) and type(layer.linear1) is torch.nn.Linear:
-        h = torch.relu_(h)
-    else:
-        h = act(h)
-    h = dense(layer.linear2, apply_dropout(layer.dropout, h))
+    relu = act is F.relu or type(act) is torch.nn.ReLU
+    l1, l2 = layer.linear1, layer.linear2
+    if relu and _plain_linear(l1) and _plain_linear(l2) and apply_dropout(layer.dropout, x) is x:
+        # ReLU in place on the fresh projection, and its backward in place on the fresh gradient
+        h = relu_feed_forward(x, l1.weight, l1.bias, l2.weight, l2.bias)
+        return apply_dropout(dropout_out, h)
+    h = dense(l1, x)
+    h = torch.relu_(h) if relu and type(l1) is torch.nn.Linear else act(h)
+    h = dense(l2, apply_dropout(layer.dropout, h))
     return apply_dropout(dropout_out, h)
 
 
