@@ -123,13 +123,19 @@ def machine_info(device: str) -> Dict[str, str]:
     return info
 
 
+# Whether the heap is trimmed before every timed function or call (run.py --keep-heap turns it off).
+TRIM_HEAP = True
+
+
 def _reset_allocator(device: str) -> None:
     """Start every timed function from the same allocator state: the validation before it (float64
     references) and the function timed before it leave glibc's heap in a state (its dynamic mmap and
     trim thresholds) that decides whether the next function's ~25 MB outputs come from the heap or
-    fresh from the OS with a page fault per 4 KB, which at these sizes costs more than the kernel."""
+    fresh from the OS with a page fault per 4 KB, which at these sizes costs more than the kernel.
+    With ``TRIM_HEAP`` off, calls follow one another with the heap as the previous one left it, as
+    in a training or inference loop (the steady state)."""
     gc.collect()
-    if device == "cpu" and _LIBC is not None:
+    if TRIM_HEAP and device == "cpu" and _LIBC is not None:
         _LIBC.malloc_trim(0)
 
 

@@ -1,9 +1,11 @@
 """Benchmarks: python bench/run.py [--quick] [--suite kernels|modules|generation|all] [--device cpu|cuda]
-[--ops softmax,layer_norm,...]
+[--ops softmax,layer_norm,...] [--keep-heap]
 
 Each case's output is validated first, then it is timed against its peers in the same run. Results
 go to bench/results/<device>-<suite>.{json,md} with one plot per op (with --quick, to
-build/bench-quick/ so that committed figures are not overwritten).
+build/bench-quick/ so that committed figures are not overwritten). On the CPU the heap is trimmed
+(malloc_trim) before every timed call, so that each starts from the same allocator state; with
+--keep-heap it is not, and calls see the heap the previous one left, as in a loop.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import common  # noqa: E402
 from common import format_table, machine_info, measure_ceilings, run_case, write_results  # noqa: E402
 
 # suite -> bench modules, each exposing cases(device, quick) -> list[Case]
@@ -34,7 +37,10 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="output folder (default bench/results, or build/bench-quick)")
     ap.add_argument("--suite", default="all", help="kernels, modules, generation or all (default)")
     ap.add_argument("--stem", default=None, help="file name stem (default <device>-<suite>)")
+    ap.add_argument("--keep-heap", action="store_true",
+                    help="do not trim the heap (malloc_trim) before each timed call: the steady state of a loop")
     args = ap.parse_args(argv)
+    common.TRIM_HEAP = not args.keep_heap
 
     import fusedformer  # noqa: F401  (registers the ops)
 
@@ -42,6 +48,8 @@ def main(argv=None):
     wanted = {s.strip() for s in args.ops.split(",") if s.strip()}
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     info = machine_info(args.device)
+    if args.device == "cpu":
+        info["heap"] = "kept between calls" if args.keep_heap else "trimmed before each timed call"
     print(", ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
     ceilings = measure_ceilings(args.device, args.quick)
     print("ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()), flush=True)
