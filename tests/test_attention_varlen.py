@@ -123,32 +123,71 @@ def test_nan_stays_in_its_sequence():
 
 
 
-def test_errors_name_the_argument():
-    q, k, v = (make((6, 2, 8), seed=i) for i in range(3))
+@pytest.mark.parametrize("path", ["op", "per_sequence"])
+def test_errors_name_the_argument(path):
+    # the CPU op without autograd, and the per-sequence path (autograd) with the same checks and messages
+    q, k, v = (make((6, 2, 8), seed=i, requires_grad=path == "per_sequence") for i in range(3))
     cu = _cu([2, 4])
+    with pytest.raises(ValueError, match="cu_seqlens must end at the number of tokens"):
+        ops.attention_varlen(q, k, v, _cu([2, 3]))
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        ops.attention_varlen(q, k, v, torch.tensor([1, 6]))
+    with pytest.raises(ValueError, match="cu_seqlens must be nondecreasing"):
+        ops.attention_varlen(q, k, v, torch.tensor([0, 4, 3, 6]))
+    with pytest.raises(ValueError, match="cu_seqlens must be a 1-D"):
+        ops.attention_varlen(q, k, v, cu[None])
+    with pytest.raises(TypeError, match="cu_seqlens must be int64 or int32"):
+        ops.attention_varlen(q, k, v, cu.float())
+    with pytest.raises(TypeError, match="cu_seqlens must be a tensor"):
+        ops.attention_varlen(q, k, v, [0, 2, 6])
+    with pytest.raises(ValueError, match=r"shape \(tokens, heads, head_dim\)"):
+        ops.attention_varlen(q[0], k, v, cu)
+    with pytest.raises(ValueError, match="same number of tokens"):
+        ops.attention_varlen(q, k[:5], v, cu)
+    with pytest.raises(ValueError, match="multiple of the number of key/value heads"):
+        ops.attention_varlen(make((6, 3, 8), requires_grad=q.requires_grad), k, v, cu)
+    with pytest.raises(TypeError, match="key"):
+        ops.attention_varlen(q, k.double(), v, cu)
+    assert math.isfinite(float(ops.attention_varlen(q, k, v, cu).detach().sum()))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[0])) + f"_h{c[1]}x{c[2]}")
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_gradients_per_sequence(case, is_causal):
+    """With inputs that require grad, each sequence runs through the dense op (differentiable): the
+    output equals the packed op's, and the gradients the float64 reference's, through views of one
+    packed projection (as a model's q / k / v)."""
+    lengths, Hq, Hkv, E, Ev = case
+    T = sum(lengths)
+    qkv = make((T, Hq * E + Hkv * (E + Ev)), seed=5, requires_grad=True)
+    q, k, v = qkv.split((Hq * E, Hkv * E, Hkv * Ev), dim=-1)
+    q, k, v = q.unflatten(-1, (Hq, E)), k.unflatten(-1, (Hkv, E)), v.unflatten(-1, (Hkv, Ev))
+    out = ops.attention_varlen(q, k, v, _cu(lengths), is_causal=is_causal)
+    assert out.shape == (T, Hq, Ev) and out.is_contiguous() and out.grad_fn is not None
     with torch.no_grad():
-        with pytest.raises(ValueError, match="cu_seqlens must end at the number of tokens"):
-            ops.attention_varlen(q, k, v, _cu([2, 3]))
-        with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
-            ops.attention_varlen(q, k, v, torch.tensor([1, 6]))
-        with pytest.raises(ValueError, match="cu_seqlens must be nondecreasing"):
-            ops.attention_varlen(q, k, v, torch.tensor([0, 4, 3, 6]))
-        with pytest.raises(ValueError, match="cu_seqlens must be a 1-D"):
-            ops.attention_varlen(q, k, v, cu[None])
-        with pytest.raises(TypeError, match="cu_seqlens must be int64 or int32"):
-            ops.attention_varlen(q, k, v, cu.float())
-        with pytest.raises(TypeError, match="cu_seqlens must be a tensor"):
-            ops.attention_varlen(q, k, v, [0, 2, 6])
-        with pytest.raises(ValueError, match=r"shape \(tokens, heads, head_dim\)"):
-            ops.attention_varlen(q[0], k, v, cu)
-        with pytest.raises(ValueError, match="same number of tokens"):
-            ops.attention_varlen(q, k[:5], v, cu)
-        with pytest.raises(ValueError, match="multiple of the number of key/value heads"):
-            ops.attention_varlen(make((6, 3, 8)), k, v, cu)
-        with pytest.raises(TypeError, match="key"):
-            ops.attention_varlen(q, k.double(), v, cu)
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="runs on the CPU only"):
-        ops.attention_varlen(q.to("meta"), k.to("meta"), v.to("meta"), cu)
-    with pytest.raises(RuntimeError, match="has no backward"):
-        ops.attention_varlen(q.requires_grad_(), k, v, cu)
-    assert math.isfinite(float(ops.attention_varlen(q.detach(), k, v, cu).sum()))
+        torch.testing.assert_close(out, ops.attention_varlen(q, k, v, _cu(lengths), is_causal=is_causal),
+                                   rtol=1e-6, atol=1e-6)
+    g = make(out.shape, seed=6)
+    (got,) = torch.autograd.grad(out, qkv, g)
+    ref_qkv = qkv.detach().double().requires_grad_()
+    rq, rk, rv = ref_qkv.split((Hq * E, Hkv * E, Hkv * Ev), dim=-1)
+    want_out = _reference(rq.unflatten(-1, (Hq, E)), rk.unflatten(-1, (Hkv, E)), rv.unflatten(-1, (Hkv, Ev)),
+                          lengths, is_causal)
+    (want,) = torch.autograd.grad(want_out, ref_qkv, g.double())
+    assert_matches_reference(got, want, what="d qkv")
+
+
+def test_gradcheck_per_sequence():
+    q, k, v = (make((9, 2, 4), torch.float64, seed=i, requires_grad=True) for i in range(3))
+    cu = _cu([3, 0, 5, 1])
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.attention_varlen(a, b, c, cu, is_causal=True), (q, k, v))
+
+
+def test_other_devices_take_the_per_sequence_path():
+    """Off the CPU each sequence is a call of the dense op (here on meta tensors: shapes only)."""
+    q, k, v = make((15, 4, 16), seed=1), make((15, 2, 16), seed=2), make((15, 2, 8), seed=3)
+    with torch.no_grad():
+        out = ops.attention_varlen(q.to("meta"), k.to("meta"), v.to("meta"), _cu([4, 9, 0, 2]))
+        assert out.device.type == "meta" and out.shape == (15, 4, 8)
+        empty = ops.attention_varlen(q[:0].to("meta"), k[:0].to("meta"), v[:0].to("meta"), _cu([0]))
+        assert empty.shape == (0, 4, 8)

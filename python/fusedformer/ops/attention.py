@@ -69,25 +69,62 @@ def attention_varlen(
     ``(T, H * Ev)`` input of the output projection without a copy. The result for sequence ``b`` equals
     :func:`attention` on its rows alone: no work is spent on padding, and no mask is read.
 
-    Inference only (raises when autograd would need a gradient), and CPU only: elsewhere use
-    :func:`attention` with a key-padding mask.
+    On the CPU without autograd this is one op (``fusedformer::attention_varlen_fwd``) that runs the
+    dense kernel on each sequence's rows in place. With autograd recording (an input that requires
+    grad), or on another device, each sequence is a call of :func:`attention` on its rows (strided
+    views, no copy in) and the outputs are concatenated: differentiable, on every device the dense op
+    runs on, at one kernel launch per sequence.
     """
     for name, t in (("query", query), ("key", key), ("value", value), ("cu_seqlens", cu_seqlens)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fusedformer.attention_varlen: {name} must be a tensor, got {type(t).__name__}")
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        raise RuntimeError(
-            "fusedformer.attention_varlen has no backward; call it under torch.no_grad() / torch.inference_mode(), "
-            "or use fusedformer.attention with a key-padding mask for training"
-        )
-    if query.device.type != "cpu":
-        raise NotImplementedError(
-            f"fusedformer.attention_varlen runs on the CPU only, got query on {query.device}; use "
-            "fusedformer.attention with a key-padding mask"
-        )
     if scale is None:
         scale = 1.0 / math.sqrt(query.size(-1)) if query.dim() else 1.0
-    return _ops.attention_varlen_fwd(query, key, value, cu_seqlens, bool(is_causal), float(scale))
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if query.device.type == "cpu" and not needs_grad:
+        return _ops.attention_varlen_fwd(query, key, value, cu_seqlens, bool(is_causal), float(scale))
+    return _varlen_per_sequence(query, key, value, cu_seqlens, bool(is_causal), float(scale))
+
+
+def _varlen_bounds(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor):
+    """The checks of the C++ op (csrc/common/attention.cpp, check_cu_seqlens) for the per-sequence
+    path, with the same messages; returns cu_seqlens as a list."""
+    op = "fusedformer.attention_varlen"
+    if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+        raise ValueError(f"{op}: query, key and value must have shape (tokens, heads, head_dim), got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
+    T = query.size(0)
+    if key.size(0) != T or value.size(0) != T:
+        raise ValueError(f"{op}: query, key and value must have the same number of tokens, got {T}, "
+                         f"{key.size(0)} and {value.size(0)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{op}: cu_seqlens must be a 1-D tensor of sequence starts and the total (batch + 1 "
+                         f"entries), got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: cu_seqlens must be int64 or int32, got {cu_seqlens.dtype}")
+    c = cu_seqlens.tolist()
+    if c[0] != 0:
+        raise ValueError(f"{op}: cu_seqlens must start at 0, got {c[0]}")
+    for i in range(1, len(c)):
+        if c[i] < c[i - 1]:
+            raise ValueError(f"{op}: cu_seqlens must be nondecreasing, got {c[i - 1]} then {c[i]} at index {i}")
+    if c[-1] != T:
+        raise ValueError(f"{op}: cu_seqlens must end at the number of tokens ({T}), got {c[-1]}")
+    return c
+
+
+def _varlen_per_sequence(query, key, value, cu_seqlens, is_causal: bool, scale: float) -> torch.Tensor:
+    """attention_varlen as one :func:`attention` call per sequence, on ``(H, n, E)`` views of its rows."""
+    c = _varlen_bounds(query, key, value, cu_seqlens)
+    gqa = query.size(1) != key.size(1)
+    outs = [
+        attention(query[s:e].transpose(0, 1), key[s:e].transpose(0, 1), value[s:e].transpose(0, 1),
+                  is_causal=is_causal, scale=scale, enable_gqa=gqa).transpose(0, 1)
+        for s, e in zip(c, c[1:]) if e > s
+    ]
+    if not outs:  # no tokens
+        return query.new_empty((0, query.size(1), value.size(2)))
+    return torch.cat(outs)
 
 
 @torch.library.register_fake("fusedformer::attention_varlen_fwd")
