@@ -41,8 +41,9 @@ class Norm(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: ``down(act(up(x)))`` (ReLU: ``fusedformer.nn.functional.relu_feed_forward``), or SwiGLU ``down(silu(gate(x)) * up(x))`` with gate
-    and up in one matmul (rows [gate; up]). GELU (exact or tanh) is the fused ``ops.gelu``."""
+    """Position-wise feed-forward: ``down(act(up(x)))``, or SwiGLU ``down(silu(gate(x)) * up(x))`` with gate
+    and up in one matmul (rows [gate; up]). GELU (exact or tanh) is the fused ``ops.gelu``; ReLU is
+    ``fusedformer.nn.functional.relu_feed_forward`` (the ReLU and its backward in place)."""
 
     fused = True  # False: GELU from F.gelu (see ``set_fused``)
 

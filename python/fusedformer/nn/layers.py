@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .attention import MultiheadAttention
 from .functional import relu_feed_forward, row_blocks
-from .linear import dense
+from .linear import dense, plain_linear
 from .masks import seq_len
 
 def fuses_residual(norm: torch.nn.Module) -> bool:
@@ -41,21 +41,20 @@ def add_then_norm(norm: torch.nn.Module, branch: Tensor, residual: Tensor) -> Te
     return add_norm(norm, branch, residual)[0]
 
 
+def is_identity_dropout(dropout: torch.nn.Module) -> bool:
+    """A ``torch.nn.Dropout`` that leaves its input as it is (eval mode, or p = 0)."""
+    return isinstance(dropout, torch.nn.Dropout) and (not dropout.training or dropout.p == 0.0)
+
+
 def apply_dropout(dropout: torch.nn.Module, x: Tensor) -> Tensor:
-    if isinstance(dropout, torch.nn.Dropout) and (not dropout.training or dropout.p == 0.0):
-        return x
-    return dropout(x)
-
-
-def _plain_linear(m: torch.nn.Module) -> bool:
-    return type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+    return x if is_identity_dropout(dropout) else dropout(x)
 
 
 def _ff_block(layer: torch.nn.Module, x: Tensor, dropout_out: torch.nn.Module) -> Tensor:
     act = layer.activation
     relu = act is F.relu or type(act) is torch.nn.ReLU
     l1, l2 = layer.linear1, layer.linear2
-    if relu and _plain_linear(l1) and _plain_linear(l2) and apply_dropout(layer.dropout, x) is x:
+    if relu and plain_linear(l1) and plain_linear(l2) and is_identity_dropout(layer.dropout):
         # ReLU in place on the fresh projection, and its backward in place on the fresh gradient
         h = relu_feed_forward(x, l1.weight, l1.bias, l2.weight, l2.bias)
         return apply_dropout(dropout_out, h)

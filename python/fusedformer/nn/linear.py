@@ -20,10 +20,16 @@ class Linear(torch.nn.Linear):
         return linear(input, self.weight, self.bias)
 
 
+def plain_linear(m: torch.nn.Module) -> bool:
+    """Whether ``m`` is a ``torch.nn.Linear`` (not a subclass) without hooks: its call is ``F.linear``
+    on its weight and bias, which fusedformer may compute another way."""
+    return type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+
+
 def dense(m: torch.nn.Module, x: Tensor) -> Tensor:
     """``m(x)`` for a projection held by a module of torch.nn or HF: a plain ``torch.nn.Linear``
     without hooks runs on ``fusedformer.ops.linear`` (the same function, faster kernels); anything
     else is called as it is."""
-    if type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks):
+    if plain_linear(m):
         return linear(x, m.weight, m.bias)
     return m(x)

@@ -132,7 +132,7 @@ def _weight_grad(grad2d: torch.Tensor, input2d: torch.Tensor) -> torch.Tensor:
     takes it too, as ``linear(grad.T, input.T)`` read through the strides (1.0-1.3x ``torch.mm`` at
     4096 rows on GPT-2's and BERT's projections); otherwise torch's product."""
     if (_gemm and grad2d.device.type == "cpu" and grad2d.dtype == torch.float32 == input2d.dtype
-            and min(grad2d.shape) >= GEMM_ROWS and input2d.shape[1] > 0):
+            and min(grad2d.shape) >= GEMM_ROWS):
         return _ops.linear(grad2d.t(), input2d.t(), None)
     return grad2d.T @ input2d
 
