@@ -1,9 +1,11 @@
 """Training (python -m fusedformer train on a tiny config), its parts, and the shipped model: it loads,
-streams text, and its held-out perplexity on the standard library is less than half the unigram baseline's."""
+streams text, its held-out perplexity on the standard library is the one its metrics.json records, and
+its held-out files are disjoint from the training files."""
 
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -14,6 +16,7 @@ from fusedformer import cli, corpus, demo
 from fusedformer.models import GPT
 from fusedformer.textgen import SHIPPED_MODEL, load_model, stream_text
 from fusedformer.tokenizer import TextDecoder, load_tokenizer, train_bpe
+from fusedformer import train as train_mod
 from fusedformer.train import TrainConfig, evaluate, lr_at
 
 
@@ -82,27 +85,70 @@ def test_train_errors(tmp_path):
     (tmp_path / "empty" / "a.bin").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ValueError, match="no UTF-8 text file"):
         corpus.folder_files(str(tmp_path / "empty"))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.py").write_text("x = 1\n")
     with pytest.raises(ValueError, match="at least two documents"):
-        corpus.split_texts(["only one"])
+        corpus.split_files(corpus.folder_files(str(tmp_path / "one")))
+    with pytest.raises(ValueError, match="none of the 1 held-out files"):
+        corpus.split_files(corpus.folder_files(str(tmp_path / "one")), ["b.py"], tmp_path / "one")
 
 
 def test_shipped_model_files():
     files = {n: os.path.getsize(os.path.join(SHIPPED_MODEL, n))
-             for n in ("model.safetensors", "config.json", "tokenizer.json")}
+             for n in ("model.safetensors", "config.json", "tokenizer.json", "metrics.json")}
     assert sum(files.values()) <= 10 * 2**20, files
 
 
-def test_shipped_model_beats_unigram_on_heldout_stdlib():
-    """Held-out perplexity of the shipped model on standard-library files it was not trained on, against
-    the unigram distribution of the training files."""
+def _shipped_heldout():
+    with open(os.path.join(SHIPPED_MODEL, "metrics.json")) as f:
+        heldout = json.load(f)["heldout"]
+    version = heldout["corpus"].split()[1]
+    if version != platform.python_version():
+        pytest.skip(f"the shipped model's held-out files are from Python {version}'s standard library, "
+                    f"this is {platform.python_version()}")
+    return heldout
+
+
+def test_shipped_heldout_files_are_disjoint_from_training_files():
+    heldout = _shipped_heldout()
+    train_files, val_files = corpus.split_files(corpus.default_corpus_files(), heldout["files"])
+    assert corpus.relative_names(val_files) == heldout["files"]  # every listed file is there
+    assert not set(train_files) & set(val_files)
+    assert len(train_files) > 10 * len(val_files)
+    # generated codec tables (near-copies of one another) are in neither part
+    assert not any(corpus.is_generated(f) for f in train_files + val_files)
+    assert any(corpus.is_generated(p) for p in (corpus.stdlib_root() / "encodings").glob("cp*.py"))
+
+
+def test_train_reads_only_training_files_for_training(monkeypatch):
+    """prepare_data (what train runs) fits the tokenizer and the training ids on the training files and
+    evaluates on the shipped held-out list, on the default corpus."""
+    heldout = set(_shipped_heldout()["files"])
+    calls = []
+    real = corpus.read_texts
+
+    def spy(files, max_chars=None):
+        calls.append([str(f) for f in files])
+        return real(files[:40], max_chars)
+
+    monkeypatch.setattr(corpus, "read_texts", spy)
+    _, train_ids, val_ids, names = train_mod.prepare_data(TrainConfig(vocab_size=300), log=lambda *a: None)
+    assert len(calls) == 2 and train_ids.numel() > 0 and val_ids.numel() > 0
+    assert not set(corpus.relative_names(calls[0])) & heldout
+    assert set(corpus.relative_names(calls[1])) == heldout == set(names)
+
+
+def test_shipped_model_heldout_perplexity_is_the_recorded_one():
+    """Held-out perplexity of the shipped model, on the windows its metrics.json names, within 10% of
+    the recorded figure, and far below the unigram baseline of its training files."""
+    heldout = _shipped_heldout()
     model, tok = load_model()
-    texts = corpus.read_texts(corpus.default_corpus_files())
-    train_texts, val_texts = corpus.split_texts(texts)
-    train_ids = corpus.encode_stream(tok, train_texts[::4])
-    val_ids = corpus.encode_stream(tok, val_texts)
-    unigram = corpus.unigram_perplexity(train_ids, val_ids, tok.get_vocab_size())
-    ppl = math.exp(evaluate(model, val_ids, model.config.n_positions, n_batches=2))
-    assert ppl < 0.5 * unigram, f"held-out perplexity {ppl:.1f}, unigram {unigram:.1f}"
+    _, val_files = corpus.split_files(corpus.default_corpus_files(), heldout["files"])
+    val_ids = corpus.encode_stream(tok, corpus.read_texts(val_files))
+    assert val_ids.numel() == heldout["tokens"]
+    ppl = math.exp(evaluate(model, val_ids, heldout["context"], n_batches=heldout["eval_batches"]))
+    assert abs(ppl - heldout["perplexity"]) <= 0.1 * heldout["perplexity"], (ppl, heldout["perplexity"])
+    assert ppl < 0.2 * heldout["unigram_perplexity"], (ppl, heldout["unigram_perplexity"])
 
 
 def test_shipped_model_streams_reproducibly():

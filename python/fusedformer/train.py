@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import time
 from typing import Optional
 
@@ -129,27 +130,50 @@ def plot_losses(history, path, unigram_loss=None):
     plt.close(fig)
 
 
+def stdlib_heldout_files():
+    """The held-out files of the standard-library corpus: the list the shipped model was evaluated on
+    (in its metrics.json), relative to the standard library's folder."""
+    from .textgen import SHIPPED_MODEL
+
+    with open(os.path.join(SHIPPED_MODEL, "metrics.json")) as f:
+        return json.load(f)["heldout"]["files"]
+
+
 def prepare_data(cfg: TrainConfig, log=print):
+    """Tokenizer, training ids, held-out ids and the held-out files' names (relative to the corpus root)."""
     from .tokenizer import train_bpe
 
     files = corpus.folder_files(cfg.data) if cfg.data else corpus.default_corpus_files()
-    texts = corpus.read_texts(files, cfg.max_chars)
-    train_texts, val_texts = corpus.split_texts(texts)
-    log(f"corpus: {len(files) if not cfg.max_chars else len(texts)} files, {sum(map(len, texts)) / 1e6:.1f} M "
-        f"characters ({cfg.data or 'the Python standard library'}); {len(val_texts)} held out")
+    root = cfg.data or corpus.stdlib_root()
+    train_files, val_files = corpus.split_files(files, None if cfg.data else stdlib_heldout_files(), root)
+    train_texts = corpus.read_texts(train_files, cfg.max_chars)
+    val_texts = corpus.read_texts(val_files, cfg.max_chars and max(1, cfg.max_chars // corpus.HELDOUT_EVERY))
+    log(f"corpus: {len(train_files)} training and {len(val_files)} held-out files, "
+        f"{sum(map(len, train_texts)) / 1e6:.1f} M training characters ({cfg.data or 'the Python standard library'})")
     tok = train_bpe(train_texts, cfg.vocab_size)
     train_ids = corpus.encode_stream(tok, train_texts)
     val_ids = corpus.encode_stream(tok, val_texts)
     log(f"tokenizer: byte-level BPE, {tok.get_vocab_size()} tokens; {train_ids.numel() / 1e6:.2f} M training and "
         f"{val_ids.numel() / 1e6:.2f} M held-out tokens")
-    return tok, train_ids, val_ids
+    return tok, train_ids, val_ids, corpus.relative_names(val_files, root)
+
+
+def heldout_report(model, tok, train_ids, val_ids, files, context, n_batches, data=None):
+    """The held-out evaluation a checkpoint ships with (``metrics.json["heldout"]``): perplexity on
+    fixed windows of the held-out ids, the unigram baseline of the training ids, and what they were
+    computed on, so that a test can recompute the perplexity and a later run use the same split."""
+    loss = evaluate(model, val_ids, context, n_batches)
+    return {"perplexity": math.exp(loss), "loss": loss,
+            "unigram_perplexity": corpus.unigram_perplexity(train_ids, val_ids, tok.get_vocab_size()),
+            "context": context, "eval_batches": n_batches, "tokens": int(val_ids.numel()),
+            "corpus": data or f"python {platform.python_version()} standard library", "files": files}
 
 
 def train(cfg: TrainConfig, log=print):
     """Train, evaluate, save; returns a summary dict (also written to ``<out>/metrics.json``)."""
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    tok, train_ids, val_ids = prepare_data(cfg, log)
+    tok, train_ids, val_ids, val_files = prepare_data(cfg, log)
     V = tok.get_vocab_size()
     context = min(cfg.context, max(8, val_ids.numel() - 2))
     model = GPT(GPTConfig(vocab_size=V, n_positions=cfg.context, d_model=cfg.d_model, n_layer=cfg.n_layer,
@@ -191,14 +215,14 @@ def train(cfg: TrainConfig, log=print):
     if bar is not None:
         bar.close()
     train_s = time.time() - t_train
-    val_loss = history["val"][-1]["loss"]
+    heldout = heldout_report(model, tok, train_ids, val_ids, val_files, context, cfg.eval_batches, cfg.data)
     summary = {"steps": cfg.steps, "tokens_seen": cfg.steps * cfg.batch_size * context,
                "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
-               "final_train_loss": history["train"][-1]["loss"], "heldout_loss": val_loss,
-               "heldout_perplexity": math.exp(val_loss), "unigram_perplexity": unigram, "parameters": n_params,
+               "final_train_loss": history["train"][-1]["loss"], "heldout_loss": heldout["loss"],
+               "heldout_perplexity": heldout["perplexity"], "unigram_perplexity": unigram, "parameters": n_params,
                "vocab_size": V, "config": dataclasses.asdict(cfg)}
     with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-        json.dump({"summary": summary, "history": history}, f, indent=1)
+        json.dump({"summary": summary, "heldout": heldout, "history": history}, f, indent=1)
     plot_losses(history, os.path.join(cfg.out, "loss.png"), math.log(unigram))
     log(f"held-out perplexity {summary['heldout_perplexity']:.2f} vs unigram baseline {unigram:.2f}; "
         f"{train_s:.0f} s training; saved to {cfg.out}")
