@@ -64,9 +64,18 @@ def _attention_cases(quick):
         def peer_fb(c=causal):
             return torch.autograd.grad(_sdpa_flash(qg, kg, vg, c), (qg, kg, vg), g)
 
+        def check_fb(c=causal):
+            # gradients of the first batch item against SDPA's in float32
+            q1, k1, v1 = (t[:1].detach().float().requires_grad_() for t in (q, k, v))
+            want = torch.autograd.grad(F.scaled_dot_product_attention(q1, k1, v1, is_causal=c), (q1, k1, v1), g[:1].float())
+            q2, k2, v2 = (t[:1].detach().clone().requires_grad_() for t in (q, k, v))
+            got = torch.autograd.grad(fusedformer.attention(q2, k2, v2, is_causal=c), (q2, k2, v2), g[:1])
+            for a, b in zip(got, want):
+                _close(a, b, 5e-2)
+
         out.append(Case(
             op="attention", direction="fwd+bwd", dtype="bf16", shape=shape, ours=ours_fb,
-            peers={"sdpa flash": peer_fb}, flops=flops * 3.5, target=0.9,
+            peers={"sdpa flash": peer_fb}, validate=check_fb, flops=flops * 3.5, target=0.9,
         ))
     return out
 
@@ -102,15 +111,18 @@ def _rowwise_cases(quick):
         fwd_bytes = 2 * x.numel() * es
         fb_bytes = 5 * x.numel() * es
         shape = f"({rows}, {n})"
+        eps = torch.finfo(torch.bfloat16).eps
+        # op: (ours, eager peer, float64 reference, differentiable float64 function for the gradients)
         comps = {
             "softmax": (lambda t: fusedformer.softmax(t, -1), lambda t: torch.softmax(t, -1),
-                        lambda t: ref.softmax(t, -1)),
+                        lambda t: ref.softmax(t, -1), lambda t: torch.softmax(t, -1)),
             "layer_norm": (lambda t: fusedformer.layer_norm(t, n, w, b), lambda t: F.layer_norm(t, (n,), w, b),
-                           lambda t: ref.layer_norm(t, n, w, b)),
+                           lambda t: ref.layer_norm(t, n, w, b),
+                           lambda t: F.layer_norm(t, (n,), w.double(), b.double())),
             "rms_norm": (lambda t: fusedformer.rms_norm(t, n, w), lambda t: F.rms_norm(t, (n,), w),
-                         lambda t: ref.rms_norm(t, n, w)),
+                         lambda t: ref.rms_norm(t, n, w), lambda t: F.rms_norm(t, (n,), w.double(), eps=eps)),
         }
-        for op, (ours, eager, reference) in comps.items():
+        for op, (ours, eager, reference, differentiable) in comps.items():
             peers = {"eager": lambda eager=eager: eager(x)}
             if not quick:
                 compiled = _compiled(eager)
@@ -129,9 +141,15 @@ def _rowwise_cases(quick):
             if not quick:
                 compiled_fb = _compiled(eager)
                 peers_fb = {"torch.compile": lambda compiled_fb=compiled_fb: fb(compiled_fb), **peers_fb}
+            def check_fb(ours=ours, differentiable=differentiable):
+                x64 = x[:64].detach().double().requires_grad_()
+                want = torch.autograd.grad(differentiable(x64), (x64,), g[:64].double())[0]
+                x1 = x[:64].detach().clone().requires_grad_()
+                _close(torch.autograd.grad(ours(x1), (x1,), g[:64])[0], want, 5e-2)
+
             out.append(Case(
                 op=op, direction="fwd+bwd", dtype="bf16", shape=shape, ours=lambda ours=ours: fb(ours),
-                peers=peers_fb, bytes=fb_bytes, large=True, target=1.0, note=note,
+                peers=peers_fb, validate=check_fb, bytes=fb_bytes, large=True, target=1.0, note=note,
             ))
     return out
 

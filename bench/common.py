@@ -1,9 +1,11 @@
-"""Benchmark plumbing: cases, timing, ceilings measured in the same run, and result files.
+"""Benchmark plumbing: cases, validation, timing, ceilings measured in the same run, result files.
 
-A bench module (bench/bench_<name>.py) exposes ``cases(device, quick) -> list[Case]``. run.py
-validates each case's output first, then times ours and every peer (median of many repetitions),
-and reports the ratio against the first peer, the achieved GB/s or GFLOP/s and the fraction of the
-ceiling (copy bandwidth or matmul rate) measured in the same run.
+A bench module (bench/bench_<op>.py, or a suite such as bench_modules.py) exposes
+``cases(device, quick) -> list[Case]``. run.py validates each case first (a case without a check,
+or whose check fails, is reported as failed and not timed), then times ours and every peer and
+reports the ratio against the first peer with the spread of both timings, the achieved GB/s or
+GFLOP/s, and the fraction of a ceiling measured in the same run: the best of several streaming
+methods at the case's size for memory-bound ops, the matmul rate for compute-bound ones.
 """
 
 import ctypes
@@ -12,12 +14,13 @@ import dataclasses
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.utils.benchmark as tbench
@@ -37,53 +40,164 @@ class Case:
     shape: str
     ours: Callable[[], object]
     peers: Dict[str, Callable[[], object]]  # the first one is the ratio's reference
-    validate: Optional[Callable[[], None]] = None  # raises if ours is wrong
+    validate: Optional[Callable[[], None]] = None  # raises if ours is wrong; required
     bytes: Optional[int] = None  # fewest bytes the op must move (memory-bound ops)
-    flops: Optional[float] = None  # floating-point operations (attention)
+    flops: Optional[float] = None  # floating-point operations (attention, products)
     large: bool = False  # outputs over ~24 MB: on the CPU the page-fault regime
     target: Optional[float] = None  # the speedup the project aims for against the first peer
     note: str = ""
+    peer_dtype: Optional[str] = None  # the first peer's precision where it differs from ``dtype``
 
     @property
     def name(self):
         return f"{self.op} {self.direction} {self.dtype} {self.shape}"
 
 
+# ---------------------------------------------------------------------------------------------
+# validation helpers: float64 references, and DESIGN.md's rule for low precision
+
+def _as_list(x):
+    return list(x) if isinstance(x, (tuple, list)) else [x]
+
+
+def max_error(got, want) -> float:
+    """Largest absolute difference over one or several tensors (NaN counts as infinite)."""
+    worst = 0.0
+    for a, b in zip(_as_list(got), _as_list(want)):
+        d = (a.detach().double().cpu() - b.detach().double().cpu()).abs()
+        if d.numel() and not torch.isfinite(d).all():
+            return math.inf
+        worst = max(worst, d.max().item() if d.numel() else 0.0)
+    return worst
+
+
+def check_close(got, want, tol: float, what: str = "output") -> None:
+    """Every tensor of ``got`` within ``tol`` (absolute and relative) of ``want``; NaN never passes."""
+    got, want = _as_list(got), _as_list(want)
+    if len(got) != len(want):
+        raise AssertionError(f"{what}: {len(got)} tensors, expected {len(want)}")
+    for i, (a, b) in enumerate(zip(got, want)):
+        a, b = a.detach().double().cpu(), b.detach().double().cpu()
+        if a.shape != b.shape:
+            raise AssertionError(f"{what}[{i}]: shape {tuple(a.shape)}, expected {tuple(b.shape)}")
+        if not torch.isfinite(a).all():
+            raise AssertionError(f"{what}[{i}]: not finite")
+        bad = (a - b).abs() > tol + tol * b.abs()
+        if bad.any():
+            raise AssertionError(f"{what}[{i}]: max abs difference {(a - b).abs().max().item():.3e} "
+                                 f"(tolerance {tol:g} abs + rel)")
+
+
+def check_vs_peer(got, peer, want, atol: float, what: str = "output") -> None:
+    """The low-precision rule: our error against the float64 reference at most twice the peer's own
+    error at that precision, plus ``atol``."""
+    ours_err, peer_err = max_error(got, want), max_error(peer, want)
+    if not ours_err <= 2 * peer_err + atol:
+        raise AssertionError(f"{what}: error {ours_err:.3e} > 2 x the peer's {peer_err:.3e} + {atol:g}")
+
+
+def check_result(got, peer, want, dtype: torch.dtype, tol: float = 1e-4, atol: float = 1e-2,
+                 what: str = "output") -> None:
+    """float32 / float64: ``got`` within ``tol`` of the float64 reference ``want``; lower precision:
+    :func:`check_vs_peer` (twice the peer's error at that precision, plus ``atol``)."""
+    if dtype in (torch.float32, torch.float64):
+        check_close(got, want, tol, what)
+    else:
+        check_vs_peer(got, peer, want, atol, what)
+
+
+def grads(fn: Callable[..., torch.Tensor], inputs, grad_out, dtype=None):
+    """Gradients of ``fn(*inputs)`` against ``grad_out`` for every input, in ``dtype`` (the inputs'
+    own by default): float64 copies give the reference of a backward."""
+    xs = [t.detach().to(dtype or t.dtype).requires_grad_() for t in inputs]
+    out = fn(*xs)
+    return torch.autograd.grad(out, xs, grad_out.to(out.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
 def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], device: str, quick: bool) -> float:
-    """Median milliseconds per call, after warm-up."""
+def _quartiles(xs: List[float]) -> Tuple[float, float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], statistics.median(xs), q[2]
+
+
+def time_ms(fn: Callable[[], object], device: str, quick: bool) -> Tuple[float, float]:
+    """Median milliseconds per call after warm-up, and the interquartile range of the measurements."""
     fn()
     fn()
     if device == "cuda":
         import triton.testing  # available where CUDA benchmarks run
 
-        return float(triton.testing.do_bench(fn, warmup=25 if quick else 100, rep=50 if quick else 400,
-                                             return_mode="median"))
+        q = triton.testing.do_bench(fn, warmup=25 if quick else 100, rep=50 if quick else 400,
+                                    quantiles=[0.25, 0.5, 0.75])
+        return float(q[1]), float(q[2] - q[0])
     t = tbench.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     m = t.blocked_autorange(min_run_time=0.05 if quick else 1.0)
-    return m.median * 1e3
+    return m.median * 1e3, m.iqr * 1e3
 
 
-def measure_ceilings(device: str, quick: bool) -> Dict[str, float]:
-    """Copy bandwidth (bytes read + written) and fp32 / bf16 matmul rate on this machine, now."""
-    out = {}
-    # copy: 16 MB on the CPU (inside the kernel-size regime), 1 GB on the GPU
-    n = (4 << 20) if device == "cpu" else (256 << 20)
+# Working-set sizes (bytes moved per call) at which the streaming ceiling is measured; a case is
+# compared with the one nearest its own bytes, since a working set that fits a cache streams faster.
+CEILING_SIZES_MB = (8, 32, 128)
+
+
+def _stream_rates(nbytes: int, device: str, quick: bool) -> Dict[str, float]:
+    """GB/s of three streaming methods moving ``nbytes`` per call: a copy (half read, half written),
+    a fill (written only: glibc's memset, non-temporal stores at these sizes) and a sum (read only)."""
+    n = max(1, nbytes // 8)  # floats per buffer of the copy: n read + n written
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, quick)
-    out["copy_GBps"] = 2 * n * 4 / ms / 1e6
+    big = torch.randn(2 * n, device=device)  # the fill and the sum touch 2n floats, as many bytes
+    rates = {}
+    for name, fn in (("copy", lambda: dst.copy_(src)), ("fill", lambda: big.fill_(1.0)), ("sum", lambda: big.sum())):
+        ms, _ = time_ms(fn, device, quick)
+        rates[name] = 8 * n / ms / 1e6
+    return rates
+
+
+def measure_ceilings(device: str, quick: bool) -> Dict[str, object]:
+    """The streaming ceiling at each size (the best method and its GB/s) and the fp32 / bf16 matmul
+    rate (the best method) on this machine, now."""
+    out: Dict[str, object] = {"stream": {}}
+    sizes = CEILING_SIZES_MB if device == "cpu" else (1024,)
+    for mb in sizes:
+        rates = _stream_rates(mb << 20, device, quick)
+        best = max(rates, key=rates.get)
+        out["stream"][str(mb)] = {"GBps": rates[best], "method": best, "all": rates}
     m = 1024 if device == "cpu" else 8192
     for dt in ([torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]):
         a = torch.randn(m, m, device=device, dtype=dt)
         b = torch.randn(m, m, device=device, dtype=dt)
-        ms = time_ms(lambda: a @ b, device, quick)
-        out[f"matmul_{str(dt).split('.')[-1]}_GFLOPs"] = 2 * m**3 / ms / 1e6
+        # the best of torch's product and the op's own blocked product (which beats a BLAS that takes
+        # a generic path on this CPU), so that no product measured against it can exceed it
+        methods = {"torch.matmul": lambda: a @ b, "fusedformer.linear": lambda: torch.ops.fusedformer.linear(a, b, None)}
+        rates = {k: 2 * m**3 / time_ms(f, device, quick)[0] / 1e6 for k, f in methods.items()}
+        best = max(rates, key=rates.get)
+        key = str(dt).split(".")[-1]
+        out[f"matmul_{key}_GFLOPs"] = rates[best]
+        out[f"matmul_{key}_method"] = f"{best} {m}^3"
     return out
+
+
+def stream_ceiling(ceilings: Dict[str, object], nbytes: int) -> Tuple[float, str]:
+    """The streaming ceiling measured nearest (in log size) to ``nbytes``: (GB/s, 'method at N MB')."""
+    stream = ceilings["stream"]
+    mb = min(stream, key=lambda k: abs(math.log(int(k) * 2**20 / max(nbytes, 1))))
+    c = stream[mb]
+    return c["GBps"], f"{c['method']} {mb} MB"
+
+
+def _git(*args) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
 
 
 def machine_info(device: str) -> Dict[str, str]:
@@ -102,22 +216,26 @@ def machine_info(device: str) -> Dict[str, str]:
     except Exception:  # pragma: no cover
         pass
     cpu = platform.processor()
+    flags = set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and cpu == platform.processor():
                     cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:
         pass
-    info["cpu"] = cpu
+    extra = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
+    info["cpu"] = cpu + (f" ({', '.join(extra)})" if extra else "")
+    info["blas"] = "MKL" if torch.backends.mkl.is_available() else "other"
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     try:
-        info["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip()
+        info["commit"] = _git("rev-parse", "--short", "HEAD")
+        # tracked files only: a result is reproducible from its commit when nothing tracked differs
+        info["clean"] = "yes" if not _git("status", "--porcelain", "--untracked-files=no") else "no"
     except Exception:
         pass
     return info
@@ -150,11 +268,11 @@ def _call_ms(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def interleaved_ms(fns: List[Callable[[], object]], quick: bool) -> List[float]:
-    """Median milliseconds per call of each function, timed in rounds that call every function once,
-    in alternating order (ABBA...). On a shared machine the speed drifts over seconds; a long call
-    timed in one block per function would be compared with its peer's block taken at another speed.
-    At least 5 rounds (3 with quick), more up to ~20 s of calls."""
+def interleaved_ms(fns: List[Callable[[], object]], quick: bool) -> List[Tuple[float, float]]:
+    """(median, interquartile range) of the milliseconds per call of each function, timed in rounds
+    that call every function once, in alternating order (ABBA...). On a shared machine the speed
+    drifts over seconds; a long call timed in one block per function would be compared with its
+    peer's block taken at another speed. At least 5 rounds (3 with quick), more up to ~20 s of calls."""
     first = []
     for f in fns:
         _reset_allocator("cpu")
@@ -169,83 +287,131 @@ def interleaved_ms(fns: List[Callable[[], object]], quick: bool) -> List[float]:
             t0 = time.perf_counter()
             fns[i]()
             times[i].append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
+    out = []
+    for t in times:
+        lo, med, hi = _quartiles(t)
+        out.append((med, hi - lo))
+    return out
 
 
-def run_case(case: Case, device: str, quick: bool, ceilings: Dict[str, float]) -> Dict[str, object]:
+def run_case(case: Case, device: str, quick: bool, ceilings: Dict[str, object]) -> Dict[str, object]:
     res = {"op": case.op, "direction": case.direction, "dtype": case.dtype, "shape": case.shape,
-           "large": case.large, "target": case.target, "note": case.note}
-    if case.validate is not None:
+           "large": case.large, "target": case.target, "note": case.note,
+           "peer_dtype": case.peer_dtype or case.dtype}
+    try:
+        if case.validate is None:
+            raise AssertionError("the case has no validation")
         case.validate()
-    res["validated"] = case.validate is not None
-    res["peers_ms"] = {}
+    except Exception as e:  # reported, not timed
+        res["validated"] = False
+        res["failed"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        return res
+    res["validated"] = True
+    res["peers_ms"], res["peers_iqr_ms"] = {}, {}
     if device == "cpu" and _call_ms(case.ours) >= _LONG_CALL_MS:
         times = interleaved_ms([case.ours, *case.peers.values()], quick)
-        res["ours_ms"] = times[0]
-        res["peers_ms"] = dict(zip(case.peers, times[1:]))
+        res["ours_ms"], res["ours_iqr_ms"] = times[0]
+        for k, (med, iqr) in zip(case.peers, times[1:]):
+            res["peers_ms"][k], res["peers_iqr_ms"][k] = med, iqr
         res["timing"] = "interleaved rounds"
     else:
         _reset_allocator(device)
-        res["ours_ms"] = time_ms(case.ours, device, quick)
+        res["ours_ms"], res["ours_iqr_ms"] = time_ms(case.ours, device, quick)
         for k, f in case.peers.items():
             _reset_allocator(device)
-            res["peers_ms"][k] = time_ms(f, device, quick)
+            res["peers_ms"][k], res["peers_iqr_ms"][k] = time_ms(f, device, quick)
+        res["timing"] = "blocked"
     if case.peers:
         first = next(iter(case.peers))
         res["peer"] = first
         res["speedup"] = res["peers_ms"][first] / res["ours_ms"]
     if case.bytes:
         res["GBps"] = case.bytes / res["ours_ms"] / 1e6
-        res["frac_copy"] = res["GBps"] / ceilings["copy_GBps"]
+        ceiling, which = stream_ceiling(ceilings, case.bytes)
+        res["frac_ceiling"], res["ceiling"] = res["GBps"] / ceiling, which
     if case.flops:
         res["GFLOPs"] = case.flops / res["ours_ms"] / 1e6
         key = "matmul_float32_GFLOPs" if case.dtype == "fp32" or device == "cpu" else "matmul_bfloat16_GFLOPs"
-        res["frac_matmul"] = res["GFLOPs"] / ceilings[key]
+        res["frac_ceiling"] = res["GFLOPs"] / ceilings[key]
+        res["ceiling"] = ceilings.get(key.replace("GFLOPs", "method"), key.split("_")[1] + " matmul")
     if case.target is not None and "speedup" in res:
         res["meets_target"] = res["speedup"] >= case.target
     return res
 
 
+# ---------------------------------------------------------------------------------------------
+# tables and files
+
 def _fmt(v, spec, suffix=""):
     return "" if v is None else format(v, spec) + suffix
 
 
+def _ms(ms, iqr):
+    if ms is None:
+        return ""
+    spread = "" if not iqr or not ms else f" ±{50 * iqr / ms:.0f}%"
+    return f"{ms:.3f}{spread}"
+
+
+COLUMNS = ["op", "dir", "dtype", "shape", "ours ms", "peer", "peer ms", "speedup", "target", "GB/s", "GFLOP/s",
+           "% of ceiling"]
+
+
+def table_row(r: Dict[str, object]) -> List[str]:
+    shape = r["shape"] + (" (large)" if r.get("large") else "")
+    if r.get("failed"):
+        return [r["op"], r["direction"], r["dtype"], shape, "FAILED validation: " + r["failed"].replace("|", "/"),
+                "", "", "", "", "", "", ""]
+    peer = r.get("peer", "")
+    others = [f"{k} {_ms(v, r.get('peers_iqr_ms', {}).get(k))} ms ({v / r['ours_ms']:.2f}x)"
+              for k, v in r["peers_ms"].items() if k != peer]
+    tgt = r.get("target")
+    target = "" if tgt is None else ">= %.1fx %s" % (tgt, "ok" if r.get("meets_target") else "MISS")
+    frac = r.get("frac_ceiling", r.get("frac_copy", r.get("frac_matmul")))
+    ceiling = "" if frac is None else f"{100 * frac:.0f}%" + (f" ({r['ceiling']})" if r.get("ceiling") else "")
+    return [
+        r["op"], r["direction"], r["dtype"], shape,
+        _ms(r.get("ours_ms"), r.get("ours_iqr_ms")), peer + "".join(f"; also {o}" for o in others),
+        _ms(r["peers_ms"].get(peer), r.get("peers_iqr_ms", {}).get(peer)) if peer else "",
+        _fmt(r.get("speedup"), ".2f", "x"), target, _fmt(r.get("GBps"), ".1f"), _fmt(r.get("GFLOPs"), ".1f"),
+        ceiling,
+    ]
+
+
 def format_table(results: List[Dict[str, object]]) -> str:
-    cols = ["op", "dir", "dtype", "shape", "ours ms", "peer", "peer ms", "speedup", "target", "GB/s", "GFLOP/s",
-            "% of ceiling"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in results:
-        peer = r.get("peer", "")
-        frac = r.get("frac_copy", r.get("frac_matmul"))
-        tgt = r.get("target")
-        target = "" if tgt is None else ">= %.1fx %s" % (tgt, "ok" if r.get("meets_target") else "MISS")
-        row = [
-            r["op"], r["direction"], r["dtype"], r["shape"] + (" (large)" if r["large"] else ""),
-            _fmt(r["ours_ms"], ".3f"), peer, _fmt(r["peers_ms"].get(peer) if peer else None, ".3f"),
-            _fmt(r.get("speedup"), ".2f", "x"), target, _fmt(r.get("GBps"), ".1f"), _fmt(r.get("GFLOPs"), ".1f"),
-            _fmt(None if frac is None else 100 * frac, ".0f", "%"),
-        ]
-        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+        lines.append("| " + " | ".join(str(c) for c in table_row(r)) + " |")
     return "\n".join(lines)
+
+
+def describe_ceilings(ceilings: Dict[str, object]) -> str:
+    parts = []
+    for mb, c in ceilings.get("stream", {}).items():
+        others = ", ".join(f"{k} {v:.1f}" for k, v in c["all"].items())
+        parts.append(f"stream {mb} MB: {c['GBps']:.1f} GB/s ({c['method']}; {others})")
+    parts += [f"{k.replace('_GFLOPs', '')} {v:.1f} GFLOP/s ({ceilings.get(k.replace('GFLOPs', 'method'), '')})"
+              for k, v in ceilings.items() if k.endswith("GFLOPs")]
+    if "copy_GBps" in ceilings:
+        parts.append(f"copy {ceilings['copy_GBps']:.1f} GB/s")
+    return "; ".join(parts)
+
+
+TABLE_NOTE = ("Medians, ± half the interquartile range of the timings; speedup = peer time / our time (higher is "
+              "better). % of ceiling: GB/s against the best streaming method (copy, fill or read-only sum) "
+              "measured in the same run at the size nearest the case's bytes, or GFLOP/s against the best "
+              "matmul measured in the same run. Calls of 20 ms or more are timed in interleaved rounds, ours "
+              "and the peers alternating.")
 
 
 def write_results(results, ceilings, info, out_dir: str, stem: str, title: str):
     os.makedirs(out_dir, exist_ok=True)
-    payload = {"machine": info, "ceilings": ceilings, "results": results}
+    payload = {"title": title, "machine": info, "ceilings": ceilings, "results": results}
     with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
         json.dump(payload, f, indent=1)
-    md = [f"# {title}", ""]
-    md.append(", ".join(f"{k}: {v}" for k, v in info.items()))
-    md.append("")
-    md.append("Ceilings measured in the same run: " + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()))
-    md.append("")
-    md.append("Medians; speedup = peer time / our time (higher is better); % of ceiling is GB/s against the "
-              "copy bandwidth (memory-bound ops) or GFLOP/s against the matmul rate (attention). Cases whose "
-              "call takes 20 ms or more (end-to-end) are timed in interleaved rounds, ours and the peers "
-              "alternating, 5-15 rounds.")
-    md.append("")
-    md.append(format_table(results))
-    md.append("")
+    md = [f"# {title}", "", ", ".join(f"{k}: {v}" for k, v in info.items()), "",
+          "Ceilings measured in the same run: " + describe_ceilings(ceilings), "", TABLE_NOTE, "",
+          format_table(results), ""]
     with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
         f.write("\n".join(md))
     _plot(results, out_dir, stem)
@@ -280,7 +446,3 @@ def _plot(results, out_dir, stem):
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, f"{stem}-{op}.png"), dpi=100)
         plt.close(fig)
-
-
-def now():
-    return time.time()

@@ -1,7 +1,9 @@
 """Benchmarks: python bench/run.py [--quick] [--suite kernels|modules|generation|all] [--device cpu|cuda]
 [--ops softmax,layer_norm,...] [--keep-heap]
 
-Each case's output is validated first, then it is timed against its peers in the same run. Results
+Each case's result (forward and backward) is checked first; a case that fails its check, or has none,
+is reported as failed, not timed, and the run exits with status 1. Then it is timed against its peers
+in the same run. Results
 go to bench/results/<device>-<suite>.{json,md} with one plot per op (with --quick, to
 build/bench-quick/ so that committed figures are not overwritten). On the CPU the heap is trimmed
 (malloc_trim) before every timed call, so that each starts from the same allocator state; with
@@ -19,11 +21,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402
-from common import format_table, machine_info, measure_ceilings, run_case, write_results  # noqa: E402
+from common import describe_ceilings, format_table, machine_info, measure_ceilings, run_case, write_results  # noqa: E402
 
 # suite -> bench modules, each exposing cases(device, quick) -> list[Case]
 SUITES = {
-    "kernels": ["bench_softmax", "bench_layernorm", "bench_attention", "bench_linear", "bench_cuda"],
+    "kernels": ["bench_softmax", "bench_cross_entropy", "bench_layernorm", "bench_gelu", "bench_attention",
+                "bench_linear", "bench_cuda"],
     "modules": ["bench_modules"],
     "generation": ["bench_generation"],
 }
@@ -52,7 +55,8 @@ def main(argv=None):
         info["heap"] = "kept between calls" if args.keep_heap else "trimmed before each timed call"
     print(", ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
     ceilings = measure_ceilings(args.device, args.quick)
-    print("ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()), flush=True)
+    print("ceilings: " + describe_ceilings(ceilings), flush=True)
+    failed = []
     for suite in suites:
         results = []
         for modname in SUITES[suite]:
@@ -64,6 +68,8 @@ def main(argv=None):
                     continue
                 r = run_case(case, args.device, args.quick, ceilings)
                 results.append(r)
+                if r.get("failed"):
+                    failed.append(f"{case.name}: {r['failed']}")
                 print(format_table([r]).splitlines()[-1], flush=True)
         if not results:
             continue
@@ -72,6 +78,9 @@ def main(argv=None):
         print(format_table(results))
         write_results(results, ceilings, info, out, stem, f"fusedformer {suite} benchmarks ({args.device})")
         print(f"\nwrote {os.path.normpath(out)}/{stem}.json, .md and plots\n")
+    if failed:
+        print(f"{len(failed)} case(s) failed validation and were not timed:\n  " + "\n  ".join(failed))
+        return 1
     return 0
 
 

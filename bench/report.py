@@ -1,0 +1,143 @@
+"""Renders the published figures from the committed results: python bench/report.py [--check]
+
+README.md, bench/README.md and docs/*.md hold blocks
+
+    <!-- report:begin NAME -->
+    ...
+    <!-- report:end -->
+
+whose contents this script writes from bench/results/*.json (never by hand):
+- ``headline``: per suite, op, direction, dtype and peer (with the peer's precision), the speedup
+  (in the kernels suite the range over every shape measured, losers included; in the others each
+  case), with the result file, machine, commit and date beside it;
+- ``table:STEM``: every case of bench/results/STEM.json with the machine line and the ceilings.
+
+``--check`` renders without writing and exits with status 1 if a block differs from what the
+committed JSON gives (CI runs it, so a hand-edited or stale figure fails).
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+from collections import OrderedDict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, HERE)
+
+from common import TABLE_NOTE, describe_ceilings, format_table  # noqa: E402
+
+BLOCK = re.compile(r"(<!-- report:begin (?P<name>[\w:.-]+) -->\n)(?P<body>.*?)(<!-- report:end -->)", re.S)
+
+# The suites whose results the headline summarizes, in order.
+HEADLINE_STEMS = ["cpu-kernels", "cpu-modules", "cpu-generation"]
+
+# Peers that are unusually slow in a precision, said beside the figure.
+SLOW_PEERS = {
+    ("rms_norm", "bf16"): "F.rms_norm's bf16 path is an unfused ATen composition",
+}
+# Suites whose rows are summarized as ranges over shapes; in the others every case is its own row.
+RANGED_SUITES = {"kernels"}
+
+
+def load(stem):
+    path = os.path.join(RESULTS, stem + ".json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def source_line(stem, data):
+    m = data["machine"]
+    clean = {"yes": "clean tree", "no": "UNCOMMITTED changes"}.get(m.get("clean"), "tree state not recorded")
+    return (f"`bench/results/{stem}.json`: {m.get('cpu', '?')}{', ' + m['gpu'] if m.get('gpu') else ''}, "
+            f"{m.get('threads', '?')} threads, torch {m.get('torch', '?')}, BLAS {m.get('blas', '?')}, "
+            f"commit {m.get('commit', '?')} ({clean}), {m.get('date', '?')}")
+
+
+def _range(vals):
+    lo, hi = min(vals), max(vals)
+    return f"{lo:.2f}x" if abs(hi - lo) < 0.005 else f"{lo:.2f}-{hi:.2f}x"
+
+
+def headline():
+    lines = ["| suite | op | direction | dtype | peer | speedup | cases |", "|---|---|---|---|---|---|---|"]
+    sources = []
+    for stem in HEADLINE_STEMS:
+        if not os.path.exists(os.path.join(RESULTS, stem + ".json")):
+            continue
+        data = load(stem)
+        sources.append(source_line(stem, data))
+        suite = stem.split("-", 1)[1]
+        groups = OrderedDict()
+        for r in data["results"]:
+            key = (r["op"], r["direction"], r["dtype"], r.get("peer", ""), r.get("peer_dtype", r["dtype"]),
+                   r.get("note", "") if suite in RANGED_SUITES else r["shape"])
+            groups.setdefault(key, []).append(r)
+        for (op, direction, dtype, peer, peer_dtype, _), rs in groups.items():
+            failed = [r for r in rs if r.get("failed")]
+            ok = [r["speedup"] for r in rs if "speedup" in r]
+            cell = _range(ok) if ok else ""
+            if failed:
+                cell += f" ({len(failed)} FAILED validation)"
+            slow = SLOW_PEERS.get((op, dtype))
+            peer_cell = f"{peer} ({peer_dtype})" if peer else ""
+            if slow:
+                peer_cell += f"; {slow}"
+            shapes = "; ".join(r["shape"] for r in rs)
+            lines.append(f"| {suite} | {op} | {direction} | {dtype} | {peer_cell} | {cell} | {shapes} |")
+    return "\n".join(lines + [""] + [f"Source: {s}" for s in sources]) + "\n"
+
+
+def table(stem):
+    data = load(stem)
+    return "\n".join([
+        source_line(stem, data), "",
+        "Ceilings measured in the same run: " + describe_ceilings(data.get("ceilings", {})), "",
+        TABLE_NOTE, "",
+        format_table(data["results"]), "",
+    ])
+
+
+def render(name):
+    if name == "headline":
+        return headline()
+    if name.startswith("table:"):
+        return table(name.split(":", 1)[1])
+    raise SystemExit(f"unknown report block {name!r}")
+
+
+def documents():
+    return [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(HERE, "*.md"))) + \
+        sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 if a rendered block differs; write nothing")
+    args = ap.parse_args(argv)
+    stale = []
+    for path in documents():
+        with open(path) as f:
+            text = f.read()
+        new = BLOCK.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+        if new != text:
+            stale.append(os.path.relpath(path, ROOT))
+            if not args.check:
+                with open(path, "w") as f:
+                    f.write(new)
+    if args.check:
+        if stale:
+            print("figures differ from bench/results/*.json (run python bench/report.py): " + ", ".join(stale))
+            return 1
+        print("report: every rendered block matches the committed results")
+    elif stale:
+        print("rewrote " + ", ".join(stale))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
