@@ -167,6 +167,27 @@ def test_stream_yields_the_generated_tokens(pair):
     assert torch.equal(got, full[:, 6:])
 
 
+def test_generation_restores_the_train_mode(pair):
+    """generate and stream run the model in eval mode and hand it back in the mode it had: a
+    training model trains on after it (also when the stream is closed before its end)."""
+    _, ours = pair
+    ids, mask = left_padded_batch(lengths=(6, 3))
+    for training in (True, False):
+        ours.train(training)
+        fusedformer.generate(ours, ids, mask, max_new_tokens=3)
+        assert ours.training is training and all(m.training is training for m in ours.modules())
+        it = stream(ours, ids, mask, max_new_tokens=3)
+        next(it)
+        assert not ours.training  # eval while streaming
+        list(it)
+        assert ours.training is training and all(m.training is training for m in ours.modules())
+        it = stream(ours, ids, mask, max_new_tokens=3)
+        next(it)
+        it.close()
+        assert ours.training is training
+    ours.eval()
+
+
 def test_encoder_decoder_generation_matches_uncached_greedy():
     torch.manual_seed(0)
     model = EncoderDecoder(src_vocab_size=30, tgt_vocab_size=20, n_positions=32, d_model=32, n_head=4,
