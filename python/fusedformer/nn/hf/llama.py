@@ -8,7 +8,6 @@
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 from transformers.models.llama import modeling_llama as ml
 
