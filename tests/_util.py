@@ -35,7 +35,8 @@ def max_err(a, b):
 
 
 def assert_matches_reference(ours, ref64, peer=None, *, rtol=1e-5, atol=1e-5, abs_term=None, what=""):
-    """The DESIGN.md pass rule.
+    """The pass rule of the op tests: within a tolerance of the float64 reference, and in low
+    precision no further from it than twice PyTorch's own error at that precision.
 
     float32 (peer is None or ours is float32): |ours - ref| <= atol + rtol * |ref| elementwise.
     bfloat16 / float16: max|ours - ref| <= 2 * max|peer - ref| + abs_term, where peer is PyTorch's

@@ -8,46 +8,35 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer
-from fusedformer.ops import cross_entropy as ce_mod
+from fusedformer.ops import _blocks
 from _util import ISAS, assert_matches_reference, cpu_isa, make
 
 _ops = torch.ops.fusedformer
 
 
-def _reference(x, w, b, t, ignore_index=-100, reduction="mean"):
-    """float64 loss and gradients of F.cross_entropy(F.linear(x, w, b))."""
-    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    bd = b.detach().double().requires_grad_() if b is not None else None
-    loss = F.cross_entropy(F.linear(xd, wd, bd).flatten(0, -2), t.flatten(), ignore_index=ignore_index,
-                           reduction=reduction)
-    grads = torch.autograd.grad(loss, [xd, wd] + ([bd] if bd is not None else []))
-    return loss.detach(), grads
-
-
-def _peer(x, w, b, t, ignore_index=-100, reduction="mean"):
-    """PyTorch's own run at the inputs' precision."""
-    xp, wp = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    bp = b.detach().clone().requires_grad_() if b is not None else None
-    loss = F.cross_entropy(F.linear(xp, wp, bp).flatten(0, -2), t.flatten(), ignore_index=ignore_index,
-                           reduction=reduction)
-    grads = torch.autograd.grad(loss, [xp, wp] + ([bp] if bp is not None else []))
-    return loss.detach(), grads
+def _loss_and_grads(x, w, b, t, *, fused, dtype=None, **kw):
+    """The loss and the gradients (input, weight, bias) by autograd on copies of the arguments (cast to
+    ``dtype`` when given): of fusedformer's op (``fused``) or of F.cross_entropy(F.linear(...)), in
+    float64 (the reference) or at the inputs' precision (PyTorch's own run, the peer)."""
+    leaves = [a.detach().to(dtype or a.dtype, copy=True).requires_grad_() for a in (x, w, b) if a is not None]
+    xl, wl, bl = leaves[0], leaves[1], leaves[2] if b is not None else None
+    if fused:
+        loss = fusedformer.ops.linear_cross_entropy(xl, wl, t, bl, **kw)
+    else:
+        loss = F.cross_entropy(F.linear(xl, wl, bl).flatten(0, -2), t.flatten(), **kw)
+    return loss.detach(), torch.autograd.grad(loss, leaves)
 
 
 def _ours(x, w, b, t, **kw):
-    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    b = b.detach().clone().requires_grad_() if b is not None else None
-    loss = fusedformer.ops.linear_cross_entropy(x, w, t, b, **kw)
-    grads = torch.autograd.grad(loss, [x, w] + ([b] if b is not None else []))
-    return loss.detach(), grads
+    return _loss_and_grads(x, w, b, t, fused=True, **kw)
 
 
 def _check(x, w, b, t, **kw):
     loss, grads = _ours(x, w, b, t, **kw)
-    ref_loss, ref_grads = _reference(x, w, b, t, **kw)
+    ref_loss, ref_grads = _loss_and_grads(x, w, b, t, fused=False, dtype=torch.float64, **kw)
     peer_loss, peer_grads = (None, [None] * len(ref_grads))
     if x.dtype in (torch.bfloat16, torch.float16):
-        peer_loss, peer_grads = _peer(x, w, b, t, **kw)
+        peer_loss, peer_grads = _loss_and_grads(x, w, b, t, fused=False, **kw)
     assert loss.dtype == x.dtype
     assert_matches_reference(loss, ref_loss.reshape(loss.shape), peer_loss, rtol=1e-5, atol=1e-5, what="loss")
     for name, g, r, p in zip(("input", "weight", "bias"), grads, ref_grads, peer_grads):
@@ -84,8 +73,8 @@ def test_chunks(monkeypatch):
     x, w = make((67, 8), seed=8), make((100, 8), seed=9)
     t = torch.randint(0, 100, (67,), generator=torch.Generator().manual_seed(10))
     one = _ours(x, w, None, t)
-    monkeypatch.setattr(ce_mod, "MAX_BLOCK_BYTES", 10 * 100 * 4)  # 10 rows a chunk
-    assert ce_mod._chunk_rows(100) == 10
+    monkeypatch.setattr(_blocks, "MAX_BLOCK_BYTES", 10 * 100 * 4)  # 10 rows a chunk
+    assert _blocks.row_blocks(67, 100, torch.float32) == 10
     many = _ours(x, w, None, t)
     torch.testing.assert_close(many[0], one[0], rtol=1e-6, atol=1e-6)
     for a, b in zip(many[1], one[1]):

@@ -1,5 +1,6 @@
 """Property tests: every op, forward and backward, on random shapes, dtypes, strides and masks,
-against the float64 reference (fusedformer.reference) with the DESIGN pass rule.
+against the float64 reference (fusedformer.reference) with the pass rule of the op tests
+(_util.assert_matches_reference).
 
 Each example is a plain dict (shapes, dtypes, layouts, a seed); the tensors are built from it, so the
 falsifying example hypothesis prints, pasted into ``run_case(...)``, reproduces a failure, and the
@@ -106,7 +107,7 @@ def describe(t):
 
 def check(ours, ref64, peer, what, *, grad=False, prec=None):
     """float64: near-exact; float32: relative 1e-5 of the largest value (1e-4 for gradients, which
-    sum over rows); bfloat16/float16: the DESIGN rule against PyTorch's own low-precision run.
+    sum over rows); bfloat16/float16: at most twice the error of PyTorch's own low-precision run.
     `prec` is the op's dtype: a float32 result computed from low-precision values (the gradient of
     a float32 mask of a bfloat16 softmax) is judged at that precision."""
     if prec in (torch.bfloat16, torch.float16) and ours.dtype == torch.float32:

@@ -124,17 +124,17 @@ def test_decode_step_uses_the_decode_attention_form(pair, monkeypatch):
     """One-token steps call ops.attention with L = 1 against a non-contiguous view of the preallocated
     cache and a (B, 1, 1, S) bool padding mask."""
     _, ours = pair
-    from fusedformer.models import layers
+    from fusedformer.models import blocks
 
     calls = []
-    real = layers.ops.attention
+    real = blocks.ops.attention
 
     def spy(q, k, v, attn_mask=None, **kw):
         calls.append((q.shape, k.is_contiguous(), k.shape, None if attn_mask is None else
                       (attn_mask.dtype, tuple(attn_mask.shape)), kw.get("is_causal")))
         return real(q, k, v, attn_mask=attn_mask, **kw)
 
-    monkeypatch.setattr(layers.ops, "attention", spy)
+    monkeypatch.setattr(blocks.ops, "attention", spy)
     ids, mask = left_padded_batch(lengths=(6, 3))
     fusedformer.generate(ours, ids, mask, max_new_tokens=3)
     n_layer = ours.config.n_layer
@@ -165,6 +165,27 @@ def test_stream_yields_the_generated_tokens(pair):
     got = torch.stack(list(s), 1)
     th.join()
     assert torch.equal(got, full[:, 6:])
+
+
+def test_generation_restores_the_train_mode(pair):
+    """generate and stream run the model in eval mode and hand it back in the mode it had: a
+    training model trains on after it (also when the stream is closed before its end)."""
+    _, ours = pair
+    ids, mask = left_padded_batch(lengths=(6, 3))
+    for training in (True, False):
+        ours.train(training)
+        fusedformer.generate(ours, ids, mask, max_new_tokens=3)
+        assert ours.training is training and all(m.training is training for m in ours.modules())
+        it = stream(ours, ids, mask, max_new_tokens=3)
+        next(it)
+        assert not ours.training  # eval while streaming
+        list(it)
+        assert ours.training is training and all(m.training is training for m in ours.modules())
+        it = stream(ours, ids, mask, max_new_tokens=3)
+        next(it)
+        it.close()
+        assert ours.training is training
+    ours.eval()
 
 
 def test_encoder_decoder_generation_matches_uncached_greedy():

@@ -209,16 +209,16 @@ def test_eval_no_grad(self_attn):
 
 def test_larger_packed_and_split_projections_agree():
     """Past the block size the packed projection is split into three; the numbers do not change."""
-    from fusedformer.nn import functional as FF
+    from fusedformer.ops import _blocks
 
     ours, ref = _pair(batch_first=True)
     q = torch.randn(3, 11, E)
-    before = FF.MAX_BLOCK_BYTES
+    before = _blocks.MAX_BLOCK_BYTES
     try:
-        FF.MAX_BLOCK_BYTES = 64  # force the split path
+        _blocks.MAX_BLOCK_BYTES = 64  # force the split path
         out_split = ours(q, q, q, need_weights=False)[0]
     finally:
-        FF.MAX_BLOCK_BYTES = before
+        _blocks.MAX_BLOCK_BYTES = before
     torch.testing.assert_close(out_split, ours(q, q, q, need_weights=False)[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out_split, ref(q, q, q, need_weights=False)[0], rtol=1e-5, atol=1e-5)
 

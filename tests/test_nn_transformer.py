@@ -264,42 +264,12 @@ def test_compile_patched_encoder():
     torch.testing.assert_close(compiled(x, src_key_padding_mask=pad), eager, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("needs", ["all", "input", "weights"])
-def test_relu_feed_forward(bias, needs):
-    """The fused ReLU feed-forward (ReLU and its backward in place) against the autograd composition
-    in float64: output and the gradient of every argument that needs one; gradcheck."""
-    from fusedformer.nn.functional import relu_feed_forward
-
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(2, 9, 12, generator=g, dtype=torch.float64)
-    w1, w2 = torch.randn(20, 12, generator=g, dtype=torch.float64), torch.randn(12, 20, generator=g, dtype=torch.float64)
-    b1 = torch.randn(20, generator=g, dtype=torch.float64) if bias else None
-    b2 = torch.randn(12, generator=g, dtype=torch.float64) if bias else None
-    args = [x, w1, b1, w2, b2]
-    grad_of = {"all": range(5), "input": [0], "weights": [1, 2, 3, 4]}[needs]
-    for i in grad_of:
-        if args[i] is not None:
-            args[i].requires_grad_()
-    out = relu_feed_forward(*args)
-    assert type(out.grad_fn).__name__ == "_ReluFeedForwardBackward"
-    ref = F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)
-    torch.testing.assert_close(out, ref)
-    leaves = [t for t in args if t is not None and t.requires_grad]
-    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    for a, b in zip(torch.autograd.grad(out, leaves, go), torch.autograd.grad(ref, leaves, go)):
-        torch.testing.assert_close(a, b)
-    assert torch.autograd.gradcheck(relu_feed_forward, tuple(args))
-    with torch.no_grad():  # the plain composition, ReLU in place
-        torch.testing.assert_close(relu_feed_forward(*args), ref)
-
-
 def test_feed_forward_row_blocks_in_training(monkeypatch):
     """A feed-forward split into row blocks (each under MAX_BLOCK_BYTES) runs the fused ReLU block
     on each: outputs and gradients of torch.nn's layer."""
-    from fusedformer.nn import functional as nnf
+    from fusedformer.ops import _blocks
 
-    monkeypatch.setattr(nnf, "MAX_BLOCK_BYTES", 5 * FF * 4)  # 5 rows a block: 21 rows in 5 blocks
+    monkeypatch.setattr(_blocks, "MAX_BLOCK_BYTES", 5 * FF * 4)  # 5 rows a block: 21 rows in 5 blocks
     ours, ref = _copy(torch.nn.TransformerEncoderLayer, fnn.TransformerEncoderLayer, D, H, FF, dropout=0.0,
                       batch_first=True)
     x = _x(True, L)

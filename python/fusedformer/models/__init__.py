@@ -6,7 +6,7 @@ cross-attention); HuggingFace weight import (``from_hf``) and safetensors checkp
 from .config import EncoderConfig, EncoderDecoderConfig, GPTConfig
 from .encoder import Encoder
 from .gpt import GPT
-from .layers import KVCache, set_fused
+from .blocks import KVCache, set_fused
 from .seq2seq import EncoderDecoder
 
 MODELS = {GPTConfig.model_type: GPT, EncoderConfig.model_type: Encoder,

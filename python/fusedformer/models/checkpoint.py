@@ -18,6 +18,12 @@ class CheckpointMixin:
 
     config_class = None
 
+    def _init_config(self, config, kwargs):
+        """Set and return ``self.config``: ``config``, or a ``config_class(**kwargs)`` without one
+        (``GPT(n_layer=2, ...)``)."""
+        self.config = config if config is not None else self.config_class(**kwargs)
+        return self.config
+
     def save_pretrained(self, directory, tokenizer=None, dtype=None):
         """Write the weights (cast to ``dtype`` when given, e.g. torch.bfloat16 to halve the file; floating
         tensors only), the config and the tokenizer; ``from_pretrained`` casts back to the model's dtype."""

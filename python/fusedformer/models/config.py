@@ -9,9 +9,10 @@ _POSITIONS = ("learned", "rotary")
 _POOLINGS = ("mean", "cls", "pooler")
 
 
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+def _fill_d_ff(cfg):
+    """The feed-forward width defaults to 4 x d_model (GPT-2's, BERT's and torch.nn.Transformer's)."""
+    if cfg.d_ff is None:
+        cfg.d_ff = 4 * cfg.d_model
 
 
 def _check_positive(cfg, *names):
@@ -19,6 +20,20 @@ def _check_positive(cfg, *names):
         v = getattr(cfg, n)
         if not isinstance(v, int) or v <= 0:
             raise ValueError(f"{type(cfg).__name__}.{n} must be a positive integer; got {v!r}")
+
+
+def _check_multiple(cfg, name, of):
+    """``cfg.<name>`` must be a multiple of ``cfg.<of>`` (heads split evenly)."""
+    v, d = getattr(cfg, name), getattr(cfg, of)
+    if v % d:
+        raise ValueError(f"{type(cfg).__name__}.{name} ({v}) must be a multiple of {of} ({d})")
+
+
+def _check_choices(cfg, **choices):
+    for n, allowed in choices.items():
+        v = getattr(cfg, n)
+        if v not in allowed:
+            raise ValueError(f"{type(cfg).__name__}.{n} must be one of {', '.join(allowed)}; got {v!r}")
 
 
 class _Config:
@@ -73,15 +88,11 @@ class GPTConfig(_Config):
             self.n_kv_head = self.n_head
         if self.head_dim is None:
             self.head_dim = self.d_model // self.n_head if self.n_head else 0
-        if self.d_ff is None:
-            self.d_ff = 4 * self.d_model
+        _fill_d_ff(self)
         _check_positive(self, "vocab_size", "n_positions", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim",
                         "d_ff")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"GPTConfig.n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
-        _check_choice("GPTConfig.norm", self.norm, _NORMS)
-        _check_choice("GPTConfig.activation", self.activation, _ACTIVATIONS)
-        _check_choice("GPTConfig.positions", self.positions, _POSITIONS)
+        _check_multiple(self, "n_head", "n_kv_head")
+        _check_choices(self, norm=_NORMS, activation=_ACTIVATIONS, positions=_POSITIONS)
 
 
 @dataclasses.dataclass
@@ -104,13 +115,10 @@ class EncoderConfig(_Config):
     model_type = "encoder"
 
     def __post_init__(self):
-        if self.d_ff is None:
-            self.d_ff = 4 * self.d_model
+        _fill_d_ff(self)
         _check_positive(self, "vocab_size", "n_positions", "d_model", "n_layer", "n_head", "d_ff")
-        if self.d_model % self.n_head:
-            raise ValueError(f"EncoderConfig.d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
-        _check_choice("EncoderConfig.activation", self.activation, _ACTIVATIONS)
-        _check_choice("EncoderConfig.pooling", self.pooling, _POOLINGS)
+        _check_multiple(self, "d_model", "n_head")
+        _check_choices(self, activation=_ACTIVATIONS, pooling=_POOLINGS)
 
 
 @dataclasses.dataclass
@@ -138,14 +146,9 @@ class EncoderDecoderConfig(_Config):
     model_type = "encoder-decoder"
 
     def __post_init__(self):
-        if self.d_ff is None:
-            self.d_ff = 4 * self.d_model
+        _fill_d_ff(self)
         _check_positive(self, "src_vocab_size", "tgt_vocab_size", "n_positions", "d_model", "n_head",
                         "n_encoder_layers", "n_decoder_layers", "d_ff")
-        if self.d_model % self.n_head:
-            raise ValueError(f"EncoderDecoderConfig.d_model ({self.d_model}) must be a multiple of n_head "
-                             f"({self.n_head})")
-        _check_choice("EncoderDecoderConfig.activation", self.activation, _ACTIVATIONS)
+        _check_multiple(self, "d_model", "n_head")
+        _check_choices(self, activation=_ACTIVATIONS)
 
-
-CONFIGS = {c.model_type: c for c in (GPTConfig, EncoderConfig, EncoderDecoderConfig)}

@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import Block, Norm, init_weights
 from .checkpoint import CheckpointMixin
 from .config import EncoderConfig
-from .layers import Block, Norm, init_weights
 
 
 class Encoder(CheckpointMixin, nn.Module):
@@ -23,8 +23,7 @@ class Encoder(CheckpointMixin, nn.Module):
 
     def __init__(self, config: Optional[EncoderConfig] = None, **kwargs):
         super().__init__()
-        config = config if config is not None else EncoderConfig(**kwargs)
-        self.config = c = config
+        c = self._init_config(config, kwargs)
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.pos_embed = nn.Embedding(c.n_positions, c.d_model)
         self.type_embed = nn.Embedding(c.type_vocab_size, c.d_model) if c.type_vocab_size else None
@@ -84,6 +83,6 @@ class Encoder(CheckpointMixin, nn.Module):
     @classmethod
     def from_hf(cls, model, *, pooling="mean"):
         """An Encoder with the weights of a HuggingFace ``BertModel`` (e.g. all-MiniLM-L6-v2)."""
-        from .hf import encoder_from_hf
+        from .from_hf import encoder_from_hf
 
         return encoder_from_hf(cls, model, pooling=pooling)

@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from ..nn.linear import Linear
+from .blocks import Block, KVCache, Norm, Rotary, close_stack, init_weights
 from .checkpoint import CheckpointMixin
 from .config import GPTConfig
-from ..nn.linear import Linear
-from .layers import Block, KVCache, Norm, Rotary, init_weights
 
 
 class GPT(CheckpointMixin, nn.Module):
@@ -24,8 +24,7 @@ class GPT(CheckpointMixin, nn.Module):
 
     def __init__(self, config: Optional[GPTConfig] = None, **kwargs):
         super().__init__()
-        config = config if config is not None else GPTConfig(**kwargs)
-        self.config = c = config
+        c = self._init_config(config, kwargs)
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.pos_embed = nn.Embedding(c.n_positions, c.d_model) if c.positions == "learned" else None
         self.rotary = Rotary(c.head_dim, c.rope_theta) if c.positions == "rotary" else None
@@ -98,11 +97,12 @@ class GPT(CheckpointMixin, nn.Module):
             cache.length = start + L
         if last_only:
             h, delta = h[:, -1], delta[:, -1]
-        x, _ = self.norm(delta, residual=h)
-        return x
+        return close_stack(self.norm, h, delta)
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """``fusedformer.generate(self, ...)``."""
+        # The one reference from models up to generation, for the method users expect on a model:
+        # generation uses models only through their interface and imports none of them (no cycle).
         from ..generation import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
@@ -110,6 +110,6 @@ class GPT(CheckpointMixin, nn.Module):
     @classmethod
     def from_hf(cls, model):
         """A GPT with the weights of a HuggingFace ``GPT2LMHeadModel`` or ``LlamaForCausalLM``."""
-        from .hf import gpt_from_hf
+        from .from_hf import gpt_from_hf
 
         return gpt_from_hf(cls, model)

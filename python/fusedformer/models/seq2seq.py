@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..nn.linear import Linear
+from .blocks import Block, KVCache, Norm, close_stack, init_weights
 from .checkpoint import CheckpointMixin
 from .config import EncoderDecoderConfig
-from ..nn.linear import Linear
-from .layers import Block, KVCache, Norm, init_weights
 
 
 class EncoderDecoder(CheckpointMixin, nn.Module):
@@ -25,8 +25,7 @@ class EncoderDecoder(CheckpointMixin, nn.Module):
 
     def __init__(self, config: Optional[EncoderDecoderConfig] = None, **kwargs):
         super().__init__()
-        config = config if config is not None else EncoderDecoderConfig(**kwargs)
-        self.config = c = config
+        c = self._init_config(config, kwargs)
         self.src_embed = nn.Embedding(c.src_vocab_size, c.d_model)
         self.tgt_embed = nn.Embedding(c.tgt_vocab_size, c.d_model)
         self.pos_embed = nn.Embedding(c.n_positions, c.d_model)
@@ -57,17 +56,13 @@ class EncoderDecoder(CheckpointMixin, nn.Module):
         h = table(ids) + self.pos_embed(position_ids)
         return F.dropout(h, self.config.dropout) if self.config.dropout > 0 and self.training else h
 
-    def _close(self, norm, h, delta):
-        """The last norm of a stack: fused with the pending residual (pre-norm) or on h (post-norm)."""
-        return norm(delta, residual=h)[0] if delta is not None else norm(h)
-
     def encode(self, src_ids, src_mask=None):
         """Source ids (B, S) -> memory (B, S, D); ``src_mask`` (B, S): 1 for tokens, 0 for padding."""
         h, delta = self._embed(self.src_embed, src_ids), None
         mask = src_mask.bool()[:, None, None, :] if src_mask is not None else None
         for blk in self.encoder:
             h, delta = blk(h, delta, attn_mask=mask)
-        return self._close(self.encoder_norm, h, delta)
+        return close_stack(self.encoder_norm, h, delta)
 
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
         c = self.config
@@ -94,7 +89,7 @@ class EncoderDecoder(CheckpointMixin, nn.Module):
             cache.length = start + T
         if last_only:
             h, delta = h[:, -1], (delta[:, -1] if delta is not None else None)
-        return self.head(self._close(self.decoder_norm, h, delta))
+        return self.head(close_stack(self.decoder_norm, h, delta))
 
     def forward(self, src_ids, tgt_ids, src_mask=None, tgt_mask=None):
         memory = self.encode(src_ids, src_mask)
@@ -103,6 +98,8 @@ class EncoderDecoder(CheckpointMixin, nn.Module):
     def generate(self, src_ids, src_mask=None, **kwargs):
         """``fusedformer.generate(self, src_ids, src_mask, ...)``: target sequences starting with the
         decoder start token (``config.bos_token_id``)."""
+        # The one reference from models up to generation, for the method users expect on a model:
+        # generation uses models only through their interface and imports none of them (no cycle).
         from ..generation import generate
 
         return generate(self, src_ids, src_mask, **kwargs)

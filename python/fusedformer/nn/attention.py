@@ -7,9 +7,11 @@ import torch
 from torch import Tensor
 
 from . import functional as FF
+from .convert import twin_of
 from .masks import merge_masks, pad_keep_columns
 
 
+@twin_of(torch.nn.MultiheadAttention)
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` computed by ``fusedformer.attention``.
 

@@ -6,11 +6,11 @@ The query/key/value projections are views into one packed projection (self-atten
 kernel reads directly, so no ``contiguous()`` copy is made before the kernel. The one copy on the
 way out is the ``(N, H, L, E) -> (N, L, H * E)`` transpose that the output projection needs.
 
-Large intermediates are kept under :data:`MAX_BLOCK_BYTES`: glibc's allocator serves larger
-requests (over 32 MiB) with a fresh ``mmap`` on every call, whose page faults can cost more than
-the matmul that fills the buffer's share (about 30 ms for a 38 MB buffer on a 2-core VM). A packed
-projection that would exceed it is computed as separate projections, and the feed-forward block
-runs over row blocks (see :func:`row_blocks`).
+A packed projection whose output would exceed ``MAX_BLOCK_BYTES`` (see fusedformer.ops._blocks:
+a larger buffer is faulted in afresh on every call) is computed as separate projections.
+
+``relu_feed_forward`` (torch.nn's Transformer feed-forward with the ReLU in place) lives with the
+ops, in fusedformer.ops.feed_forward, and is importable from here as well.
 """
 
 import math
@@ -21,60 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import attention, linear, softmax
-from ..ops.linear import linear_backward
+from ..ops._blocks import fits
+from ..ops.feed_forward import relu_feed_forward
 
-
-MAX_BLOCK_BYTES = 16 << 20
-
-
-def fits(rows: int, cols: int, dtype: torch.dtype) -> bool:
-    """Whether a ``(rows, cols)`` buffer of ``dtype`` stays under :data:`MAX_BLOCK_BYTES`."""
-    return rows * cols * dtype.itemsize <= MAX_BLOCK_BYTES
-
-
-def row_blocks(rows: int, cols: int, dtype: torch.dtype) -> int:
-    """Rows per block so that a ``(block, cols)`` buffer stays under :data:`MAX_BLOCK_BYTES`."""
-    return max(1, min(rows, MAX_BLOCK_BYTES // max(1, cols * dtype.itemsize)))
-
-
-class _ReluFeedForward(torch.autograd.Function):
-    """``linear(relu(linear(x, w1, b1)), w2, b2)`` with the ReLU in place on the fresh first
-    projection and its backward in place on the fresh gradient of the second: autograd's ReLU would
-    allocate a ``d_ff``-wide gradient of its own (a buffer of tens of MB whose pages are faulted in
-    afresh on every step). Saves what autograd would (x, the activation, the weights)."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
-        a = torch.relu_(linear(x, w1, b1))
-        ctx.has_bias = (b1 is not None, b2 is not None)
-        ctx.save_for_backward(x, w1, a, w2)
-        return linear(a, w2, b2)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, w1, a, w2 = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        need_a = n[0] or n[1] or n[2]
-        ga, gw2, gb2 = linear_backward(grad, a, w2, (need_a, n[3], n[4] and ctx.has_bias[1]))
-        gx = gw1 = gb1 = None
-        if need_a:
-            # ga is the op's fresh output: the ReLU's backward overwrites it
-            ga = torch.ops.aten.threshold_backward.grad_input(ga, a, 0, grad_input=ga)
-            gx, gw1, gb1 = linear_backward(ga, x, w1, (n[0], n[1], n[2] and ctx.has_bias[0]))
-        return gx, gw1, gb1, gw2, gb2
-
-
-def relu_feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor]) -> Tensor:
-    """``linear(relu(linear(x, w1, b1)), w2, b2)`` (torch.nn's Transformer feed-forward with dropout
-    0), with one ``d_ff``-wide buffer in the forward and one in the backward (autograd's ReLU needs
-    two of each). Without autograd recording, or under autocast, it is the plain composition with
-    the ReLU in place."""
-    if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) and any(
-        t is not None and t.requires_grad for t in (x, w1, b1, w2, b2)
-    ):
-        return _ReluFeedForward.apply(x, w1, b1, w2, b2)
-    return linear(torch.relu_(linear(x, w1, b1)), w2, b2)
+__all__ = ["split_heads", "merge_heads", "in_projection", "append_kv", "uses_explicit_path", "attention_core",
+           "multi_head_attention", "relu_feed_forward"]
 
 
 def split_heads(x: Tensor, num_heads: int, batch_first: bool) -> Tensor:
@@ -102,7 +53,7 @@ def in_projection(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The q, k, v projections (torch.nn.MultiheadAttention's weights), as few matmuls as the
     arguments allow: one for self-attention, two when ``key is value`` (unless the packed output
-    would exceed :data:`MAX_BLOCK_BYTES`)."""
+    would exceed ``MAX_BLOCK_BYTES``)."""
     if in_proj_weight is not None:
         d = in_proj_weight.size(0) // 3
         tokens = query.numel() // max(1, query.size(-1))

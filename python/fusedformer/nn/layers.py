@@ -13,32 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops._blocks import row_blocks
+from ..ops.feed_forward import relu_feed_forward
 from .attention import MultiheadAttention
-from .functional import relu_feed_forward, row_blocks
-from .linear import dense, plain_linear
+from .convert import fuse_children_, twin_of
+from .linear import call_linear, plain_linear
 from .masks import seq_len
-
-def fuses_residual(norm: torch.nn.Module) -> bool:
-    """Whether ``norm(x, residual)`` returns ``(norm(x + residual), x + residual)`` in one pass."""
-    return getattr(type(norm), "_fusedformer_residual", False)
-
-
-def add_norm(norm: torch.nn.Module, branch: Tensor, residual: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(norm(residual + branch), residual + branch)``: one fused pass for norms that take a
-    ``residual`` (fusedformer's, marked ``_fusedformer_residual``), an add and a norm otherwise."""
-    if fuses_residual(norm):
-        return norm(branch, residual)
-    h = residual + branch
-    return norm(h), h
-
-
-def add_then_norm(norm: torch.nn.Module, branch: Tensor, residual: Tensor) -> Tensor:
-    """``norm(residual + branch)`` when the sum itself is not needed (post-norm). Fused in inference;
-    with autograd recording, an add and a norm: autograd would materialize a zero gradient for the
-    fused op's unused sum output, which costs more than the add it saves."""
-    if torch.is_grad_enabled() and (branch.requires_grad or residual.requires_grad):
-        return norm(residual + branch)
-    return add_norm(norm, branch, residual)[0]
+from .residual import fuses_residual, post_norm_add, pre_norm_add
 
 
 def is_identity_dropout(dropout: torch.nn.Module) -> bool:
@@ -50,17 +31,26 @@ def apply_dropout(dropout: torch.nn.Module, x: Tensor) -> Tensor:
     return x if is_identity_dropout(dropout) else dropout(x)
 
 
+def _is_relu(activation) -> bool:
+    return activation is F.relu or type(activation) is torch.nn.ReLU
+
+
+def _activate(layer: torch.nn.Module, h: Tensor) -> Tensor:
+    """``layer.activation(h)`` on the output ``h`` of ``layer.linear1``: ReLU runs in place on it when
+    ``linear1`` is a torch.nn.Linear, whose output is fresh and held by nothing else (the ReLU's
+    backward needs only its result), saving an activation-sized buffer."""
+    if _is_relu(layer.activation) and type(layer.linear1) is torch.nn.Linear:
+        return torch.relu_(h)
+    return layer.activation(h)
+
+
 def _ff_block(layer: torch.nn.Module, x: Tensor, dropout_out: torch.nn.Module) -> Tensor:
-    act = layer.activation
-    relu = act is F.relu or type(act) is torch.nn.ReLU
     l1, l2 = layer.linear1, layer.linear2
-    if relu and plain_linear(l1) and plain_linear(l2) and is_identity_dropout(layer.dropout):
+    if _is_relu(layer.activation) and plain_linear(l1) and plain_linear(l2) and is_identity_dropout(layer.dropout):
         # ReLU in place on the fresh projection, and its backward in place on the fresh gradient
         h = relu_feed_forward(x, l1.weight, l1.bias, l2.weight, l2.bias)
-        return apply_dropout(dropout_out, h)
-    h = dense(l1, x)
-    h = torch.relu_(h) if relu and type(l1) is torch.nn.Linear else act(h)
-    h = dense(l2, apply_dropout(layer.dropout, h))
+    else:
+        h = call_linear(l2, apply_dropout(layer.dropout, _activate(layer, call_linear(l1, x))))
     return apply_dropout(dropout_out, h)
 
 
@@ -69,10 +59,9 @@ def feed_forward_rows(layer: torch.nn.Module, x: Tensor, dropout_out: torch.nn.M
     ``(tokens, features)`` matrix.
 
     The linears run on 2-D rows so that their outputs are plain tensors rather than views, and ReLU
-    runs in place on the fresh ``linear1`` output (its backward needs only the result), saving an
-    activation-sized buffer. The rows go in blocks whose ``dim_feedforward``-wide intermediate stays
-    under ``MAX_BLOCK_BYTES`` (see fusedformer.nn.functional); in inference the blocks write straight
-    into the output.
+    runs in place on the fresh ``linear1`` output. The rows go in blocks whose
+    ``dim_feedforward``-wide intermediate stays under ``MAX_BLOCK_BYTES`` (see
+    fusedformer.ops._blocks); in inference the blocks write straight into the output.
     """
     x = x.flatten(0, -2)
     rows = x.size(0)
@@ -83,9 +72,7 @@ def feed_forward_rows(layer: torch.nn.Module, x: Tensor, dropout_out: torch.nn.M
         out = x.new_empty(rows, layer.linear2.out_features)
         w2, b2 = layer.linear2.weight, layer.linear2.bias
         for r in range(0, rows, block):
-            h = dense(layer.linear1, x[r : r + block])
-            h = torch.relu_(h) if layer.activation is F.relu else layer.activation(h)
-            h = apply_dropout(layer.dropout, h)
+            h = apply_dropout(layer.dropout, _activate(layer, call_linear(layer.linear1, x[r : r + block])))
             dst = out[r : r + block]
             if b2 is not None:
                 torch.addmm(b2, h, w2.t(), out=dst)
@@ -122,6 +109,7 @@ def _batch_size(x: Tensor, batch_first: bool) -> int:
     return 1 if x.dim() == 2 else x.size(0 if batch_first else 1)
 
 
+@twin_of(torch.nn.TransformerEncoderLayer)
 class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     """``torch.nn.TransformerEncoderLayer`` on fusedformer's attention and norms.
 
@@ -135,8 +123,6 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        from .convert import fuse_children_
-
         fuse_children_(self)
 
     def fusable(self) -> bool:
@@ -165,11 +151,11 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         x, bf = _batched(src, self.self_attn.batch_first)
         if self.norm_first:
             sa = self._sa(self.norm1(x), mask, is_causal, bf)
-            normed, x = add_norm(self.norm2, sa, x)
+            normed, x = pre_norm_add(self.norm2, sa, x)
             x = _residual_ff(self, normed, x, self.dropout2)
         else:
-            x = add_then_norm(self.norm1, self._sa(x, mask, is_causal, bf), x)
-            x = add_then_norm(self.norm2, feed_forward(self, x, self.dropout2), x)
+            x = post_norm_add(self.norm1, self._sa(x, mask, is_causal, bf), x)
+            x = post_norm_add(self.norm2, feed_forward(self, x, self.dropout2), x)
         return x.squeeze(0) if src.dim() == 2 else x
 
     def _sa(self, x: Tensor, mask: Optional[Tensor], is_causal: bool, bf: bool) -> Tensor:
@@ -177,6 +163,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         return apply_dropout(self.dropout1, out)
 
 
+@twin_of(torch.nn.TransformerDecoderLayer)
 class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
     """``torch.nn.TransformerDecoderLayer`` on fusedformer's attention and norms.
 
@@ -188,8 +175,6 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        from .convert import fuse_children_
-
         fuse_children_(self)
 
     def fusable(self) -> bool:
@@ -256,14 +241,14 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
         mem = memory.unsqueeze(0) if memory.dim() == 2 else memory
         if self.norm_first:
             sa = self._sa(self.norm1(x), tgt_mask, tgt_is_causal, bf)
-            normed, x = add_norm(self.norm2, sa, x)
+            normed, x = pre_norm_add(self.norm2, sa, x)
             ca = self._mha(normed, mem, memory_mask, memory_is_causal, bf)
-            normed, x = add_norm(self.norm3, ca, x)
+            normed, x = pre_norm_add(self.norm3, ca, x)
             x = _residual_ff(self, normed, x, self.dropout3)
         else:
-            x = add_then_norm(self.norm1, self._sa(x, tgt_mask, tgt_is_causal, bf), x)
-            x = add_then_norm(self.norm2, self._mha(x, mem, memory_mask, memory_is_causal, bf), x)
-            x = add_then_norm(self.norm3, feed_forward(self, x, self.dropout3), x)
+            x = post_norm_add(self.norm1, self._sa(x, tgt_mask, tgt_is_causal, bf), x)
+            x = post_norm_add(self.norm2, self._mha(x, mem, memory_mask, memory_is_causal, bf), x)
+            x = post_norm_add(self.norm3, feed_forward(self, x, self.dropout3), x)
         return x.squeeze(0) if tgt.dim() == 2 else x
 
     def _sa(self, x: Tensor, mask: Optional[Tensor], is_causal: bool, bf: bool) -> Tensor:

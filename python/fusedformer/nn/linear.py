@@ -26,8 +26,8 @@ def plain_linear(m: torch.nn.Module) -> bool:
     return type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
 
 
-def dense(m: torch.nn.Module, x: Tensor) -> Tensor:
-    """``m(x)`` for a projection held by a module of torch.nn or HF: a plain ``torch.nn.Linear``
+def call_linear(m: torch.nn.Module, x: Tensor) -> Tensor:
+    """``m(x)`` for a projection module held by a torch.nn or HF module: a plain ``torch.nn.Linear``
     without hooks runs on ``fusedformer.ops.linear`` (the same function, faster kernels); anything
     else is called as it is."""
     if plain_linear(m):

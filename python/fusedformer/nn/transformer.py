@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .convert import fuse_children_, twin_of
 from .layers import TransformerDecoderLayer, TransformerEncoderLayer, _batch_size
 from .masks import detect_is_causal, generate_square_subsequent_mask, seq_len
 
@@ -19,6 +20,7 @@ def _same_attention(layers, attr: str) -> bool:
     )
 
 
+@twin_of(torch.nn.TransformerEncoder)
 class TransformerEncoder(torch.nn.TransformerEncoder):
     """``torch.nn.TransformerEncoder`` on fusedformer's layers.
 
@@ -34,8 +36,6 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
             super().__init__(*args, **kwargs)
-        from .convert import fuse_children_
-
         fuse_children_(self)
 
     def forward(
@@ -67,6 +67,7 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
         return output
 
 
+@twin_of(torch.nn.TransformerDecoder)
 class TransformerDecoder(torch.nn.TransformerDecoder):
     """``torch.nn.TransformerDecoder`` on fusedformer's layers: same constructor (``decoder_layer,
     num_layers, norm=None``), state_dict and ``forward(tgt, memory, tgt_mask, memory_mask,
@@ -74,8 +75,6 @@ class TransformerDecoder(torch.nn.TransformerDecoder):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        from .convert import fuse_children_
-
         fuse_children_(self)
 
     def forward(
@@ -116,6 +115,7 @@ class TransformerDecoder(torch.nn.TransformerDecoder):
         return output
 
 
+@twin_of(torch.nn.Transformer)
 class Transformer(torch.nn.Transformer):
     """``torch.nn.Transformer`` on fusedformer's encoder and decoder: same constructor (``d_model=512,
     nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048, dropout=0.1,
@@ -127,8 +127,6 @@ class Transformer(torch.nn.Transformer):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
             super().__init__(*args, **kwargs)
-        from .convert import fuse_children_
-
         fuse_children_(self)
 
     @staticmethod

@@ -1,7 +1,7 @@
 """Functional API: the fused ops with the argument names of their torch.nn.functional namesakes."""
 
 from .attention import attention, attention_varlen
-from .activation import gelu, gelu_
+from .gelu import gelu, gelu_
 from .cross_entropy import linear_cross_entropy
 from .layernorm import layer_norm, rms_norm
 from .linear import linear

@@ -4,12 +4,13 @@ without the logits.
 A language model's head and loss are a ``(tokens, vocab)`` logits matrix, its log-softmax and the
 gradient of both, each as large as the logits (64 MB for 4096 tokens of a 4096-word vocabulary,
 800 MB for GPT-2's 50257 words). Here the rows go in chunks whose logits stay under
-``MAX_BLOCK_BYTES``: for each chunk the head's product, the row log-sum-exp and the loss, then, in
-the same buffer, the gradient of the logits (``softmax - one_hot``, scaled), which is multiplied
-straight into the gradients of ``input``, ``weight`` and ``bias``. The forward therefore also
-computes the gradients (when they are needed) and the backward only scales them by the incoming
-gradient: no logits-sized tensor lives beyond one chunk, and no large buffer is allocated afresh
-on every call (the page faults of a fresh 64 MB buffer cost about as much as the pass that fills it).
+``MAX_BLOCK_BYTES`` (see fusedformer.ops._blocks): for each chunk the head's product, the row
+log-sum-exp and the loss, then, in the same buffer, the gradient of the logits (``softmax -
+one_hot``, scaled), which is multiplied straight into the gradients of ``input``, ``weight`` and
+``bias``. The forward therefore also computes the gradients (when they are needed) and the
+backward only scales them by the incoming gradient: no logits-sized tensor lives beyond one
+chunk, and no large buffer is allocated afresh on every call (the page faults of a fresh 64 MB
+buffer cost about as much as the pass that fills it).
 """
 
 from typing import Optional
@@ -17,19 +18,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._blocks import row_blocks
 from ._checks import check_same_device, check_tensor
 from .linear import linear
 
 _ops = torch.ops.fusedformer
-
-# Bytes of one chunk's logits (in float32): under glibc's mmap threshold (32 MiB), so the buffer is
-# reused from the heap instead of being faulted in afresh, and small enough to stay in the last-level
-# cache between the passes over it.
-MAX_BLOCK_BYTES = 16 << 20
-
-
-def _chunk_rows(vocab: int) -> int:
-    return max(1, MAX_BLOCK_BYTES // max(1, 4 * vocab))
 
 
 def _check(input, weight, bias, target, ignore_index, reduction):
@@ -80,7 +73,8 @@ def _run(input, weight, bias, target, ignore_index, reduction, need_x, need_w, n
     grad_w = torch.zeros(V, D, dtype=acc, device=x.device) if need_w else None
     grad_b = torch.zeros(V, dtype=acc, device=x.device) if need_b else None
     loss = torch.zeros((), dtype=acc, device=x.device)
-    step = _chunk_rows(V)
+    # rows per chunk: the chunk's logits, counted at 4 bytes each, stay under MAX_BLOCK_BYTES
+    step = row_blocks(x.shape[0], V, torch.float32)
     for r in range(0, x.shape[0], step):
         xc = x[r : r + step]
         # per row: lse - the target's logit and, with grads, d loss / d logits = (softmax - one_hot) *

@@ -88,14 +88,16 @@ _capability_changed()
 def _use_kernel(input: torch.Tensor) -> bool:
     if input.dim() == 0:
         return True  # the op raises the error
-    K = input.shape[-1]
-    if input.device.type == "cpu" and input.dtype == torch.float32 and _gemm and input.numel() >= GEMM_ROWS * K:
+    # rows compared as elements (rows * in_features): no division, and right for in_features = 0
+    in_features = input.shape[-1]
+    if (input.device.type == "cpu" and input.dtype == torch.float32 and _gemm
+            and input.numel() >= GEMM_ROWS * in_features):
         return True
     if input.dtype in HALF_ROWS and input.device.type == "cpu":
         limit = HALF_ROWS[input.dtype]
     else:
         limit = SMALL_ROWS
-    return limit is None or input.numel() <= limit * K
+    return limit is None or input.numel() <= limit * in_features
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

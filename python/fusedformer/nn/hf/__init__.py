@@ -28,10 +28,6 @@ FAMILIES = {
 }
 
 
-def is_transformers_module(module: torch.nn.Module) -> bool:
-    return type(module).__module__.startswith("transformers.")
-
-
 def installed_version() -> str:
     import transformers
 

@@ -22,10 +22,11 @@ from torch import Tensor
 from transformers.activations import GELUActivation
 from transformers.models.bert import modeling_bert as mb
 
-from ..functional import merge_heads, split_heads
-from ..layers import add_then_norm
 from ...ops import attention_varlen, linear
-from .common import attend, capturing_outputs, dense, native_masks, packed_linear, take_cache
+from ..functional import merge_heads, split_heads
+from ..linear import call_linear
+from ..residual import post_norm_add
+from .common import attend, capturing_outputs, native_masks, packed_linear, take_cache
 
 
 class FusedBertSelfAttention(mb.BertSelfAttention):
@@ -50,12 +51,12 @@ class FusedBertSelfAttention(mb.BertSelfAttention):
 
 class FusedBertSelfOutput(mb.BertSelfOutput):
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        return add_then_norm(self.LayerNorm, self.dropout(dense(self.dense, hidden_states)), input_tensor)
+        return post_norm_add(self.LayerNorm, self.dropout(call_linear(self.dense, hidden_states)), input_tensor)
 
 
 class FusedBertOutput(mb.BertOutput):
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        return add_then_norm(self.LayerNorm, self.dropout(dense(self.dense, hidden_states)), input_tensor)
+        return post_norm_add(self.LayerNorm, self.dropout(call_linear(self.dense, hidden_states)), input_tensor)
 
 
 def _key_padding(mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -117,7 +118,7 @@ def _intermediate(inter: torch.nn.Module, h: Tensor) -> Tensor:
     second intermediate-sized buffer)."""
     act = inter.intermediate_act_fn
     if type(inter) is mb.BertIntermediate and type(act) is GELUActivation and act.act is torch.nn.functional.gelu:
-        return torch.ops.aten.gelu_(dense(inter.dense, h))
+        return torch.ops.aten.gelu_(call_linear(inter.dense, h))
     return inter(h)
 
 

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from ...ops import attention
-from ..linear import dense  # noqa: F401  (re-exported for the twins)
 
 # transformers 5.24 renamed the KV-cache parameter of the modules' forwards from ``past_key_values`` to
 # ``cache`` (at the same position; the old name stays as a deprecated keyword). The twins take it under

@@ -14,7 +14,7 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.gpt2 import modeling_gpt2 as mg
 
 from ..functional import merge_heads, split_heads
-from ..layers import add_norm
+from ..residual import pre_norm_add
 from .common import attend, native_masks, take_cache
 
 
@@ -73,7 +73,7 @@ class FusedGPT2Block(mg.GPT2Block):
         attn_output, _ = self.attn(
             self.ln_1(hidden_states), cache, attention_mask=attention_mask, use_cache=use_cache, **kwargs,
         )
-        normed, hidden_states = add_norm(self.ln_2, attn_output, hidden_states)
+        normed, hidden_states = pre_norm_add(self.ln_2, attn_output, hidden_states)
         return hidden_states + self.mlp(normed)
 
 

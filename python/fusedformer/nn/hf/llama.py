@@ -8,14 +8,14 @@
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 from transformers.models.llama import modeling_llama as ml
 
 from ...ops import linear, rms_norm
 from ..functional import merge_heads, split_heads
-from ..layers import add_norm
-from .common import attend, cache_arg, dense, native_masks, packed_linear, take_cache
+from ..linear import call_linear
+from ..residual import pre_norm_add
+from .common import attend, cache_arg, native_masks, packed_linear, take_cache
 
 
 class FusedLlamaRMSNorm(ml.LlamaRMSNorm):
@@ -47,7 +47,7 @@ class FusedLlamaAttention(ml.LlamaAttention):
             k, v = cache.update(k, v, self.layer_idx)
         out = attend(self, q, k, v, attention_mask, self.attention_dropout if self.training else 0.0, self.scaling,
                      kwargs.get("is_causal"))
-        return dense(self.o_proj, merge_heads(out, True)), None
+        return call_linear(self.o_proj, merge_heads(out, True)), None
 
 
 class FusedLlamaDecoderLayer(ml.LlamaDecoderLayer):
@@ -66,7 +66,7 @@ class FusedLlamaDecoderLayer(ml.LlamaDecoderLayer):
             hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
             position_ids=position_ids, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
         )
-        normed, hidden_states = add_norm(self.post_attention_layernorm, attn_output, hidden_states)
+        normed, hidden_states = pre_norm_add(self.post_attention_layernorm, attn_output, hidden_states)
         return hidden_states + self.mlp(normed)
 
 

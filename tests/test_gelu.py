@@ -245,7 +245,7 @@ def test_cuda_special_values(approximate, dtype):
 def test_mlp(activation, approximate):
     """The MLP with the fused GELU gives what the same weights give with F.gelu, in training and
     in inference."""
-    from fusedformer.models.layers import MLP
+    from fusedformer.models.blocks import MLP
 
     mlp = MLP(16, 48, activation)
     x = make((2, 5, 16), requires_grad=True)

@@ -10,14 +10,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..nn.functional import relu_feed_forward
 from ..nn.linear import Linear
+from ..nn.residual import post_norm_add, pre_norm_add
+from ..ops.feed_forward import relu_feed_forward
 
 
 class Norm(nn.Module):
     """LayerNorm (with bias) or RMSNorm over the last dim. ``forward(x, residual)`` returns
-    ``(norm(x + residual), x + residual)`` from one fused pass; without residual, ``norm(x)``."""
+    ``(norm(x + residual), x + residual)`` from one fused pass; without residual, ``norm(x)``: the
+    convention of fusedformer.nn.residual, whose helpers the blocks call."""
 
+    _fusedformer_residual = True
     fused = True  # False: the same computation from plain PyTorch functions (see ``set_fused``)
 
     def __init__(self, d: int, kind: str = "layernorm", eps: float = 1e-5):
@@ -43,7 +46,7 @@ class Norm(nn.Module):
 class MLP(nn.Module):
     """Position-wise feed-forward: ``down(act(up(x)))``, or SwiGLU ``down(silu(gate(x)) * up(x))`` with gate
     and up in one matmul (rows [gate; up]). GELU (exact or tanh) is the fused ``ops.gelu``; ReLU is
-    ``fusedformer.nn.functional.relu_feed_forward`` (the ReLU and its backward in place)."""
+    ``fusedformer.ops.feed_forward.relu_feed_forward`` (the ReLU and its backward in place)."""
 
     fused = True  # False: GELU from F.gelu (see ``set_fused``)
 
@@ -224,7 +227,7 @@ class Block(nn.Module):
 
     Pre-norm (``norm_first``): the residual stream ``h`` and the pending sublayer output ``delta`` travel
     together, so that each ``h + delta`` is fused with the next norm; ``forward`` returns the new
-    ``(h, delta)`` (the caller closes the stack with ``final_norm(delta, residual=h)``). Post-norm:
+    ``(h, delta)`` (the caller closes the stack with :func:`close_stack`). Post-norm:
     ``h = norm(h + sublayer(h))``, fused the same way; ``delta`` is None.
     """
 
@@ -259,12 +262,18 @@ class Block(nn.Module):
                 if delta is None:
                     a = norm(h)
                 else:
-                    a, h = norm(delta, residual=h)
+                    a, h = pre_norm_add(norm, delta, h)
                 delta = self._drop(f(a))
             return h, delta
         for norm, f in sublayers:
-            h, _ = norm(self._drop(f(h)), residual=h)
+            h = post_norm_add(norm, self._drop(f(h)), h)
         return h, None
+
+
+def close_stack(norm: Norm, h: torch.Tensor, delta: Optional[torch.Tensor]) -> torch.Tensor:
+    """The last norm of a stack of blocks: ``norm(h + delta)`` with the pending sublayer output of
+    pre-norm blocks (fused), ``norm(h)`` after post-norm ones (``delta`` None)."""
+    return norm(h) if delta is None else post_norm_add(norm, delta, h)
 
 
 def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
