@@ -25,7 +25,7 @@ constexpr int kMaxFeat = 256 / 32;            // features per lane
 __host__ __device__ inline int padded(int e) { return e | 1; }
 
 template <typename T>
-__device__ __forceinline__ const T* at_bhl(const AttnTensorArg& a, int b, int h, int64_t l) {
+__device__ __forceinline__ const T* at_bhl(const AttnTensor& a, int b, int h, int64_t l) {
   return static_cast<const T*>(a.data) + b * a.sb + h * a.sh + l * a.sl;
 }
 

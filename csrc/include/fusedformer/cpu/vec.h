@@ -529,39 +529,10 @@ FF_INLINE vec_t<C> reduce_lanes(const vec_t<C>* acc) {
   return v[0];
 }
 
-// Map the dtype tag of the argument structs to the storage type.
+// f(T{}) with T the storage type of the argument structs' dtype
 template <typename F>
 FF_INLINE void dispatch_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::Float32:
-      f(float{});
-      break;
-    case DType::BFloat16:
-      f(bf16_t{});
-      break;
-    case DType::Float16:
-      f(f16_t{});
-      break;
-    case DType::Float64:
-      f(double{});
-      break;
-  }
-}
-
-// Map a MaskKind to a compile-time constant: f(std::integral_constant<MaskKind, kind>{}).
-template <typename F>
-FF_INLINE void dispatch_mask(MaskKind k, F&& f) {
-  switch (k) {
-    case MaskKind::None:
-      f(std::integral_constant<MaskKind, MaskKind::None>{});
-      break;
-    case MaskKind::Bool:
-      f(std::integral_constant<MaskKind, MaskKind::Bool>{});
-      break;
-    case MaskKind::Float:
-      f(std::integral_constant<MaskKind, MaskKind::Float>{});
-      break;
-  }
+  fusedformer::dispatch_dtype<ElementTypes<float, bf16_t, f16_t, double>>(dt, static_cast<F&&>(f));
 }
 
 // ---------------------------------------------------------------------------------------------
