@@ -132,14 +132,33 @@ void fwd_rows(const SoftmaxFwdArgs& a, bool stream, bool split) {
 // softmax dim not last: (rows, n, inner), blocks of `bw` inner columns; per column the max, the
 // sum and the output, each a pass along n over the block (which stays in cache).
 
+// The work items of the strided kernels: item w is the outer row o and the block of up to bw inner
+// columns from i0 (nfull of them in whole vectors, rem in a partial one).
 template <typename T>
-int64_t column_block(int64_t n, int64_t inner) {
-  constexpr int N = lanes_v<compute_t<T>>;
-  const int64_t unit = std::max<int64_t>(N, kStreamAlign / int64_t(sizeof(T)));
-  int64_t bw = kSlabBytes / (n * int64_t(sizeof(T)));
-  bw = std::clamp<int64_t>(bw / unit * unit, unit, kMaxBlock);
-  return std::min(bw, (inner + N - 1) / N * N);
-}
+struct ColumnBlocks {
+  static constexpr int N = lanes_v<compute_t<T>>;
+  int64_t n, inner, bw, nblk, grain;
+  bool stream_ok;  // streaming needs every output vector aligned: whole lines per row of the block
+
+  ColumnBlocks(int64_t n_, int64_t inner_, const T* out, bool stream) : n(n_), inner(inner_) {
+    const int64_t unit = std::max<int64_t>(N, kStreamAlign / int64_t(sizeof(T)));
+    bw = kSlabBytes / (n * int64_t(sizeof(T)));
+    bw = std::clamp<int64_t>(bw / unit * unit, unit, kMaxBlock);
+    bw = std::min(bw, (inner + N - 1) / N * N);
+    nblk = (inner + bw - 1) / bw;
+    grain = std::max<int64_t>(1, kGrainElems / (n * bw));
+    stream_ok = stream && (inner * int64_t(sizeof(T))) % kStreamAlign == 0 &&
+                reinterpret_cast<uintptr_t>(out) % kStreamAlign == 0;
+  }
+  struct Item {
+    int64_t o, i0, cols, nfull;
+    int rem;
+  };
+  Item item(int64_t w) const {
+    const int64_t i0 = (w % nblk) * bw, cols = std::min(bw, inner - i0);
+    return {w / nblk, i0, cols, cols / N * N, int(cols % N)};
+  }
+};
 
 template <typename T, MaskKind MK>
 void fwd_strided(const SoftmaxFwdArgs& a, bool stream) {
@@ -149,23 +168,18 @@ void fwd_strided(const SoftmaxFwdArgs& a, bool stream) {
   const T* x = static_cast<const T*>(a.x);
   T* y = static_cast<T*>(a.y);
   const int64_t n = a.n, inner = a.inner;
-  const int64_t bw = column_block<T>(n, inner);
-  const int64_t nblk = (inner + bw - 1) / bw;
+  const ColumnBlocks<T> blocks(n, inner, y, stream);
+  const bool stream_ok = blocks.stream_ok;
   const C scale = C(a.scale), c = C(kLog2eD);
   const int64_t mds = a.mask_dim_stride, mcs = a.mask_col_stride;
-  // streaming needs every output vector aligned: whole lines per row of the block
-  const bool stream_ok = stream && (inner * int64_t(sizeof(T))) % kStreamAlign == 0 &&
-                         reinterpret_cast<uintptr_t>(y) % kStreamAlign == 0;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / (n * bw));
 
-  parallel_for(0, a.rows * nblk, grain, [&](int64_t w0, int64_t w1) {
+  parallel_for(0, a.rows * blocks.nblk, blocks.grain, [&](int64_t w0, int64_t w1) {
     alignas(64) C ref[kMaxBlock];
     alignas(64) C inv[kMaxBlock];
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t o = w / nblk, i0 = (w % nblk) * bw;
-      const int64_t cols = std::min(bw, inner - i0);
-      const int64_t nfull = cols / N * N;
-      const int rem = int(cols - nfull);
+      const auto it = blocks.item(w);
+      const int64_t o = it.o, i0 = it.i0, cols = it.cols, nfull = it.nfull;
+      const int rem = it.rem;
       const T* xo = x + o * n * inner + i0;
       T* yo = y + o * n * inner + i0;
       const int64_t moff = MK == MaskKind::None ? 0 : a.mask_row.offset(o) + i0 * mcs;
@@ -319,19 +333,15 @@ void bwd_strided(const SoftmaxBwdArgs& a, bool stream) {
   const T* y = static_cast<const T*>(a.y);
   T* gx = static_cast<T*>(a.grad_x);
   const int64_t n = a.n, inner = a.inner;
-  const int64_t bw = column_block<T>(n, inner);
-  const int64_t nblk = (inner + bw - 1) / bw;
+  const ColumnBlocks<T> blocks(n, inner, gx, stream);
+  const bool stream_ok = blocks.stream_ok;
   const C s = C(a.scale);
-  const bool stream_ok = stream && (inner * int64_t(sizeof(T))) % kStreamAlign == 0 &&
-                         reinterpret_cast<uintptr_t>(gx) % kStreamAlign == 0;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / (n * bw));
-  parallel_for(0, a.rows * nblk, grain, [&](int64_t w0, int64_t w1) {
+  parallel_for(0, a.rows * blocks.nblk, blocks.grain, [&](int64_t w0, int64_t w1) {
     alignas(64) C dot[kMaxBlock];
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t o = w / nblk, i0 = (w % nblk) * bw;
-      const int64_t cols = std::min(bw, inner - i0);
-      const int64_t nfull = cols / N * N;
-      const int rem = int(cols - nfull);
+      const auto it = blocks.item(w);
+      const int64_t o = it.o, i0 = it.i0, cols = it.cols, nfull = it.nfull;
+      const int rem = it.rem;
       const int64_t base = o * n * inner + i0;
       auto ld = [&](const T* p, int cnt) -> V { return cnt == N ? vload(p) : vload_n(p, cnt, C(0)); };
       for (int64_t i = 0; i < cols; i += N) vstore(dot + i, V{});
