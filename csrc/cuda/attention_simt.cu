@@ -47,10 +47,7 @@ struct SimtMask {
   int S;
   __device__ SimtMask(const AttnFwdParams& p, int b, int h) {
     kind = p.mask_kind;
-    const int64_t off = int64_t(b) * p.m_sb + int64_t(h) * p.m_sh;
-    mask = kind == MaskKind::Bool    ? static_cast<const void*>(static_cast<const uint8_t*>(p.mask) + off)
-           : kind == MaskKind::Float ? static_cast<const void*>(static_cast<const C*>(p.mask) + off)
-                                     : nullptr;
+    mask = mask_slice<C>(p, b, h);
     sl = p.m_sl;
     ss = p.m_ss;
     causal = p.causal;

@@ -84,15 +84,7 @@ __global__ void softmax_fwd_rows_kernel(SoftmaxFwdArgs p, int team, int nv) {
   const C inv = row_nan ? c_nan<C>() : (sum > C(0) ? C(1) / sum : C(0));
   if (rt.row >= p.rows) return;
   T* y = static_cast<T*>(p.y) + r * p.n;
-#pragma unroll
-  for (int k = 0; k < MAXV; ++k) {
-    if (k < nv) {
-      C o[VEC];
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) o[i] = row_nan ? inv : z[k][i] * inv;
-      store_vec<VEC>(y, (int64_t(k) * team + rt.lane) * VEC, p.n, o);
-    }
-  }
+  store_row<VEC, MAXV>(y, p.n, team, rt.lane, nv, [&](int k, int i) { return row_nan ? inv : z[k][i] * inv; });
 }
 
 // One block per row, for rows longer than the register-resident kernel holds.
@@ -183,19 +175,12 @@ __global__ void softmax_bwd_rows_kernel(SoftmaxBwdArgs p, int team, int nv) {
   if (rt.row >= p.rows) return;
   const C scale = C(p.scale);
   T* gx = static_cast<T*>(p.grad_x) + r * p.n;
-#pragma unroll
-  for (int k = 0; k < MAXV; ++k) {
-    if (k < nv) {
-      C o[VEC];
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) o[i] = yv[k][i] * (gv[k][i] - dot) * scale;
-      store_vec<VEC>(gx, (int64_t(k) * team + rt.lane) * VEC, p.n, o);
-    }
-  }
+  store_row<VEC, MAXV>(gx, p.n, team, rt.lane, nv,
+                       [&](int k, int i) { return yv[k][i] * (gv[k][i] - dot) * scale; });
 }
 
 template <typename T>
-__global__ void softmax_bwd_long_kernel(SoftmaxBwdParams p) {
+__global__ void softmax_bwd_long_kernel(SoftmaxBwdArgs p) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   const int64_t r = blockIdx.x;
