@@ -325,6 +325,23 @@ def test_norm_backward_is_deterministic():
 
 
 @cuda
+def test_norm_backward_absent_grads_do_not_alias():
+    """Without weight and bias, layer_norm_bwd returns two empty gradients: distinct tensors, as
+    opcheck requires of an op's outputs (the CPU's case is in test_norms.test_opcheck)."""
+    x = _cuda((4, 2, 9), torch.float32, 104)
+    r = _cuda((4, 2, 9), torch.float32, 105)
+    g = torch.randn_like(x)
+    _, _, mean, rstd = ops.layer_norm_fwd(x, [9], None, None, 1e-5, None)
+    _, gw, gb = ops.layer_norm_bwd(g, r, x, mean, rstd, None, False, [9])
+    assert gw.numel() == 0 and gb.numel() == 0
+    assert gw is not gb
+    assert gw.untyped_storage()._cdata != gb.untyped_storage()._cdata
+    torch.library.opcheck(ops.layer_norm_bwd.default, (g, r, x, mean, rstd, None, False, [9]))
+    _, _, rstd = ops.rms_norm_fwd(x, [9], None, 1e-5, None)
+    torch.library.opcheck(ops.rms_norm_bwd.default, (g, r, x, rstd, None, [9]))
+
+
+@cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_attention_backward_deterministic_mode(dtype):
     B, H, L, E = 2, 4, 700, 128

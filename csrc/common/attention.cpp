@@ -1,23 +1,60 @@
-// Argument checks and shape logic of the attention ops, shared by the CPU and CUDA implementations.
+// Argument checks and kernel arguments of the attention ops.
 #include <c10/util/Exception.h>
 
-#include "fusedformer/common.h"
+#include "common/attention.h"
 
 namespace fusedformer {
 
+namespace {
+
+// (batch..., keep...) -> (B, keep...), B = 1 when there are no batch dims
 at::Tensor flatten_batch(const at::Tensor& t, int64_t keep_dims) {
-  // (batch..., keep...) -> (B, keep...), B = 1 when there are no batch dims
   if (t.dim() == keep_dims) return t.unsqueeze(0);
   if (t.dim() == keep_dims + 1) return t;
   return t.flatten(0, t.dim() - keep_dims - 1);
 }
 
-namespace {
 // (..., H, L, E) -> (B, H, L, E); rank-2 inputs (L, E) get H = 1
 at::Tensor as_bhle(const at::Tensor& t) {
   if (t.dim() == 2) return t.unsqueeze(0).unsqueeze(0);
   return flatten_batch(t, 3);
 }
+
+void check_attention_bwd(const AttnProblem& p, const at::Tensor& grad_out, const at::Tensor& out,
+                         const at::Tensor& lse) {
+  const char* op = "fusedformer.attention backward";
+  check_same_dtype(p.q, "query", grad_out, "grad_out", op);
+  check_same_dtype(p.q, "query", out, "out", op);
+  check_same_device(p.q, "query", grad_out, "grad_out", op);
+  check_same_device(p.q, "query", out, "out", op);
+  check_same_device(p.q, "query", lse, "lse", op);
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(p.out_shape), op, ": grad_out must have shape ",
+                    p.out_shape, ", got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(p.out_shape), op, ": out must have shape ", p.out_shape,
+                    ", got ", out.sizes());
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(p.lse_shape) && lse.scalar_type() == compute_dtype(p.q), op,
+                    ": lse must be ", compute_dtype(p.q), " of shape ", p.lse_shape, ", got ", lse.scalar_type(), " ",
+                    lse.sizes());
+}
+
+at::Tensor check_cu_seqlens(const at::Tensor& cu_seqlens, int64_t tokens, const char* op) {
+  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, op,
+                    ": cu_seqlens must be a 1-D tensor of sequence starts and the total (batch + 1 entries), got shape ",
+                    cu_seqlens.sizes());
+  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kLong || cu_seqlens.scalar_type() == at::kInt, op,
+                   ": cu_seqlens must be int64 or int32, got ", cu_seqlens.scalar_type());
+  at::Tensor cu = cu_seqlens.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* c = cu.data_ptr<int64_t>();
+  const int64_t n = cu.numel();
+  TORCH_CHECK_VALUE(c[0] == 0, op, ": cu_seqlens must start at 0, got ", c[0]);
+  for (int64_t i = 1; i < n; ++i)
+    TORCH_CHECK_VALUE(c[i] >= c[i - 1], op, ": cu_seqlens must be nondecreasing, got ", c[i - 1], " then ", c[i],
+                      " at index ", i);
+  TORCH_CHECK_VALUE(c[n - 1] == tokens, op, ": cu_seqlens must end at the number of tokens (", tokens, "), got ",
+                    c[n - 1]);
+  return cu;
+}
+
 }  // namespace
 
 AttnProblem prepare_attention(const char* op, const at::Tensor& query, const at::Tensor& key,
@@ -96,39 +133,41 @@ AttnProblem prepare_attention(const char* op, const at::Tensor& query, const at:
   return p;
 }
 
-void check_attention_bwd(const AttnProblem& p, const at::Tensor& grad_out, const at::Tensor& out,
-                         const at::Tensor& lse) {
-  const char* op = "fusedformer.attention backward";
-  check_same_dtype(p.q, "query", grad_out, "grad_out", op);
-  check_same_dtype(p.q, "query", out, "out", op);
-  check_same_device(p.q, "query", grad_out, "grad_out", op);
-  check_same_device(p.q, "query", out, "out", op);
-  check_same_device(p.q, "query", lse, "lse", op);
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(p.out_shape), op, ": grad_out must have shape ",
-                    p.out_shape, ", got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(p.out_shape), op, ": out must have shape ", p.out_shape,
-                    ", got ", out.sizes());
-  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(p.lse_shape) && lse.scalar_type() == compute_dtype(p.q), op,
-                    ": lse must be ", compute_dtype(p.q), " of shape ", p.lse_shape, ", got ", lse.scalar_type(), " ",
-                    lse.sizes());
+AttnOutputs attention_outputs(const AttnProblem& p) {
+  return {at::empty(p.out_shape, p.q.options()), at::empty(p.lse_shape, p.q.options().dtype(compute_dtype(p.q)))};
 }
 
-at::Tensor check_cu_seqlens(const at::Tensor& cu_seqlens, int64_t tokens, const char* op) {
-  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, op,
-                    ": cu_seqlens must be a 1-D tensor of sequence starts and the total (batch + 1 entries), got shape ",
-                    cu_seqlens.sizes());
-  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kLong || cu_seqlens.scalar_type() == at::kInt, op,
-                   ": cu_seqlens must be int64 or int32, got ", cu_seqlens.scalar_type());
-  at::Tensor cu = cu_seqlens.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* c = cu.data_ptr<int64_t>();
-  const int64_t n = cu.numel();
-  TORCH_CHECK_VALUE(c[0] == 0, op, ": cu_seqlens must start at 0, got ", c[0]);
-  for (int64_t i = 1; i < n; ++i)
-    TORCH_CHECK_VALUE(c[i] >= c[i - 1], op, ": cu_seqlens must be nondecreasing, got ", c[i - 1], " then ", c[i],
-                      " at index ", i);
-  TORCH_CHECK_VALUE(c[n - 1] == tokens, op, ": cu_seqlens must end at the number of tokens (", tokens, "), got ",
-                    c[n - 1]);
-  return cu;
+AttnBwdProblem prepare_attention_bwd(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                                     const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
+                                     const std::optional<at::Tensor>& attn_mask, double dropout_p,
+                                     const std::optional<at::Tensor>& seed) {
+  AttnBwdProblem b;
+  b.p = prepare_attention("fusedformer.attention backward", query, key, value, attn_mask, dropout_p, seed);
+  check_attention_bwd(b.p, grad_out, out, lse);
+  b.grad_out = as_bhle(grad_out);
+  b.out = out.contiguous();
+  b.lse = lse.contiguous();
+  b.grad_q = at::empty(query.sizes(), b.p.q.options());
+  b.grad_k = at::empty(key.sizes(), b.p.q.options());
+  b.grad_v = at::empty(value.sizes(), b.p.q.options());
+  return b;
+}
+
+VarlenProblem prepare_attention_varlen(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                       const at::Tensor& cu_seqlens) {
+  constexpr const char* op = "fusedformer.attention_varlen";
+  TORCH_CHECK_VALUE(query.dim() == 3 && key.dim() == 3 && value.dim() == 3, op,
+                    ": query, key and value must have shape (tokens, heads, head_dim), got ", query.sizes(), ", ",
+                    key.sizes(), " and ", value.sizes());
+  TORCH_CHECK_VALUE(key.size(0) == query.size(0) && value.size(0) == query.size(0), op,
+                    ": query, key and value must have the same number of tokens, got ", query.size(0), ", ",
+                    key.size(0), " and ", value.size(0));
+  VarlenProblem v;
+  v.cu_seqlens = check_cu_seqlens(cu_seqlens, query.size(0), op);
+  // (1, H, T, E) views: the shared checks, and the strides the kernel reads
+  v.p = prepare_attention(op, query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), std::nullopt, 0.0,
+                          std::nullopt);
+  return v;
 }
 
 }  // namespace fusedformer

@@ -1,11 +1,12 @@
 // linear for the CPU dispatch key: y = input W^T + bias. float32 inputs of more than kSmallRows rows
-// go through the blocked matrix product (csrc/cpu/kernels/gemm_kernel.cpp), which reads input and
+// go through the blocked matrix product (csrc/cpu/kernels/linear_gemm_kernel.cpp), which reads input and
 // weight through their strides (a transposed view costs no copy); the others through the few-rows
 // streaming kernel (csrc/cpu/kernels/linear_kernel.cpp), for any number of rows.
 #include <torch/library.h>
 
-#include "fusedformer/common.h"
-#include "fusedformer/cpu/glue.h"
+#include "common/glue.h"
+#include "common/linear.h"
+#include "fusedformer/cpu/kernels.h"
 
 namespace fusedformer::cpu {
 namespace {

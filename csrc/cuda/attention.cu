@@ -11,16 +11,12 @@
 #include <ATen/Context.h>
 #include <torch/library.h>
 
-#include "fusedformer/common.h"
+#include "common/attention.h"
 #include "fusedformer/cuda/attention.h"
-#include "fusedformer/cuda/glue.h"
+#include "fusedformer/cuda/device.h"
 
 namespace fusedformer::cuda {
 namespace {
-
-AttnTensorArg arg_of(const at::Tensor& t) {
-  return AttnTensorArg{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
 
 // unit feature stride, rows (and heads, batches) 16-byte aligned
 bool rows_aligned(const at::Tensor& t) {
@@ -50,56 +46,26 @@ bool use_tensor_cores(const AttnProblem& p, bool backward) {
   return attention_tc_smem(tc_head_dim_bucket(int(p.E), int(p.Ev)), backward) <= max_smem_optin();
 }
 
-AttnFwdParams make_params(const AttnProblem& p, double dropout_p, bool is_causal, double scale) {
-  TORCH_CHECK_VALUE(p.L < (int64_t(1) << 31) && p.S < (int64_t(1) << 31) && p.B < 65536 && p.Hq < 65536,
-                    "fusedformer.attention: sizes out of the CUDA kernels' range (B, H < 65536; L, S < 2^31)");
-  AttnFwdParams a{};
-  a.dtype = dtype_of(p.q);
-  a.q = arg_of(p.q);
-  a.k = arg_of(p.k);
-  a.v = arg_of(p.v);
-  a.B = int(p.B);
-  a.Hq = int(p.Hq);
-  a.Hkv = int(p.Hkv);
-  a.L = int(p.L);
-  a.S = int(p.S);
-  a.E = int(p.E);
-  a.Ev = int(p.Ev);
-  a.mask_kind = mask_kind_of(p.mask);
-  if (p.mask.defined()) {
-    a.mask = p.mask.data_ptr();
-    a.m_sb = p.mask.stride(0);
-    a.m_sh = p.mask.stride(1);
-    a.m_sl = p.mask.stride(2);
-    a.m_ss = p.mask.stride(3);
-  }
-  a.causal = is_causal;
-  a.scale = scale;
-  a.dropout_p = static_cast<float>(dropout_p);
-  a.seed = p.seed;
-  return a;
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& query, const at::Tensor& key,
                                                  const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                                                  double dropout_p, bool is_causal, double scale,
                                                  const std::optional<at::Tensor>& seed) {
   const c10::cuda::CUDAGuard guard(query.device());
   AttnProblem p = prepare_attention("fusedformer.attention", query, key, value, attn_mask, dropout_p, seed);
-  at::Tensor out = at::empty(p.out_shape, p.q.options());
-  at::Tensor lse = at::empty(p.lse_shape, p.q.options().dtype(compute_dtype(p.q)));
+  const AttnOutputs o = attention_outputs(p);
   const cudaStream_t stream = current_stream();
   const int64_t rows = p.L * (p.Hq / p.Hkv);
+  AttnFwdParams a;
   if (rows <= kDecodeMaxRows) {
-    AttnFwdParams a = make_params(p, dropout_p, is_causal, scale);
+    fill_attention_args(a, p, dropout_p, is_causal, scale);
     if (decode_supported(a)) {
-      a.out = out.data_ptr();
-      a.lse = lse.data_ptr();
+      a.out = o.out.data_ptr();
+      a.lse = o.lse.data_ptr();
       const int splits = decode_splits(a, sm_count());
       at::Tensor ws;
       if (splits > 1) ws = at::empty({int64_t(splits) * p.B * p.Hq * p.L * (p.Ev + 2)}, p.q.options().dtype(at::kFloat));
       C10_CUDA_CHECK(attention_fwd_decode(a, splits, splits > 1 ? ws.data_ptr<float>() : nullptr, stream));
-      return {out, lse};
+      return {o.out, o.lse};
     }
   }
   const bool tc = use_tensor_cores(p, false);
@@ -108,11 +74,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& query, const 
     p.k = aligned_copy(p.k);
     p.v = aligned_copy(p.v);
   }
-  AttnFwdParams a = make_params(p, dropout_p, is_causal, scale);
-  a.out = out.data_ptr();
-  a.lse = lse.data_ptr();
+  fill_attention_args(a, p, dropout_p, is_causal, scale);
+  a.out = o.out.data_ptr();
+  a.lse = o.lse.data_ptr();
   C10_CUDA_CHECK(tc ? attention_fwd_tc(a, stream) : attention_fwd_simt(a, stream));
-  return {out, lse};
+  return {o.out, o.lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
@@ -120,37 +86,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, double dropout_p,
     bool is_causal, double scale, const std::optional<at::Tensor>& seed) {
   const c10::cuda::CUDAGuard guard(query.device());
-  AttnProblem p = prepare_attention("fusedformer.attention backward", query, key, value, attn_mask, dropout_p, seed);
-  check_attention_bwd(p, grad_out, out, lse);
+  AttnBwdProblem b = prepare_attention_bwd(grad_out, query, key, value, out, lse, attn_mask, dropout_p, seed);
+  AttnProblem& p = b.p;
   const bool tc = use_tensor_cores(p, true);
-  at::Tensor go = grad_out.dim() == 2 ? grad_out.unsqueeze(0).unsqueeze(0) : flatten_batch(grad_out, 3);
   if (tc) {
     p.q = aligned_copy(p.q);
     p.k = aligned_copy(p.k);
     p.v = aligned_copy(p.v);
-    go = aligned_copy(go);
+    b.grad_out = aligned_copy(b.grad_out);
   }
-  at::Tensor o = out.contiguous();
-  at::Tensor l = lse.contiguous();
-  at::Tensor gq = at::empty(query.sizes(), p.q.options());
-  at::Tensor gk = at::empty(key.sizes(), p.q.options());
-  at::Tensor gv = at::empty(value.sizes(), p.q.options());
-  const auto ct = compute_dtype(p.q);
-  at::Tensor dvec = at::empty({p.B, p.Hq, p.L}, p.q.options().dtype(ct));
+  at::Tensor dvec = at::empty({p.B, p.Hq, p.L}, p.q.options().dtype(compute_dtype(p.q)));
   AttnBwdParams a{};
-  a.fwd = make_params(p, dropout_p, is_causal, scale);
-  a.fwd.out = o.data_ptr();
-  a.fwd.lse = l.data_ptr();
-  a.grad_out = arg_of(go);
-  a.grad_q = gq.data_ptr();
-  a.grad_k = gk.data_ptr();
-  a.grad_v = gv.data_ptr();
+  fill_attention_bwd_args(a, b, dropout_p, is_causal, scale);
   a.dvec = dvec.data_ptr();
   const cudaStream_t stream = current_stream();
   if (!tc) {
     C10_CUDA_CHECK(attention_bwd_prepare(a, stream));
     C10_CUDA_CHECK(attention_bwd_simt(a, stream));
-    return {gq, gk, gv};
+    return {b.grad_q, b.grad_k, b.grad_v};
   }
   at::Tensor lse2 = at::empty({p.B, p.Hq, p.L}, p.q.options().dtype(at::kFloat));
   at::Tensor dq_accum = at::zeros({p.B, p.Hq, p.L, p.E}, p.q.options().dtype(at::kFloat));
@@ -163,8 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   a.dq_accum = dq_accum.data_ptr();
   C10_CUDA_CHECK(attention_bwd_prepare(a, stream));
   C10_CUDA_CHECK(attention_bwd_tc(a, stream));
-  gq.copy_(dq_accum.mul_(scale).view(query.sizes()));
-  return {gq, gk, gv};
+  b.grad_q.copy_(dq_accum.mul_(scale).view(query.sizes()));
+  return {b.grad_q, b.grad_k, b.grad_v};
 }
 
 }  // namespace

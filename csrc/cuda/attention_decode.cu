@@ -243,7 +243,7 @@ bool decode_supported(const AttnFwdParams& p) {
   const int R = (p.Hq / p.Hkv) * p.L;
   if (R > kDecodeMaxRows || p.q.se != 1 || p.k.se != 1 || p.v.se != 1) return false;
   if (p.E % vec != 0 || p.Ev % vec != 0) return false;
-  for (const AttnTensorArg* a : {&p.q, &p.k, &p.v})
+  for (const AttnTensor* a : {&p.q, &p.k, &p.v})
     if (!aligned16(a->data) || (a->sl * esize) % 16 != 0 || (a->sh * esize) % 16 != 0 || (a->sb * esize) % 16 != 0)
       return false;
   return true;

@@ -25,7 +25,7 @@ constexpr int kMaxFeat = 256 / 32;            // features per lane
 __host__ __device__ inline int padded(int e) { return e | 1; }
 
 template <typename T>
-__device__ __forceinline__ const T* at_bhl(const AttnTensorArg& a, int b, int h, int64_t l) {
+__device__ __forceinline__ const T* at_bhl(const AttnTensor& a, int b, int h, int64_t l) {
   return static_cast<const T*>(a.data) + b * a.sb + h * a.sh + l * a.sl;
 }
 
@@ -47,10 +47,7 @@ struct SimtMask {
   int S;
   __device__ SimtMask(const AttnFwdParams& p, int b, int h) {
     kind = p.mask_kind;
-    const int64_t off = int64_t(b) * p.m_sb + int64_t(h) * p.m_sh;
-    mask = kind == MaskKind::Bool    ? static_cast<const void*>(static_cast<const uint8_t*>(p.mask) + off)
-           : kind == MaskKind::Float ? static_cast<const void*>(static_cast<const C*>(p.mask) + off)
-                                     : nullptr;
+    mask = mask_slice<C>(p, b, h);
     sl = p.m_sl;
     ss = p.m_ss;
     causal = p.causal;

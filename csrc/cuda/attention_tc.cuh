@@ -34,10 +34,7 @@ struct AttnExtras {
 
   __device__ __forceinline__ AttnExtras(const AttnFwdParams& p, int b, int h) {
     kind = p.mask_kind;
-    const int64_t off = int64_t(b) * p.m_sb + int64_t(h) * p.m_sh;
-    mask = kind == MaskKind::Bool    ? static_cast<const void*>(static_cast<const uint8_t*>(p.mask) + off)
-           : kind == MaskKind::Float ? static_cast<const void*>(static_cast<const float*>(p.mask) + off)
-                                     : nullptr;
+    mask = mask_slice<float>(p, b, h);
     sl = p.m_sl;
     ss = p.m_ss;
     seed = p.seed;
@@ -141,28 +138,14 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) attn_fwd_tc_kernel(con
 
     // S = Q K^T
     float s[MT][NS][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int n = 0; n < NS; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[mt][n][e] = 0.f;
+    zero_acc(s);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       if (EVEN || kk * 16 < p.E) {
         uint32_t a[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) lds_a<BM, D>(a[mt], sQ, wrow + mt * 16, kk * 16, lane);
-#pragma unroll
-        for (int np = 0; np < NS / 2; ++np) {
-          uint32_t bb[4];
-          lds_b<BN, D>(bb, sK, np * 16, kk * 16, lane);
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            mma16816<T>(s[mt][2 * np], a[mt], bb[0], bb[1]);
-            mma16816<T>(s[mt][2 * np + 1], a[mt], bb[2], bb[3]);
-          }
-        }
+        mma_tile<false, BN, D, true>(s, a, sK, 0, kk * 16, 0, lane);
       }
     }
 
@@ -397,12 +380,8 @@ __global__ void __launch_bounds__(256) attn_bwd_tc_kernel(const AttnBwdParams bp
   cp_async_commit();
 
   float dk[MTB][NTB][4], dv[MTB][NTB][4];
-#pragma unroll
-  for (int mt = 0; mt < MTB; ++mt)
-#pragma unroll
-    for (int n = 0; n < NTB; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dk[mt][n][e] = dv[mt][n][e] = 0.f;
+  zero_acc(dk);
+  zero_acc(dv);
 
   const int nmb = int(ceil_div(p.L, BM));
   const int m_first = p.causal ? min(nmb, n0 / BM) : 0;  // query rows before n0 see none of these keys
@@ -434,43 +413,21 @@ __global__ void __launch_bounds__(256) attn_bwd_tc_kernel(const AttnBwdParams bp
 
     // ---- A: S = Q K^T, dP = dO V^T
     float s[MTA][NTA][4], dp[MTA][NTA][4];
-#pragma unroll
-    for (int mt = 0; mt < MTA; ++mt)
-#pragma unroll
-      for (int n = 0; n < NTA; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[mt][n][e] = dp[mt][n][e] = 0.f;
+    zero_acc(s);
+    zero_acc(dp);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       if (EVEN || kk * 16 < p.E) {
         uint32_t a[MTA][4];
 #pragma unroll
         for (int mt = 0; mt < MTA; ++mt) lds_a<BM, D>(a[mt], sQ, wa_m + mt * 16, kk * 16, lane);
-#pragma unroll
-        for (int np = 0; np < NTA / 2; ++np) {
-          uint32_t bb[4];
-          lds_b<BN, D>(bb, sK, wa_n + np * 16, kk * 16, lane);
-#pragma unroll
-          for (int mt = 0; mt < MTA; ++mt) {
-            mma16816<T>(s[mt][2 * np], a[mt], bb[0], bb[1]);
-            mma16816<T>(s[mt][2 * np + 1], a[mt], bb[2], bb[3]);
-          }
-        }
+        mma_tile<false, BN, D, true>(s, a, sK, wa_n, kk * 16, 0, lane);
       }
       if (EVEN || kk * 16 < p.Ev) {
         uint32_t a[MTA][4];
 #pragma unroll
         for (int mt = 0; mt < MTA; ++mt) lds_a<BM, D>(a[mt], sdO, wa_m + mt * 16, kk * 16, lane);
-#pragma unroll
-        for (int np = 0; np < NTA / 2; ++np) {
-          uint32_t bb[4];
-          lds_b<BN, D>(bb, sV, wa_n + np * 16, kk * 16, lane);
-#pragma unroll
-          for (int mt = 0; mt < MTA; ++mt) {
-            mma16816<T>(dp[mt][2 * np], a[mt], bb[0], bb[1]);
-            mma16816<T>(dp[mt][2 * np + 1], a[mt], bb[2], bb[3]);
-          }
-        }
+        mma_tile<false, BN, D, true>(dp, a, sV, wa_n, kk * 16, 0, lane);
       }
     }
     // P, dS -> shared memory
@@ -522,61 +479,23 @@ __global__ void __launch_bounds__(256) attn_bwd_tc_kernel(const AttnBwdParams bp
       uint32_t a[MTB][4];
 #pragma unroll
       for (int mt = 0; mt < MTB; ++mt) lds_a_t<BM, BN>(a[mt], sP, wb_m + mt * 16, kk * 16, lane);
-#pragma unroll
-      for (int np = 0; np < NTB / 2; ++np) {
-        if (EVEN || wb_n + np * 16 < p.Ev) {
-          uint32_t bb[4];
-          lds_b_t<BM, D>(bb, sdO, wb_n + np * 16, kk * 16, lane);
-#pragma unroll
-          for (int mt = 0; mt < MTB; ++mt) {
-            mma16816<T>(dv[mt][2 * np], a[mt], bb[0], bb[1]);
-            mma16816<T>(dv[mt][2 * np + 1], a[mt], bb[2], bb[3]);
-          }
-        }
-      }
+      mma_tile<true, BM, D, EVEN>(dv, a, sdO, wb_n, kk * 16, p.Ev, lane);
 #pragma unroll
       for (int mt = 0; mt < MTB; ++mt) lds_a_t<BM, BN>(a[mt], sdS, wb_m + mt * 16, kk * 16, lane);
-#pragma unroll
-      for (int np = 0; np < NTB / 2; ++np) {
-        if (EVEN || wb_n + np * 16 < p.E) {
-          uint32_t bb[4];
-          lds_b_t<BM, D>(bb, sQ, wb_n + np * 16, kk * 16, lane);
-#pragma unroll
-          for (int mt = 0; mt < MTB; ++mt) {
-            mma16816<T>(dk[mt][2 * np], a[mt], bb[0], bb[1]);
-            mma16816<T>(dk[mt][2 * np + 1], a[mt], bb[2], bb[3]);
-          }
-        }
-      }
+      mma_tile<true, BM, D, EVEN>(dk, a, sQ, wb_n, kk * 16, p.E, lane);
     }
     __syncthreads();  // done with Q and dO: the next block's load overlaps phase C
     if (it + 1 < total) issue_q(it + 1);
 
     // ---- C: dQ += dS K
     float dq[MTC][NTC][4];
-#pragma unroll
-    for (int mt = 0; mt < MTC; ++mt)
-#pragma unroll
-      for (int n = 0; n < NTC; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dq[mt][n][e] = 0.f;
+    zero_acc(dq);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t a[MTC][4];
 #pragma unroll
       for (int mt = 0; mt < MTC; ++mt) lds_a<BM, BN>(a[mt], sdS, wc_m + mt * 16, kk * 16, lane);
-#pragma unroll
-      for (int np = 0; np < NTC / 2; ++np) {
-        if (EVEN || wc_n + np * 16 < p.E) {
-          uint32_t bb[4];
-          lds_b_t<BN, D>(bb, sK, wc_n + np * 16, kk * 16, lane);
-#pragma unroll
-          for (int mt = 0; mt < MTC; ++mt) {
-            mma16816<T>(dq[mt][2 * np], a[mt], bb[0], bb[1]);
-            mma16816<T>(dq[mt][2 * np + 1], a[mt], bb[2], bb[3]);
-          }
-        }
-      }
+      mma_tile<true, BN, D, EVEN>(dq, a, sK, wc_n, kk * 16, p.E, lane);
     }
     int* lock = bp.dq_locks ? bp.dq_locks + bh * nmb + mb : nullptr;
     if (lock) {

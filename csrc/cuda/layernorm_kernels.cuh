@@ -13,39 +13,13 @@
 
 namespace fusedformer::cuda {
 
-struct NormFwdParams {
-  const void* x;
-  const void* residual;  // nullable
-  void* y;
-  void* h_out;           // with residual
-  const void* weight;    // nullable, n, compute type
-  const void* bias;      // nullable, n, compute type
-  void* mean;            // rows, compute type (layer norm)
-  void* rstd;            // rows, compute type
-  int64_t rows, n;
-  double eps;
-};
-
-struct NormBwdParams {
-  const void* grad_y;
-  const void* grad_h;  // nullable
-  const void* x;
-  const void* mean;    // layer norm
-  const void* rstd;
-  const void* weight;  // nullable
-  void* grad_x;
-  void* part_w;        // nullable: [blocks][n] compute-type partial sums of grad_y * xhat
-  void* part_b;        // nullable: [blocks][n] partial sums of grad_y
-  int64_t rows, n;
-};
-
 template <typename C>
 __device__ __forceinline__ C param_at(const void* p, int64_t j, C dflt) {
   return p ? static_cast<const C*>(p)[j] : dflt;
 }
 
 template <typename T, bool RMS, bool RES, int VEC, int MAXV>
-__global__ void norm_fwd_rows_kernel(NormFwdParams p, int team, int nv) {
+__global__ void norm_fwd_rows_kernel(NormFwdArgs p, int team, int nv) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   const RowThread rt(team);
@@ -119,7 +93,7 @@ __global__ void norm_fwd_rows_kernel(NormFwdParams p, int team, int nv) {
 
 // a block per row, rows of any length: x (and the residual) are read three times
 template <typename T, bool RMS, bool RES>
-__global__ void norm_fwd_long_kernel(NormFwdParams p) {
+__global__ void norm_fwd_long_kernel(NormFwdArgs p) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   const int64_t r = blockIdx.x, n = p.n;
@@ -162,14 +136,14 @@ __global__ void norm_fwd_long_kernel(NormFwdParams p) {
 // their weight/bias partials into shared memory one team after the other (a fixed order), then the
 // block writes its partial row.
 template <typename T, bool RMS, int VEC, int MAXV>
-__global__ void norm_bwd_rows_kernel(NormBwdParams p, int team, int nv) {
+__global__ void norm_bwd_rows_kernel(NormBwdArgs p, int team, int nv) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int rpb = blockDim.x / team;
   const int t = threadIdx.x / team, lane = threadIdx.x % team;
   const int64_t n = p.n;
-  const bool want_w = p.part_w != nullptr, want_b = p.part_b != nullptr;
+  const bool want_w = p.grad_weight != nullptr, want_b = p.grad_bias != nullptr;
   C pw[MAXV][VEC], pb[MAXV][VEC];
 #pragma unroll
   for (int k = 0; k < MAXV; ++k)
@@ -241,8 +215,8 @@ __global__ void norm_bwd_rows_kernel(NormBwdParams p, int team, int nv) {
             const int64_t j = col + i;
             if (j >= n) continue;
             if (rpb == 1) {
-              if (want_w) static_cast<C*>(p.part_w)[blockIdx.x * n + j] = pw[k][i];
-              if (want_b) static_cast<C*>(p.part_b)[blockIdx.x * n + j] = pb[k][i];
+              if (want_w) static_cast<C*>(p.grad_weight)[blockIdx.x * n + j] = pw[k][i];
+              if (want_b) static_cast<C*>(p.grad_bias)[blockIdx.x * n + j] = pb[k][i];
             } else {
               if (want_w) acc_w[j] = turn == 0 ? pw[k][i] : acc_w[j] + pw[k][i];
               if (want_b) acc_b[j] = turn == 0 ? pb[k][i] : acc_b[j] + pb[k][i];
@@ -255,8 +229,8 @@ __global__ void norm_bwd_rows_kernel(NormBwdParams p, int team, int nv) {
   }
   if (rpb > 1) {
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      if (want_w) static_cast<C*>(p.part_w)[blockIdx.x * n + j] = acc_w[j];
-      if (want_b) static_cast<C*>(p.part_b)[blockIdx.x * n + j] = acc_b[j];
+      if (want_w) static_cast<C*>(p.grad_weight)[blockIdx.x * n + j] = acc_w[j];
+      if (want_b) static_cast<C*>(p.grad_bias)[blockIdx.x * n + j] = acc_b[j];
     }
   }
 }
@@ -264,13 +238,13 @@ __global__ void norm_bwd_rows_kernel(NormBwdParams p, int team, int nv) {
 // Rows of any length: block b handles rows b, b + gridDim.x, ...; each thread owns the columns
 // threadIdx.x + k * blockDim.x of the block's partial rows (in global memory).
 template <typename T, bool RMS>
-__global__ void norm_bwd_long_kernel(NormBwdParams p) {
+__global__ void norm_bwd_long_kernel(NormBwdArgs p) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   const int64_t n = p.n;
   const int team = blockDim.x;
-  C* part_w = p.part_w ? static_cast<C*>(p.part_w) + blockIdx.x * n : nullptr;
-  C* part_b = p.part_b ? static_cast<C*>(p.part_b) + blockIdx.x * n : nullptr;
+  C* part_w = p.grad_weight ? static_cast<C*>(p.grad_weight) + blockIdx.x * n : nullptr;
+  C* part_b = p.grad_bias ? static_cast<C*>(p.grad_bias) + blockIdx.x * n : nullptr;
   for (int64_t j = threadIdx.x; j < n; j += team) {
     if (part_w) part_w[j] = C(0);
     if (part_b) part_b[j] = C(0);

@@ -3,7 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "fusedformer/common.h"
+#include "common/linear.h"
 
 namespace fusedformer::cuda {
 namespace {

@@ -10,43 +10,6 @@
 
 namespace fusedformer::cuda {
 
-inline constexpr int kMaxMaskRowDims = 8;
-
-// Element offset of a row's mask: row r decomposed over sizes (row-major), weighted by strides.
-struct MaskRows {
-  int ndim = 0;
-  int64_t sizes[kMaxMaskRowDims] = {};
-  int64_t strides[kMaxMaskRowDims] = {};
-  __device__ __forceinline__ int64_t offset(int64_t r) const {
-    int64_t off = 0;
-    for (int d = ndim - 1; d >= 0; --d) {
-      off += (r % sizes[d]) * strides[d];
-      r /= sizes[d];
-    }
-    return off;
-  }
-};
-
-struct SoftmaxFwdParams {
-  const void* x;
-  void* y;
-  int64_t rows, n;
-  double scale;
-  const void* mask;  // bool (uint8) or additive in the compute type
-  MaskRows mask_rows;
-  int64_t mask_col_stride;
-  bool causal;  // row r is query r % causal_rows and keeps the columns j <= that
-  int64_t causal_rows;
-};
-
-struct SoftmaxBwdParams {
-  const void* grad_y;
-  const void* y;
-  void* grad_x;
-  int64_t rows, n;
-  double scale;
-};
-
 // z = x * scale (+ mask) for one element of the row, -inf where masked or past `limit`
 template <typename C, MaskKind MK>
 __device__ __forceinline__ C softmax_logit(C x, int64_t col, int64_t limit, C scale, const void* mask,
@@ -61,17 +24,28 @@ __device__ __forceinline__ C softmax_logit(C x, int64_t col, int64_t limit, C sc
   return z;
 }
 
+// row r keeps the columns [0, limit): all of them, or those up to its query index when causal
+__device__ __forceinline__ int64_t causal_limit(const SoftmaxFwdArgs& p, int64_t r) {
+  return p.causal ? min(p.n, r % p.causal_rows + 1) : p.n;
+}
+
+// row r's mask (nullptr without one)
+template <typename C, MaskKind MK>
+__device__ __forceinline__ const void* row_mask(const SoftmaxFwdArgs& p, int64_t r) {
+  if constexpr (MK == MaskKind::Float) return static_cast<const C*>(p.mask) + p.mask_row.offset(r);
+  if constexpr (MK == MaskKind::Bool) return static_cast<const uint8_t*>(p.mask) + p.mask_row.offset(r);
+  return nullptr;
+}
+
 template <typename T, MaskKind MK, int VEC, int MAXV>
-__global__ void softmax_fwd_rows_kernel(SoftmaxFwdParams p, int team, int nv) {
+__global__ void softmax_fwd_rows_kernel(SoftmaxFwdArgs p, int team, int nv) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   const RowThread rt(team);
   const int64_t r = rt.row < p.rows ? rt.row : p.rows - 1;  // spare teams redo the last row, unstored
   const T* x = static_cast<const T*>(p.x) + r * p.n;
-  const int64_t limit = p.causal ? min(p.n, r % p.causal_rows + 1) : p.n;
-  const void* mask = nullptr;
-  if constexpr (MK == MaskKind::Float) mask = static_cast<const C*>(p.mask) + p.mask_rows.offset(r);
-  if constexpr (MK == MaskKind::Bool) mask = static_cast<const uint8_t*>(p.mask) + p.mask_rows.offset(r);
+  const int64_t limit = causal_limit(p, r);
+  const void* mask = row_mask<C, MK>(p, r);
   const C scale = C(p.scale);
 
   C z[MAXV][VEC];
@@ -110,15 +84,7 @@ __global__ void softmax_fwd_rows_kernel(SoftmaxFwdParams p, int team, int nv) {
   const C inv = row_nan ? c_nan<C>() : (sum > C(0) ? C(1) / sum : C(0));
   if (rt.row >= p.rows) return;
   T* y = static_cast<T*>(p.y) + r * p.n;
-#pragma unroll
-  for (int k = 0; k < MAXV; ++k) {
-    if (k < nv) {
-      C o[VEC];
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) o[i] = row_nan ? inv : z[k][i] * inv;
-      store_vec<VEC>(y, (int64_t(k) * team + rt.lane) * VEC, p.n, o);
-    }
-  }
+  store_row<VEC, MAXV>(y, p.n, team, rt.lane, nv, [&](int k, int i) { return row_nan ? inv : z[k][i] * inv; });
 }
 
 // One block per row, for rows longer than the register-resident kernel holds.
@@ -153,16 +119,14 @@ __device__ __forceinline__ BlockRowStats<C> block_row_stats(int64_t limit, int t
 }
 
 template <typename T, MaskKind MK>
-__global__ void softmax_fwd_long_kernel(SoftmaxFwdParams p) {
+__global__ void softmax_fwd_long_kernel(SoftmaxFwdArgs p) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   const int64_t r = blockIdx.x;
   const int team = blockDim.x;
   const T* x = static_cast<const T*>(p.x) + r * p.n;
-  const int64_t limit = p.causal ? min(p.n, r % p.causal_rows + 1) : p.n;
-  const void* mask = nullptr;
-  if constexpr (MK == MaskKind::Float) mask = static_cast<const C*>(p.mask) + p.mask_rows.offset(r);
-  if constexpr (MK == MaskKind::Bool) mask = static_cast<const uint8_t*>(p.mask) + p.mask_rows.offset(r);
+  const int64_t limit = causal_limit(p, r);
+  const void* mask = row_mask<C, MK>(p, r);
   const C scale = C(p.scale);
   const C ninf = -c_inf<C>();
   const BlockRowStats<C> st = block_row_stats<C>(limit, team, scratch, [&](int64_t col) {
@@ -188,7 +152,7 @@ __global__ void softmax_fwd_long_kernel(SoftmaxFwdParams p) {
 }
 
 template <typename T, int VEC, int MAXV>
-__global__ void softmax_bwd_rows_kernel(SoftmaxBwdParams p, int team, int nv) {
+__global__ void softmax_bwd_rows_kernel(SoftmaxBwdArgs p, int team, int nv) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   const RowThread rt(team);
@@ -211,19 +175,12 @@ __global__ void softmax_bwd_rows_kernel(SoftmaxBwdParams p, int team, int nv) {
   if (rt.row >= p.rows) return;
   const C scale = C(p.scale);
   T* gx = static_cast<T*>(p.grad_x) + r * p.n;
-#pragma unroll
-  for (int k = 0; k < MAXV; ++k) {
-    if (k < nv) {
-      C o[VEC];
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) o[i] = yv[k][i] * (gv[k][i] - dot) * scale;
-      store_vec<VEC>(gx, (int64_t(k) * team + rt.lane) * VEC, p.n, o);
-    }
-  }
+  store_row<VEC, MAXV>(gx, p.n, team, rt.lane, nv,
+                       [&](int k, int i) { return yv[k][i] * (gv[k][i] - dot) * scale; });
 }
 
 template <typename T>
-__global__ void softmax_bwd_long_kernel(SoftmaxBwdParams p) {
+__global__ void softmax_bwd_long_kernel(SoftmaxBwdArgs p) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   const int64_t r = blockIdx.x;
@@ -237,40 +194,6 @@ __global__ void softmax_bwd_long_kernel(SoftmaxBwdParams p) {
   T* gx = static_cast<T*>(p.grad_x) + r * p.n;
   for (int64_t col = threadIdx.x; col < p.n; col += team)
     gx[col] = from_c<T>(C(to_f(y[col])) * (C(to_f(g[col])) - dot) * scale);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Cross-entropy rows (the loss of linear_cross_entropy), a block per row: the online max/sum pass of
-// the long-row softmax gives lse = max + ln(sum); loss = lse - x[target] and, with grad, the gradient
-// row (softmax - one_hot) * scale. Rows whose target is ignore_index: loss 0, zero gradient.
-struct CrossEntropyParams {
-  const void* x;
-  const int64_t* target;
-  void* loss;         // rows, compute type
-  void* grad;         // nullable: rows x n, x's dtype
-  const void* scale;  // one element, compute type
-  int64_t rows, n, ignore_index;
-};
-
-template <typename T>
-__global__ void cross_entropy_rows_kernel(CrossEntropyParams p) {
-  using C = compute_t<T>;
-  __shared__ C scratch[32];
-  const int64_t r = blockIdx.x;
-  const int team = blockDim.x;
-  const T* x = static_cast<const T*>(p.x) + r * p.n;
-  const BlockRowStats<C> st = block_row_stats<C>(p.n, team, scratch, [&](int64_t col) { return C(to_f(x[col])); });
-  const C lse = st.nan ? c_nan<C>() : st.max + log(st.sum);
-  const int64_t t = p.target[r];
-  const bool keep = t != p.ignore_index;
-  if (threadIdx.x == 0) static_cast<C*>(p.loss)[r] = keep ? lse - C(to_f(x[t])) : C(0);
-  if (!p.grad) return;
-  const C sc = keep ? *static_cast<const C*>(p.scale) : C(0);
-  T* g = static_cast<T*>(p.grad) + r * p.n;
-  for (int64_t col = threadIdx.x; col < p.n; col += team) {
-    const C e = keep ? c_exp(C(to_f(x[col])) - lse) : C(0);
-    g[col] = from_c<T>(e * sc - (col == t ? sc : C(0)));
-  }
 }
 
 }  // namespace fusedformer::cuda

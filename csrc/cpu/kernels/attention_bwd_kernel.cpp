@@ -86,7 +86,7 @@ void bwd_item(const AttnBwdArgs& ba, const BwdPlan& pl, int64_t x, int64_t split
         for (int64_t r = 0; r < rows; ++r) {
           const V vl = vbroadcast<C>(l2[r]);
           C* pr = p + r * BC;
-          for (int64_t c = 0; c < BC; c += N) vstore(pr + c, exp2_neg(vload(pr + c) - vl));
+          for (int64_t c = 0; c < BC; c += N) vstore(pr + c, vexp2_nonpos(vload(pr + c) - vl));
         }
         // dP = dO V^T
         gemm<false>(rows, BC, Ev, t.dob.get(), Ev, 1, t.vt.get(), Ev, dp, BC);

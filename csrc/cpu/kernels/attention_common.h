@@ -39,9 +39,7 @@ struct Tile {
 // Keys per block (a multiple of every panel width, and of 4 for the dropout numbering).
 inline constexpr int64_t BC = 64;
 // Query rows per block: a multiple of the tile rows.
-#if defined(__AVX512F__)
-inline constexpr int64_t BR = 48;
-#elif defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 inline constexpr int64_t BR = 48;
 #else
 inline constexpr int64_t BR = 32;
@@ -142,21 +140,23 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const C* A, int64_t as, int
 // ---------------------------------------------------------------------------------------------
 // Packing (conversion to C happens here).
 
+// d[0, n) = scale * s[c * se], d[n, w) = 0
+template <typename T, typename C>
+FF_INLINE void pack_segment(const T* s, int64_t se, int64_t n, int64_t w, C scale, vec_t<C> vs, C* d) {
+  constexpr int N = lanes_v<C>;
+  int64_t c = 0;
+  if (se == 1)
+    for (; c + N <= n; c += N) vstore(d + c, vload(s + c) * vs);
+  for (; c < n; ++c) d[c] = C(to_float(s[c * se])) * scale;
+  for (; c < w; ++c) d[c] = C(0);
+}
+
 // dst[r][c] = scale * src(r, c) for r < rows, c < cols; zero up to (rows_pad, ld).
 template <typename T, typename C>
 inline void pack_rows(const T* src, int64_t sl, int64_t se, int64_t rows, int64_t cols, C scale, C* dst, int64_t ld,
                       int64_t rows_pad) {
-  constexpr int N = lanes_v<C>;
   const vec_t<C> vs = vbroadcast<C>(scale);
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s = src + r * sl;
-    C* d = dst + r * ld;
-    int64_t c = 0;
-    if (se == 1)
-      for (; c + N <= cols; c += N) vstore(d + c, vload(s + c) * vs);
-    for (; c < cols; ++c) d[c] = C(to_float(s[c * se])) * scale;
-    for (; c < ld; ++c) d[c] = C(0);
-  }
+  for (int64_t r = 0; r < rows; ++r) pack_segment(src + r * sl, se, cols, ld, scale, vs, dst + r * ld);
   std::fill(dst + rows * ld, dst + rows_pad * ld, C(0));
 }
 
@@ -171,16 +171,8 @@ inline void pack_panels(const T* src, int64_t sl, int64_t se, int64_t rows, int6
   for (int64_t j = 0; j < np; j += NW) {
     const int64_t w = std::min<int64_t>(NW, np - j);
     C* d = dst + j * kst;
-    for (int64_t k = 0; k < rows; ++k) {
-      const T* s = src + k * sl + j * se;
-      C* dk = d + k * w;
-      int64_t c = 0;
-      const int64_t n = std::min<int64_t>(w, cols - j);
-      if (se == 1)
-        for (; c + L <= n; c += L) vstore(dk + c, vload(s + c) * vs);
-      for (; c < n; ++c) dk[c] = C(to_float(s[c * se])) * scale;
-      for (; c < w; ++c) dk[c] = C(0);
-    }
+    const int64_t n = std::min<int64_t>(w, cols - j);
+    for (int64_t k = 0; k < rows; ++k) pack_segment(src + k * sl + j * se, se, n, w, scale, vs, d + k * w);
     std::fill(d + rows * w, d + rows_pad * w, C(0));
   }
 }
@@ -220,23 +212,6 @@ inline void pack_panels_t(const T* src, int64_t sl, int64_t se, int64_t rows, in
 // ---------------------------------------------------------------------------------------------
 // Softmax pieces.
 
-// 2^x for x <= 0 or -inf (masked: exactly 0); results below 2^-126 flush to zero. Degree-5
-// polynomial on [-1/2, 1/2] (relative error 2.4e-7 in float). double goes through libm.
-FF_INLINE vf exp2_neg(vf x) {
-  const vf xc = x < -127.f ? vbroadcast(-127.f) : x;
-  const vf magic = vbroadcast(12583039.f);  // 1.5 * 2^23 + 127: t's low mantissa bits hold n + 127
-  const vf t = xc + magic;
-  const vf f = xc - (t - magic);  // in [-1/2, 1/2]
-  vf p = vbroadcast(0.001327647129073739f);
-  p = p * f + 0.009675541892647743f;
-  p = p * f + 0.05550713092088699f;
-  p = p * f + 0.24022120237350464f;
-  p = p * f + 0.6931469440460205f;
-  p = p * f + 1.0000001192092896f;
-  return p * (vf)((vu)t << 23);
-}
-FF_INLINE vd exp2_neg(vd x) { return vexp2(x); }
-
 // A row whose logits so far are all masked (-inf), or whose unmasked logits are NaN (max drops NaN):
 // zero probabilities, and a NaN logit makes the row's sum l NaN (finish_row), as in softmax. Returns
 // the output's scale factor (1).
@@ -266,7 +241,7 @@ FF_INLINE C softmax_block_row(C* s, C& m, C& l) {
   const V vm = vbroadcast<C>(m_new);
   V sum = V{};
   for (int c = 0; c < NB; ++c) {
-    const V p = exp2_neg(x[c] - vm);
+    const V p = vexp2_nonpos(x[c] - vm);
     sum += p;
     vstore(s + c * N, p);
   }

@@ -3,39 +3,40 @@
 //
 // Keys and values are packed once per key/value head into compute-type panels (K transposed, V
 // padded to whole vectors), a bounded group of heads at a time; then every (batch, query head,
-// block of BR queries) is an independent work item that streams over spans of KB keys with the
-// running max and sum of its rows. A span of several 64-key blocks amortizes each row's per-step
-// work (its max and sum reductions, the rescaling of its output) over more keys. Extra memory: the packed group plus a few tiles per thread;
-// never L x S. Few query rows per key/value head (generation) take the decode path instead.
+// block of BR queries) is an independent work item that streams over spans of kSpanKeys keys with
+// the running max and sum of its rows. A span of several 64-key blocks amortizes each row's
+// per-step work (its max and sum reductions, the rescaling of its output) over more keys. Extra
+// memory: the packed group plus a few tiles per thread; never L x S. Few query rows per key/value
+// head (generation) take the decode path instead.
 #include "attention_common.h"
 
 namespace fusedformer::cpu::FF_ISA {
 namespace {
 
 // Keys per span (a multiple of BC).
-constexpr int64_t KB = 4 * BC;
+constexpr int64_t kSpanKeys = 4 * BC;
 
 struct FwdPlan {
   int64_t E, Ev, Evp, nspan, nqb, group;
   int64_t kt_head, v_head;  // elements per packed head
 };
 
-// K^T panels (key j's column at kt + j * E) and V panels (span sp at vp + sp * KB * Evp, panel
-// kst = KB) of one key/value head; the keys of the last span zero-padded to a whole block.
+// K^T panels (key j's column at kt + j * E) and V panels (span sp at vp + sp * kSpanKeys * Evp, panel
+// kst = kSpanKeys) of one key/value head; the keys of the last span zero-padded to a whole block.
 template <typename T, typename C>
 void pack_kv_head(const AttnFwdArgs& a, const FwdPlan& pl, int64_t bkv, C* kt, C* vp) {
   const int64_t b = bkv / a.Hkv, h = bkv % a.Hkv;
   const T* k = static_cast<const T*>(a.k.data) + b * a.k.sb + h * a.k.sh;
   const T* v = static_cast<const T*>(a.v.data) + b * a.v.sb + h * a.v.sh;
   for (int64_t sp = 0; sp < pl.nspan; ++sp) {
-    const int64_t j0 = sp * KB, n = std::min<int64_t>(KB, a.S - j0), pad = round_up(n, BC);
+    const int64_t j0 = sp * kSpanKeys, n = std::min<int64_t>(kSpanKeys, a.S - j0), pad = round_up(n, BC);
     pack_panels_t<T, C>(k + j0 * a.k.sl, a.k.sl, a.k.se, n, pl.E, kt + j0 * pl.E, pl.E, pad);
-    pack_panels<T, C>(v + j0 * a.v.sl, a.v.sl, a.v.se, n, pl.Ev, C(1), vp + sp * KB * pl.Evp, KB, pad);
+    pack_panels<T, C>(v + j0 * a.v.sl, a.v.sl, a.v.se, n, pl.Ev, C(1), vp + sp * kSpanKeys * pl.Evp, kSpanKeys, pad);
   }
 }
 
 // Online softmax over a row of base-2 logits s[0, width) (width a multiple of the lane count, at
-// most KB): updates the running max m and sum l, turns s into probabilities (before dropout) and
+// most kSpanKeys): updates the running max m and sum l, turns s into probabilities (before dropout) and
 // returns the factor the row's output must be scaled by.
 template <typename C>
 FF_INLINE C softmax_span_row(C* s, C& m, C& l, int64_t width) {
@@ -54,14 +55,14 @@ FF_INLINE C softmax_span_row(C* s, C& m, C& l, int64_t width) {
   const V vm = vbroadcast<C>(m_new);
   V sum0 = V{}, sum1 = V{};
   for (c = 0; c + 2 * N <= width; c += 2 * N) {
-    const V p0 = exp2_neg(vload(s + c) - vm), p1 = exp2_neg(vload(s + c + N) - vm);
+    const V p0 = vexp2_nonpos(vload(s + c) - vm), p1 = vexp2_nonpos(vload(s + c + N) - vm);
     sum0 += p0;
     sum1 += p1;
     vstore(s + c, p0);
     vstore(s + c + N, p1);
   }
   if (c < width) {
-    const V p0 = exp2_neg(vload(s + c) - vm);
+    const V p0 = vexp2_nonpos(vload(s + c) - vm);
     sum0 += p0;
     vstore(s + c, p0);
   }
@@ -85,20 +86,20 @@ void fwd_item(const AttnFwdArgs& a, const FwdPlan& pl, int64_t b, int64_t h, int
   // causal: no row of the block sees keys beyond its last row
   const int64_t keys = a.causal ? std::min<int64_t>(a.S, i0 + rows) : a.S;
   const uint64_t bh = uint64_t(b * a.Hq + h);
-  for (int64_t j0 = 0; j0 < keys; j0 += KB) {
-    const int64_t valid = std::min<int64_t>(KB, a.S - j0), span = std::min<int64_t>(KB, keys - j0);
+  for (int64_t j0 = 0; j0 < keys; j0 += kSpanKeys) {
+    const int64_t valid = std::min<int64_t>(kSpanKeys, a.S - j0), span = std::min<int64_t>(kSpanKeys, keys - j0);
     // a partial last span is computed over whole panels only (short sequences: up to ~2x less work)
-    const int64_t width = span == KB ? KB : round_up(span, Tile<C>::NW);
-    gemm<false>(rows, width, E, qs, E, 1, kt + j0 * E, E, sb, KB);
+    const int64_t width = span == kSpanKeys ? kSpanKeys : round_up(span, Tile<C>::NW);
+    gemm<false>(rows, width, E, qs, E, 1, kt + j0 * E, E, sb, kSpanKeys);
     const bool diag = a.causal && j0 + width - 1 > i0;
     if (MK != MaskKind::None || diag || valid < width)
-      mask_tile<MK>(sb, KB, rows, i0, j0, valid, mask, a.m_sl, a.m_ss, diag, width);
+      mask_tile<MK>(sb, kSpanKeys, rows, i0, j0, valid, mask, a.m_sl, a.m_ss, diag, width);
     for (int64_t r = 0; r < rows; ++r) {
-      C* s = sb + r * KB;
+      C* s = sb + r * kSpanKeys;
       rescale_row(ob + r * Evp, Evp, softmax_span_row(s, mrow[r], lrow[r], width));
       if (drop.on) drop.apply(s, std::min(valid, width), bh, i0 + r, j0);
     }
-    gemm<true>(rows, Evp, width, sb, KB, 1, vp + (j0 / KB) * KB * Evp, KB, ob, Evp);
+    gemm<true>(rows, Evp, width, sb, kSpanKeys, 1, vp + (j0 / kSpanKeys) * kSpanKeys * Evp, kSpanKeys, ob, Evp);
   }
   // normalize, write out and the log-sum-exp (natural log; +inf for a fully masked row)
   C* lse = static_cast<C*>(a.lse) + (b * a.Hq + h) * a.L + i0;
@@ -113,11 +114,11 @@ void attention_fwd_impl(const AttnFwdArgs& a) {
   pl.E = a.E;
   pl.Ev = a.Ev;
   pl.Evp = round_up(a.Ev, lanes_v<C>);
-  pl.nspan = ceil_div(a.S, KB);
+  pl.nspan = ceil_div(a.S, kSpanKeys);
   pl.nqb = ceil_div(a.L, BR);
   pl.group = a.Hq / a.Hkv;
   pl.kt_head = round_up(a.S, BC) * pl.E;
-  pl.v_head = pl.nspan * KB * pl.Evp;
+  pl.v_head = pl.nspan * kSpanKeys * pl.Evp;
   const int64_t BHkv = a.B * a.Hkv;
   // pack ~2 MB of keys/values at a time (cache-sized, and an allocation that is reused rather than
   // mapped afresh on every call), but enough heads for a few items per thread
@@ -135,7 +136,7 @@ void attention_fwd_impl(const AttnFwdArgs& a) {
     // items: (query head of the group, query block); causal: the longest (last) query blocks first
     const int64_t heads = (g1 - g0) * pl.group;
     run_items(heads * pl.nqb, [&](const auto& take) {
-      Buf<C> qs(BR * pl.E), sb(BR * KB), ob(BR * pl.Evp), ml(2 * BR);
+      Buf<C> qs(BR * pl.E), sb(BR * kSpanKeys), ob(BR * pl.Evp), ml(2 * BR);
       for (int64_t it; (it = take()) >= 0;) {
         int64_t hq, qb;
         if (a.causal) {

@@ -20,252 +20,13 @@
 #include <type_traits>
 #include <vector>
 
-#include "fusedformer/cpu/vec.h"
+#include "softmax_rows.h"
 
 namespace fusedformer::cpu::FF_ISA {
 namespace {
 
-constexpr double kLog2eD = 1.4426950408889634;
-constexpr int64_t kRowInCache = 32768;  // longest row taken with a scratch row of its own length
-constexpr int64_t kSegment = 8192;      // segment length of longer rows
-constexpr int64_t kGrainElems = 16384;  // fewest elements per parallel task
 constexpr int64_t kSlabBytes = 128 << 10;  // strided kernel: bytes of x one column block spans
 constexpr int64_t kMaxBlock = 512;         // strided kernel: widest column block (elements)
-
-// per-thread scratch of n compute values, 64-byte aligned
-template <typename C>
-struct Scratch {
-  std::unique_ptr<C[]> raw;
-  C* p;
-  explicit Scratch(int64_t n) : raw(new C[n + 64 / sizeof(C)]) {
-    p = reinterpret_cast<C*>((reinterpret_cast<uintptr_t>(raw.get()) + 63) & ~uintptr_t(63));
-  }
-};
-
-template <typename C>
-constexpr C kInf = std::numeric_limits<C>::infinity();
-
-// lanes from `cnt` on set to `fill`
-template <typename V, typename C>
-FF_INLINE V fill_from(V v, int cnt, C fill) {
-  for (int i = cnt; i < int(sizeof(V) / sizeof(C)); ++i) v[i] = fill;
-  return v;
-}
-// running max that skips NaN lanes of v
-template <typename V>
-FF_INLINE V max_skipnan(V acc, V v) {
-  return v > acc ? v : acc;
-}
-template <typename T, typename V>
-FF_INLINE void store_vec(T* p, V v, bool stream) {
-  if (stream) {
-    vstream(p, v);
-  } else {
-    vstore(p, v);
-  }
-}
-
-// y[j0, j1) from a vector function fv(j) (full vectors) and a scalar function fs(j) (ragged ends).
-// Streaming: plain stores up to the first kStreamAlign boundary, then streaming stores.
-template <typename T, typename FV, typename FS>
-FF_INLINE void write_range(T* y, int64_t j0, int64_t j1, bool stream, FV&& fv, FS&& fs) {
-  constexpr int N = lanes_v<compute_t<T>>;
-  int64_t j = j0;
-  if (stream) {
-    const int64_t h = std::min(j1, j0 + stream_head(y + j0));
-    for (; j < h; ++j) y[j] = to_storage<T>(fs(j));
-    for (; j + N <= j1; j += N) vstream(y + j, fv(j));
-  } else {
-    for (; j + N <= j1; j += N) vstore(y + j, fv(j));
-  }
-  for (; j < j1; ++j) y[j] = to_storage<T>(fs(j));
-}
-
-template <typename T>
-void write_zeros(T* y, int64_t j0, int64_t j1, bool stream) {
-  using C = compute_t<T>;
-  write_range(y, j0, j1, stream, [](int64_t) { return vec_t<C>{}; }, [](int64_t) { return C(0); });
-}
-
-// ---------------------------------------------------------------------------------------------
-// rows: where the values v whose softmax is taken come from.
-//   Raw:      v = x (no mask, scale >= 0: the scale goes into the exponent's factor)
-//   Scaled:   v = x * scale (no mask, scale < 0)
-//   Add:      v = x * scale + mask[j]      AddConst: v = x * scale + mask[0] (mask broadcast along the row)
-//   Keep:     v = mask[j] ? x * scale : -inf
-enum class Src { Raw, Scaled, Add, AddConst, Keep };
-
-template <typename T, Src S>
-struct RowSrc {
-  using C = compute_t<T>;
-  using V = vec_t<C>;
-  static constexpr int N = lanes_v<C>;
-  const T* x;
-  const C* madd;
-  const uint8_t* mkeep;
-  C scale, mconst;
-
-  FF_INLINE V vec(int64_t j) const {
-    if constexpr (S == Src::Raw) {
-      return vload(x + j);
-    } else {
-      V z = vload(x + j) * scale;
-      if constexpr (S == Src::Add) z += vload(madd + j);
-      if constexpr (S == Src::AddConst) z += mconst;
-      if constexpr (S == Src::Keep) {
-        if constexpr (std::is_same_v<C, float>) {
-          z = vload_keep(mkeep + j) ? z : vsplat<C>(-kInf<C>);
-        } else {
-          for (int i = 0; i < N; ++i) z[i] = mkeep[j + i] ? z[i] : -kInf<C>;
-        }
-      }
-      return z;
-    }
-  }
-  FF_INLINE C one(int64_t j) const {
-    const C xv = to_float(x[j]);
-    if constexpr (S == Src::Raw) return xv;
-    if constexpr (S == Src::Scaled) return xv * scale;
-    if constexpr (S == Src::Add) return xv * scale + madd[j];
-    if constexpr (S == Src::AddConst) return xv * scale + mconst;
-    if constexpr (S == Src::Keep) return mkeep[j] ? xv * scale : -kInf<C>;
-  }
-  // first cnt lanes from column j, the others -inf
-  FF_INLINE V part(int64_t j, int cnt) const {
-    V v = vsplat<C>(-kInf<C>);
-    for (int i = 0; i < cnt; ++i) v[i] = one(j + i);
-    return v;
-  }
-};
-
-// max of v over [j0, j1), NaN skipped (-inf if none); modes other than Raw store v to buf[j - j0]
-template <typename T, Src S, typename C = compute_t<T>>
-C pass_max(const RowSrc<T, S>& src, C* buf, int64_t j0, int64_t j1) {
-  using V = vec_t<C>;
-  constexpr int N = lanes_v<C>;
-  constexpr bool kStore = S != Src::Raw;
-  V a0 = vsplat<C>(-kInf<C>), a1 = a0, a2 = a0, a3 = a0;
-  int64_t j = j0;
-  for (; j + 4 * N <= j1; j += 4 * N) {
-    const V v0 = src.vec(j), v1 = src.vec(j + N), v2 = src.vec(j + 2 * N), v3 = src.vec(j + 3 * N);
-    if constexpr (kStore) {
-      vstore(buf + (j - j0), v0);
-      vstore(buf + (j - j0) + N, v1);
-      vstore(buf + (j - j0) + 2 * N, v2);
-      vstore(buf + (j - j0) + 3 * N, v3);
-    }
-    a0 = max_skipnan(a0, v0);
-    a1 = max_skipnan(a1, v1);
-    a2 = max_skipnan(a2, v2);
-    a3 = max_skipnan(a3, v3);
-  }
-  for (; j + N <= j1; j += N) {
-    const V v = src.vec(j);
-    if constexpr (kStore) vstore(buf + (j - j0), v);
-    a0 = max_skipnan(a0, v);
-  }
-  if (j < j1) {
-    const int cnt = int(j1 - j);
-    const V v = src.part(j, cnt);
-    if constexpr (kStore) vstore_n(buf + (j - j0), v, cnt);
-    a1 = max_skipnan(a1, v);
-  }
-  const V a = max_skipnan(max_skipnan(a0, a1), max_skipnan(a2, a3));
-  C m = a[0];
-  for (int i = 1; i < N; ++i) m = a[i] > m ? a[i] : m;
-  return m;
-}
-
-// sum of e = 2^((v - ref) * c) over [j0, j1); with STORE, e goes to buf[j - j0]. v comes from buf
-// (stored by pass_max) except in Raw mode.
-template <bool STORE, typename T, Src S, typename C = compute_t<T>>
-C pass_exp(const RowSrc<T, S>& src, C* buf, int64_t j0, int64_t j1, C ref, C c, const T* prefetch = nullptr) {
-  using V = vec_t<C>;
-  constexpr int N = lanes_v<C>;
-  const V vr = vsplat<C>(ref), vc = vsplat<C>(c);
-  auto val = [&](int64_t j) -> V {
-    if constexpr (S == Src::Raw) {
-      return src.vec(j);
-    } else {
-      return vload(buf + (j - j0));
-    }
-  };
-  V s0 = V{}, s1 = V{};
-  int64_t j = j0;
-  for (; j + 2 * N <= j1; j += 2 * N) {
-    if (prefetch) prefetch_l2<2 * N * sizeof(T)>(prefetch + j);
-    const V e0 = vexp2_nonpos((val(j) - vr) * vc);
-    const V e1 = vexp2_nonpos((val(j + N) - vr) * vc);
-    if constexpr (STORE) {
-      vstore(buf + (j - j0), e0);
-      vstore(buf + (j - j0) + N, e1);
-    }
-    s0 += e0;
-    s1 += e1;
-  }
-  for (; j + N <= j1; j += N) {
-    const V e = vexp2_nonpos((val(j) - vr) * vc);
-    if constexpr (STORE) vstore(buf + (j - j0), e);
-    s0 += e;
-  }
-  if (j < j1) {
-    const int cnt = int(j1 - j);
-    V v;
-    if constexpr (S == Src::Raw) {
-      v = src.part(j, cnt);
-    } else {
-      v = vload_n(buf + (j - j0), cnt, C(0));
-    }
-    const V e = vexp2_nonpos(fill_from((v - vr) * vc, cnt, -kInf<C>));
-    if constexpr (STORE) vstore_n(buf + (j - j0), e, cnt);
-    s1 += e;
-  }
-  return hsum(s0 + s1);
-}
-
-template <typename C>
-struct Stats {
-  C ref, sum;  // ref: the max (-inf for none), sum: of 2^((v - ref') * c), ref' = ref or 0 for -inf
-};
-// the reference used for the exponent: a row without a finite max uses 0 (its e are 0, or NaN)
-template <typename C>
-FF_INLINE C usable_ref(C ref) {
-  return ref > -kInf<C> ? ref : C(0);
-}
-template <typename C>
-FF_INLINE C inverse_sum(C sum) {
-  return sum == C(0) ? C(0) : C(1) / sum;  // fully masked: zeros; NaN stays NaN
-}
-// merge b into a (segments of one row)
-template <typename C>
-FF_INLINE void merge_stats(Stats<C>& a, Stats<C> b, C c) {
-  const C r = std::max(a.ref, b.ref);
-  auto rescaled = [&](const Stats<C>& s) {
-    return s.ref == r ? s.sum : s.sum * vexp2_nonpos(vsplat<C>((s.ref - r) * c))[0];
-  };
-  a.sum = rescaled(a) + rescaled(b);
-  a.ref = r;
-}
-
-template <typename T, Src S, typename C = compute_t<T>>
-Stats<C> segment_stats(const RowSrc<T, S>& src, C* buf, int64_t j0, int64_t j1, C c) {
-  const C ref = pass_max(src, buf, j0, j1);
-  return {ref, pass_exp<false>(src, buf, j0, j1, usable_ref(ref), c)};
-}
-
-// y[j0, j1) = 2^((v - ref) * c) * inv, e recomputed from the source
-template <typename T, Src S, typename C = compute_t<T>>
-void segment_write(const RowSrc<T, S>& src, T* y, int64_t j0, int64_t j1, C ref, C c, C inv, bool stream) {
-  using V = vec_t<C>;
-  const V vr = vsplat<C>(ref), vc = vsplat<C>(c), vi = vsplat<C>(inv);
-  write_range(
-      y, j0, j1, stream, [&](int64_t j) { return vexp2_nonpos((src.vec(j) - vr) * vc) * vi; },
-      [&](int64_t j) {
-        V t = vsplat<C>(-kInf<C>);
-        t[0] = (src.one(j) - ref) * c;
-        return vexp2_nonpos(t)[0] * inv;
-      });
-}
 
 // one row of up to kRowInCache columns; columns from `limit` on are zero
 template <typename T, Src S, typename C = compute_t<T>>
@@ -371,14 +132,33 @@ void fwd_rows(const SoftmaxFwdArgs& a, bool stream, bool split) {
 // softmax dim not last: (rows, n, inner), blocks of `bw` inner columns; per column the max, the
 // sum and the output, each a pass along n over the block (which stays in cache).
 
+// The work items of the strided kernels: item w is the outer row o and the block of up to bw inner
+// columns from i0 (nfull of them in whole vectors, rem in a partial one).
 template <typename T>
-int64_t column_block(int64_t n, int64_t inner) {
-  constexpr int N = lanes_v<compute_t<T>>;
-  const int64_t unit = std::max<int64_t>(N, kStreamAlign / int64_t(sizeof(T)));
-  int64_t bw = kSlabBytes / (n * int64_t(sizeof(T)));
-  bw = std::clamp<int64_t>(bw / unit * unit, unit, kMaxBlock);
-  return std::min(bw, (inner + N - 1) / N * N);
-}
+struct ColumnBlocks {
+  static constexpr int N = lanes_v<compute_t<T>>;
+  int64_t n, inner, bw, nblk, grain;
+  bool stream_ok;  // streaming needs every output vector aligned: whole lines per row of the block
+
+  ColumnBlocks(int64_t n_, int64_t inner_, const T* out, bool stream) : n(n_), inner(inner_) {
+    const int64_t unit = std::max<int64_t>(N, kStreamAlign / int64_t(sizeof(T)));
+    bw = kSlabBytes / (n * int64_t(sizeof(T)));
+    bw = std::clamp<int64_t>(bw / unit * unit, unit, kMaxBlock);
+    bw = std::min(bw, (inner + N - 1) / N * N);
+    nblk = (inner + bw - 1) / bw;
+    grain = std::max<int64_t>(1, kGrainElems / (n * bw));
+    stream_ok = stream && (inner * int64_t(sizeof(T))) % kStreamAlign == 0 &&
+                reinterpret_cast<uintptr_t>(out) % kStreamAlign == 0;
+  }
+  struct Item {
+    int64_t o, i0, cols, nfull;
+    int rem;
+  };
+  Item item(int64_t w) const {
+    const int64_t i0 = (w % nblk) * bw, cols = std::min(bw, inner - i0);
+    return {w / nblk, i0, cols, cols / N * N, int(cols % N)};
+  }
+};
 
 template <typename T, MaskKind MK>
 void fwd_strided(const SoftmaxFwdArgs& a, bool stream) {
@@ -388,23 +168,18 @@ void fwd_strided(const SoftmaxFwdArgs& a, bool stream) {
   const T* x = static_cast<const T*>(a.x);
   T* y = static_cast<T*>(a.y);
   const int64_t n = a.n, inner = a.inner;
-  const int64_t bw = column_block<T>(n, inner);
-  const int64_t nblk = (inner + bw - 1) / bw;
+  const ColumnBlocks<T> blocks(n, inner, y, stream);
+  const bool stream_ok = blocks.stream_ok;
   const C scale = C(a.scale), c = C(kLog2eD);
   const int64_t mds = a.mask_dim_stride, mcs = a.mask_col_stride;
-  // streaming needs every output vector aligned: whole lines per row of the block
-  const bool stream_ok = stream && (inner * int64_t(sizeof(T))) % kStreamAlign == 0 &&
-                         reinterpret_cast<uintptr_t>(y) % kStreamAlign == 0;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / (n * bw));
 
-  parallel_for(0, a.rows * nblk, grain, [&](int64_t w0, int64_t w1) {
+  parallel_for(0, a.rows * blocks.nblk, blocks.grain, [&](int64_t w0, int64_t w1) {
     alignas(64) C ref[kMaxBlock];
     alignas(64) C inv[kMaxBlock];
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t o = w / nblk, i0 = (w % nblk) * bw;
-      const int64_t cols = std::min(bw, inner - i0);
-      const int64_t nfull = cols / N * N;
-      const int rem = int(cols - nfull);
+      const auto it = blocks.item(w);
+      const int64_t o = it.o, i0 = it.i0, cols = it.cols, nfull = it.nfull;
+      const int rem = it.rem;
       const T* xo = x + o * n * inner + i0;
       T* yo = y + o * n * inner + i0;
       const int64_t moff = MK == MaskKind::None ? 0 : a.mask_row.offset(o) + i0 * mcs;
@@ -456,12 +231,12 @@ void fwd_strided(const SoftmaxFwdArgs& a, bool stream) {
         T* yk = yo + k * inner;
         int64_t i = 0;
         if (k < k_first) {
-          for (; i < nfull; i += N) store_vec(yk + i, V{}, stream_ok);
+          for (; i < nfull; i += N) put(yk + i, V{}, stream_ok);
           if (rem) vstore_n(yk + i, V{}, rem);
           continue;
         }
         for (; i < nfull; i += N)
-          store_vec(yk + i, vexp2_nonpos((logits(k, i, N) - vload(ref + i)) * vc) * vload(inv + i), stream_ok);
+          put(yk + i, vexp2_nonpos((logits(k, i, N) - vload(ref + i)) * vc) * vload(inv + i), stream_ok);
         if (rem) vstore_n(yk + i, vexp2_nonpos((logits(k, i, rem) - vload(ref + i)) * vc) * vload(inv + i), rem);
       }
     }
@@ -558,19 +333,15 @@ void bwd_strided(const SoftmaxBwdArgs& a, bool stream) {
   const T* y = static_cast<const T*>(a.y);
   T* gx = static_cast<T*>(a.grad_x);
   const int64_t n = a.n, inner = a.inner;
-  const int64_t bw = column_block<T>(n, inner);
-  const int64_t nblk = (inner + bw - 1) / bw;
+  const ColumnBlocks<T> blocks(n, inner, gx, stream);
+  const bool stream_ok = blocks.stream_ok;
   const C s = C(a.scale);
-  const bool stream_ok = stream && (inner * int64_t(sizeof(T))) % kStreamAlign == 0 &&
-                         reinterpret_cast<uintptr_t>(gx) % kStreamAlign == 0;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / (n * bw));
-  parallel_for(0, a.rows * nblk, grain, [&](int64_t w0, int64_t w1) {
+  parallel_for(0, a.rows * blocks.nblk, blocks.grain, [&](int64_t w0, int64_t w1) {
     alignas(64) C dot[kMaxBlock];
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t o = w / nblk, i0 = (w % nblk) * bw;
-      const int64_t cols = std::min(bw, inner - i0);
-      const int64_t nfull = cols / N * N;
-      const int rem = int(cols - nfull);
+      const auto it = blocks.item(w);
+      const int64_t o = it.o, i0 = it.i0, cols = it.cols, nfull = it.nfull;
+      const int rem = it.rem;
       const int64_t base = o * n * inner + i0;
       auto ld = [&](const T* p, int cnt) -> V { return cnt == N ? vload(p) : vload_n(p, cnt, C(0)); };
       for (int64_t i = 0; i < cols; i += N) vstore(dot + i, V{});
@@ -586,7 +357,7 @@ void bwd_strided(const SoftmaxBwdArgs& a, bool stream) {
         const int64_t off = base + k * inner;
         int64_t i = 0;
         for (; i < nfull; i += N)
-          store_vec(gx + off + i, vload(y + off + i) * (vload(gy + off + i) - vload(dot + i)) * vs, stream_ok);
+          put(gx + off + i, vload(y + off + i) * (vload(gy + off + i) - vload(dot + i)) * vs, stream_ok);
         if (rem) vstore_n(gx + off + i, ld(y + off + i, rem) * (ld(gy + off + i, rem) - vload(dot + i)) * vs, rem);
       }
     }
@@ -626,57 +397,6 @@ void softmax_fwd_impl(const SoftmaxFwdArgs& a) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// cross-entropy rows (the loss of linear_cross_entropy): the row statistics of the softmax above
-// give lse = max + ln(sum); the gradient row is the softmax scaled, written like a softmax output.
-template <typename T>
-void cross_entropy_rows(const CrossEntropyArgs& a) {
-  using C = compute_t<T>;
-  using V = vec_t<C>;
-  const T* x = static_cast<const T*>(a.x);
-  T* grad = static_cast<T*>(a.grad);
-  C* loss = static_cast<C*>(a.loss);
-  const int64_t n = a.n;
-  const C c = C(kLog2eD), scale = C(a.scale);
-  const bool in_cache = n <= kRowInCache;
-  parallel_for(0, a.rows, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
-    Scratch<C> buf(in_cache ? n : kSegment);
-    for (int64_t r = r0; r < r1; ++r) {
-      const RowSrc<T, Src::Raw> src{x + r * n, nullptr, nullptr, C(1), C(0)};
-      const int64_t t = a.target[r];
-      const bool keep = t != a.ignore_index;
-      C ref, sum;
-      if (in_cache) {  // e stays in buf for the gradient
-        ref = usable_ref(pass_max(src, buf.p, 0, n));
-        sum = pass_exp<true>(src, buf.p, 0, n, ref, c);
-      } else {
-        Stats<C> st{-kInf<C>, C(0)};
-        for (int64_t j0 = 0; j0 < n; j0 += kSegment)
-          merge_stats(st, segment_stats(src, buf.p, j0, std::min(n, j0 + kSegment), c), c);
-        ref = usable_ref(st.ref);
-        sum = st.sum;
-      }
-      const C lse = ref + std::log(sum);
-      loss[r] = keep ? lse - C(to_float(x[r * n + t])) : C(0);
-      if (!grad) continue;
-      T* g = grad + r * n;
-      if (!keep) {
-        write_zeros(g, 0, n, false);
-        continue;
-      }
-      const C k = inverse_sum(sum) * scale;
-      if (in_cache) {
-        const V vk = vsplat<C>(k);
-        write_range(g, 0, n, false, [&](int64_t j) { return vload(buf.p + j) * vk; },
-                    [&](int64_t j) { return buf.p[j] * k; });
-      } else {
-        segment_write(src, g, 0, n, ref, c, k, false);
-      }
-      g[t] = to_storage<T>(std::exp(C(to_float(x[r * n + t])) - lse) * scale - scale);
-    }
-  });
-}
-
 }  // namespace
 
 void softmax_fwd(const SoftmaxFwdArgs& a) {
@@ -693,11 +413,6 @@ void softmax_bwd(const SoftmaxBwdArgs& a) {
       bwd_rows<T>(a, stream, wants_split(a.rows, a.n));
     }
   });
-}
-
-void cross_entropy(const CrossEntropyArgs& a) {
-  if (a.rows == 0) return;
-  dispatch_dtype(a.dtype, [&](auto tag) { cross_entropy_rows<decltype(tag)>(a); });
 }
 
 }  // namespace fusedformer::cpu::FF_ISA

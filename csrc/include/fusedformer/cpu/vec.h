@@ -50,45 +50,45 @@ typedef double vd __attribute__((vector_size(W * 4)));
 
 FF_INLINE vf vzero() { return vf{}; }
 FF_INLINE vf vset1(float s) { return vf{} + s; }
-FF_INLINE vf vload(const float* p) {
-  vf v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-FF_INLINE void vstore(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
-FF_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
-FF_INLINE vf vmin(vf a, vf b) { return a < b ? a : b; }
 FF_INLINE vf vabs(vf a) { return (vf)((vu)a & 0x7fffffffu); }
 FF_INLINE vf vselect(vi m, vf a, vf b) { return m ? a : b; }
-FF_INLINE vd vload(const double* p) {
-  vd v;
+
+// float or double and their vectors (vf, vd): loads, stores, min and max
+template <typename E>
+concept Real = std::is_same_v<E, float> || std::is_same_v<E, double>;
+template <Real E>
+using real_vec_t = std::conditional_t<std::is_same_v<E, double>, vd, vf>;
+template <Real E>
+FF_INLINE real_vec_t<E> vload(const E* p) {
+  real_vec_t<E> v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
-FF_INLINE void vstore(double* p, vd v) { __builtin_memcpy(p, &v, sizeof(v)); }
-FF_INLINE vd vmax(vd a, vd b) { return a > b ? a : b; }
-FF_INLINE vd vmin(vd a, vd b) { return a < b ? a : b; }
+template <Real E>
+FF_INLINE void vstore(E* p, real_vec_t<E> v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+template <typename V>
+FF_INLINE V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+template <typename V>
+FF_INLINE V vmin(V a, V b) {
+  return a < b ? a : b;
+}
 
-FF_INLINE float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < W; ++i) s += v[i];
+// sum of the lanes of v (vf or vd), in lane order
+template <typename V, typename E = std::remove_reference_t<decltype(std::declval<V>()[0])>>
+FF_INLINE E hsum(V v) {
+  E s = E(0);
+  for (int i = 0; i < int(sizeof(V) / sizeof(E)); ++i) s += v[i];
   return s;
 }
 // max that ignores NaN lanes (a NaN row is caught by the sum that follows, which becomes NaN)
-FF_INLINE float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-
-FF_INLINE double hsum(vd v) {
-  double s = 0.0;
-  for (int i = 0; i < WD; ++i) s += v[i];
-  return s;
-}
-FF_INLINE double hmax(vd v) {
-  double m = v[0];
-  for (int i = 1; i < WD; ++i) m = v[i] > m ? v[i] : m;
+template <typename V, typename E = std::remove_reference_t<decltype(std::declval<V>()[0])>>
+FF_INLINE E hmax(V v) {
+  E m = v[0];
+  for (int i = 1; i < int(sizeof(V) / sizeof(E)); ++i) m = v[i] > m ? v[i] : m;
   return m;
 }
 
@@ -97,72 +97,6 @@ FF_INLINE vi viota() {
   vi r;
   for (int i = 0; i < W; ++i) r[i] = i;
   return r;
-}
-
-// ---------------------------------------------------------------------------------------------
-// exp. Inputs may be -inf (masked logits: result 0), +inf (result inf) or NaN (result NaN).
-// Results below 2^-126 are flushed to zero.
-
-// 2^x
-FF_INLINE vf vexp2(vf x) {
-  vf xc = x < -127.f ? vset1(-127.f) : x;
-  xc = xc > 128.f ? vset1(128.f) : xc;
-  // round to nearest (|xc| < 2^22)
-  const vf magic = vset1(12582912.f);
-  vf n = (xc + magic) - magic;
-  vf f = xc - n;  // [-0.5, 0.5]
-  // 2^f = e^(f ln2), Taylor to degree 7 (error < 1e-8 relative on [-0.5, 0.5])
-  const float c1 = 0.6931471805599453f, c2 = 0.2402265069591007f, c3 = 0.05550410866482158f,
-              c4 = 0.009618129107628477f, c5 = 0.0013333558146428443f, c6 = 0.00015403530393381608f,
-              c7 = 1.525273380405984e-05f;
-  vf p = vset1(c7);
-  p = p * f + c6;
-  p = p * f + c5;
-  p = p * f + c4;
-  p = p * f + c3;
-  p = p * f + c2;
-  p = p * f + c1;
-  p = p * f + 1.0f;
-  vi ni = __builtin_convertvector(n, vi);
-  vf scale = (vf)((ni + 127) << 23);  // n = -127 -> 0, n = 128 -> inf
-  return p * scale;
-}
-
-// e^x, with the argument reduction split in two (Cody-Waite) so large |x| keeps full precision
-FF_INLINE vf vexp(vf x) {
-  const float log2e = 1.4426950408889634f;
-  const float ln2_hi = 0.693145751953125f, ln2_lo = 1.428606765330187e-06f;
-  vf xc = x < -88.f ? vset1(-88.f) : x;
-  xc = xc > 89.f ? vset1(89.f) : xc;
-  const vf magic = vset1(12582912.f);
-  vf n = (xc * log2e + magic) - magic;
-  vf r = xc - n * ln2_hi;
-  r = r - n * ln2_lo;  // |r| <= ln2/2
-  const float c2 = 0.5f, c3 = 0.16666666666666666f, c4 = 0.041666666666666664f,
-              c5 = 0.008333333333333333f, c6 = 0.001388888888888889f, c7 = 0.0001984126984126984f;
-  vf p = vset1(c7);
-  p = p * r + c6;
-  p = p * r + c5;
-  p = p * r + c4;
-  p = p * r + c3;
-  p = p * r + c2;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  vi ni = __builtin_convertvector(n, vi);
-  vf scale = (vf)((ni + 127) << 23);
-  vf res = p * scale;
-  // below e^-88 the result is flushed to zero (also for -inf); NaN propagates through p
-  return x < -87.33654f ? vzero() : res;
-}
-
-// float64: lane by lane through libm (float64 is the accuracy path, not a fast path)
-FF_INLINE vd vexp(vd x) {
-  for (int i = 0; i < WD; ++i) x[i] = std::exp(x[i]);
-  return x;
-}
-FF_INLINE vd vexp2(vd x) {
-  for (int i = 0; i < WD; ++i) x[i] = std::exp2(x[i]);
-  return x;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -331,6 +265,16 @@ inline constexpr int kStreamAlign = 64;
 // outputs of at least this many bytes are written with streaming stores by the memory-bound kernels
 inline constexpr int64_t kStreamMinBytes = int64_t(4) << 20;
 
+// the bytes of v as consecutive Chunks, each written by store(address, chunk)
+template <typename Chunk, typename V, typename Store>
+FF_INLINE void store_chunks(void* p, const V& v, Store store) {
+  for (size_t i = 0; i < sizeof(V); i += sizeof(Chunk)) {
+    Chunk c;
+    __builtin_memcpy(&c, reinterpret_cast<const char*>(&v) + i, sizeof(Chunk));
+    store(reinterpret_cast<Chunk*>(static_cast<char*>(p) + i), c);
+  }
+}
+
 template <typename V>
 FF_INLINE void vstream_bytes(void* p, V v) {
 #if defined(__AVX512F__)
@@ -343,21 +287,13 @@ FF_INLINE void vstream_bytes(void* p, V v) {
   }
 #elif defined(__AVX2__)
   if constexpr (sizeof(V) % 32 == 0) {
-    for (size_t i = 0; i < sizeof(V); i += 32) {
-      __m256i c;
-      __builtin_memcpy(&c, reinterpret_cast<const char*>(&v) + i, 32);
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<char*>(p) + i), c);
-    }
+    store_chunks<__m256i>(p, v, [](__m256i* d, __m256i c) { _mm256_stream_si256(d, c); });
     return;
   }
 #endif
 #if defined(__SSE2__)
   if constexpr (sizeof(V) % 16 == 0) {
-    for (size_t i = 0; i < sizeof(V); i += 16) {
-      __m128i c;
-      __builtin_memcpy(&c, reinterpret_cast<const char*>(&v) + i, 16);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(p) + i), c);
-    }
+    store_chunks<__m128i>(p, v, [](__m128i* d, __m128i c) { _mm_stream_si128(d, c); });
     return;
   }
 #endif
@@ -395,9 +331,9 @@ FF_INLINE void prefetch_l2(const void* p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// exp for softmax-type arguments t <= 0 (x - max), cheaper than vexp2: no upper clamp, no select.
-// 2^t with t <= 0 (or NaN): results below 2^-126.5 (t = -inf included) are exactly 0 and a NaN
-// stays NaN. Degree-6 minimax polynomial on [-1/2, 1/2], relative error < 1e-7.
+// The exponential of every softmax (softmax, cross-entropy, attention) and of GELU: its arguments
+// are t = (x - max) * c <= 0, so no upper clamp is needed. 2^t with t <= 0 (or NaN): results
+// below 2^-126.5 (t = -inf included) are exactly 0 and a NaN stays NaN. Degree-6 minimax polynomial on [-1/2, 1/2], relative error < 1e-7.
 
 // max(a, lo), keeping a NaN lane of a
 FF_INLINE vf vmax_keepnan(vf a, vf lo) {
@@ -425,8 +361,11 @@ FF_INLINE vf vexp2_nonpos(vf t) {
   const vu e = ((vu)s << 23) + (127u << 23);
   return p * (vf)e;
 }
-// float64: lane by lane through libm
-FF_INLINE vd vexp2_nonpos(vd t) { return vexp2(t); }
+// float64: lane by lane through libm (float64 is the accuracy path, not a fast path)
+FF_INLINE vd vexp2_nonpos(vd t) {
+  for (int i = 0; i < WD; ++i) t[i] = std::exp2(t[i]);
+  return t;
+}
 
 // ---------------------------------------------------------------------------------------------
 // bool masks (one byte per element, nonzero = keep): all-ones lanes where kept
@@ -529,39 +468,10 @@ FF_INLINE vec_t<C> reduce_lanes(const vec_t<C>* acc) {
   return v[0];
 }
 
-// Map the dtype tag of the argument structs to the storage type.
+// f(T{}) with T the storage type of the argument structs' dtype
 template <typename F>
 FF_INLINE void dispatch_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::Float32:
-      f(float{});
-      break;
-    case DType::BFloat16:
-      f(bf16_t{});
-      break;
-    case DType::Float16:
-      f(f16_t{});
-      break;
-    case DType::Float64:
-      f(double{});
-      break;
-  }
-}
-
-// Map a MaskKind to a compile-time constant: f(std::integral_constant<MaskKind, kind>{}).
-template <typename F>
-FF_INLINE void dispatch_mask(MaskKind k, F&& f) {
-  switch (k) {
-    case MaskKind::None:
-      f(std::integral_constant<MaskKind, MaskKind::None>{});
-      break;
-    case MaskKind::Bool:
-      f(std::integral_constant<MaskKind, MaskKind::Bool>{});
-      break;
-    case MaskKind::Float:
-      f(std::integral_constant<MaskKind, MaskKind::Float>{});
-      break;
-  }
+  fusedformer::dispatch_dtype<ElementTypes<float, bf16_t, f16_t, double>>(dt, static_cast<F&&>(f));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,39 +15,26 @@
 
 namespace fusedformer::cuda {
 
-// (B, H, L|S, E) tensors addressed by element strides.
-struct AttnTensorArg {
-  const void* data;
-  int64_t sb, sh, sl, se;
-};
+// The shared argument structs (fusedformer/kernel_types.h) with 32-bit sizes and a float dropout_p.
+using AttnFwdParams = AttnFwdArgsOf<int, float>;
 
-struct AttnFwdParams {
-  DType dtype;
-  AttnTensorArg q, k, v;
-  void* out;  // contiguous (B, Hq, L, Ev)
-  void* lse;  // contiguous (B, Hq, L), compute type, natural log; +inf for fully masked rows
-  int B, Hq, Hkv, L, S, E, Ev;
-  MaskKind mask_kind;
-  const void* mask;  // bool (uint8) or additive in the compute type, broadcast to (B, Hq, L, S) by its strides
-  int64_t m_sb, m_sh, m_sl, m_ss;
-  bool causal;  // top-left aligned: query i keeps key j <= i
-  double scale;
-  float dropout_p;
-  uint64_t seed;
-};
-
-struct AttnBwdParams {
-  AttnFwdParams fwd;      // out and lse are read
-  AttnTensorArg grad_out;  // (B, Hq, L, Ev)
-  void* grad_q;           // contiguous (B, Hq, L, E)
-  void* grad_k;           // contiguous (B, Hkv, S, E)
-  void* grad_v;           // contiguous (B, Hkv, S, Ev)
-  // workspaces (compute type; float32 for bf16/fp16):
+// ... and the workspaces of the CUDA backward (compute type; float32 for bf16/fp16):
+struct AttnBwdParams : AttnBwdArgsOf<int, float> {
   const void* dvec;  // (B, Hq, L): rowsum(grad_out * out)
   const void* lse2;  // (B, Hq, L): lse * log2(e) (tensor-core path)
   void* dq_accum;    // (B, Hq, L, E) zeroed: dQ / scale, accumulated over key blocks
   int* dq_locks;     // (B, Hq, ceil(L / 64)) zeroed, or null: with locks the key blocks add to dQ in order
 };
+
+// The mask's (L, S) slice of (batch b, query head h), addressed by m_sl / m_ss; nullptr without a
+// mask. C: the compute type of an additive mask.
+template <typename C>
+__device__ __forceinline__ const void* mask_slice(const AttnFwdParams& p, int b, int h) {
+  const int64_t off = int64_t(b) * p.m_sb + int64_t(h) * p.m_sh;
+  if (p.mask_kind == MaskKind::Bool) return static_cast<const uint8_t*>(p.mask) + off;
+  if (p.mask_kind == MaskKind::Float) return static_cast<const C*>(p.mask) + off;
+  return nullptr;
+}
 
 // Tensor-core kernels: bf16/fp16, E and Ev multiples of 8 and at most 256, unit feature stride,
 // 16-byte aligned rows. `general` instantiations handle masks and dropout.

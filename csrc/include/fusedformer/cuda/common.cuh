@@ -2,8 +2,8 @@
 // the compute type, 16-byte vector access, warp and block reductions.
 //
 // Kernel translation units include this (and the other headers of this folder) without any torch
-// header, so that they compile quickly and in parallel; the ATen glue (softmax.cu, layernorm.cu,
-// attention.cu) passes them raw pointers, sizes and the current stream.
+// header, so that they compile quickly and in parallel; the ATen glue (<op>.cu) passes them the
+// argument structs of fusedformer/kernel_types.h and the current stream.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -13,47 +13,17 @@
 #include <cstdint>
 #include <type_traits>
 
-namespace fusedformer::cuda {
+#include "fusedformer/kernel_types.h"
 
-enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2, Float64 = 3 };
-enum class MaskKind : int { None = 0, Bool = 1, Float = 2 };
+namespace fusedformer::cuda {
 
 using bf16 = __nv_bfloat16;
 using f16 = __half;
 
-// f(T{}) with T the kernel element type of `dt` (float, bf16, f16 or double)
+// f(T{}) with T the kernel element type of the argument structs' dtype
 template <typename F>
 inline void dispatch_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::Float32:
-      f(float{});
-      break;
-    case DType::BFloat16:
-      f(bf16{});
-      break;
-    case DType::Float16:
-      f(f16{});
-      break;
-    case DType::Float64:
-      f(double{});
-      break;
-  }
-}
-
-// f(std::integral_constant<MaskKind, K>{}) for the mask kind k
-template <typename F>
-inline void dispatch_mask(MaskKind k, F&& f) {
-  switch (k) {
-    case MaskKind::None:
-      f(std::integral_constant<MaskKind, MaskKind::None>{});
-      break;
-    case MaskKind::Bool:
-      f(std::integral_constant<MaskKind, MaskKind::Bool>{});
-      break;
-    case MaskKind::Float:
-      f(std::integral_constant<MaskKind, MaskKind::Float>{});
-      break;
-  }
+  fusedformer::dispatch_dtype<ElementTypes<float, bf16, f16, double>>(dt, static_cast<F&&>(f));
 }
 
 // compute type: double for double, float otherwise (as on the CPU)

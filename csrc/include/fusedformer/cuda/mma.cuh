@@ -92,23 +92,62 @@ __device__ __forceinline__ void lds_b_t(uint32_t (&b)[4], const T* tile, int n0,
   ldmatrix_x4_trans(b, tile + STile<ROWS, COLS>::offset(r, c));
 }
 
+// c += a b: one m16n8k16 tensor-core product with float accumulators
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma16816<bf16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#define FF_MMA16816(T, PTX)                                                                        \
+  template <>                                                                                      \
+  __device__ __forceinline__ void mma16816<T>(float(&c)[4], const uint32_t(&a)[4], uint32_t b0,   \
+                                              uint32_t b1) {                                      \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX                              \
+                 ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"         \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                 \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                 \
+  }
+FF_MMA16816(bf16, "bf16")
+FF_MMA16816(f16, "f16")
+#undef FF_MMA16816
+
+template <int MT, int NT>
+__device__ __forceinline__ void zero_acc(float (&acc)[MT][NT][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][n][e] = 0.f;
 }
-template <>
-__device__ __forceinline__ void mma16816<f16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+
+// acc[mt][2 np] and acc[mt][2 np + 1] += a[mt] times the two 8-column halves of the 16 x 16 B
+// fragment b (as lds_b / lds_b_t load it), for every row tile mt
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void mma_pair(float (&acc)[MT][NT][4], const uint32_t (&a)[MT][4], const uint32_t (&b)[4],
+                                         int np) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    mma16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
+    mma16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+  }
+}
+
+// acc += a B for the warp's 16-column pairs np of B from column n0 (with ALL_COLS false, only the
+// pairs that start below `limit`), B read from a ROWS x COLS tile stored [N][K] (lds_b) or, with
+// TRANS, [K][N] (lds_b_t)
+template <bool TRANS, int ROWS, int COLS, bool ALL_COLS, typename T, int MT, int NT>
+__device__ __forceinline__ void mma_tile(float (&acc)[MT][NT][4], const uint32_t (&a)[MT][4], const T* tile, int n0,
+                                         int k0, int limit, int lane) {
+#pragma unroll
+  for (int np = 0; np < NT / 2; ++np) {
+    if (ALL_COLS || n0 + np * 16 < limit) {
+      uint32_t b[4];
+      if constexpr (TRANS) {
+        lds_b_t<ROWS, COLS>(b, tile, n0 + np * 16, k0, lane);
+      } else {
+        lds_b<ROWS, COLS>(b, tile, n0 + np * 16, k0, lane);
+      }
+      mma_pair<T>(acc, a, b, np);
+    }
+  }
 }
 
 // two floats -> a register of two 16-bit values (lo = a)

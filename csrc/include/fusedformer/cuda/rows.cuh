@@ -82,6 +82,21 @@ __device__ __forceinline__ void store_vec(T* row, int64_t col, int64_t n, const 
   }
 }
 
+// Stores the thread's vectors k < nv of a row held in registers (as load_vec read them), element i
+// of vector k being f(k, i).
+template <int VEC, int MAXV, typename T, typename F>
+__device__ __forceinline__ void store_row(T* row, int64_t n, int team, int lane, int nv, F&& f) {
+#pragma unroll
+  for (int k = 0; k < MAXV; ++k) {
+    if (k < nv) {
+      decltype(f(0, 0)) o[VEC];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) o[i] = f(k, i);
+      store_vec<VEC>(row, (int64_t(k) * team + lane) * VEC, n, o);
+    }
+  }
+}
+
 // elements per 16-byte vector, or 1 when the rows cannot be read as aligned vectors
 template <typename T>
 inline int vec_width(int64_t n, std::initializer_list<const void*> ptrs) {

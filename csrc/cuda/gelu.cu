@@ -1,14 +1,16 @@
-// gelu / gelu_bwd for the CUDA dispatch key: one grid-stride elementwise kernel per direction,
-// with 16-byte accesses where the pointers allow, computed in float (double for double). The
-// formulas are those of the CPU kernels (csrc/cpu/kernels/activation_kernel.cpp): the tanh form
-// as x / (1 + exp(-2u)), which neither cancels nor overflows into NaN for large |x|, and the exact
-// form through erfc, which keeps the relative precision of the tail for negative x.
+// gelu / gelu_bwd for the CUDA dispatch key (the ops are common/gelu.h's): one grid-stride
+// elementwise kernel per direction, with 16-byte accesses where the pointers allow, computed in
+// float (double for double). The formulas are those of the CPU kernels
+// (csrc/cpu/kernels/gelu_kernel.cpp): the tanh form as x / (1 + exp(-2u)), which neither cancels
+// nor overflows into NaN for large |x|, and the exact form through erfc, which keeps the relative
+// precision of the tail for negative x.
 #include <torch/library.h>
 
 #include <algorithm>
 
-#include "fusedformer/activation.h"
-#include "fusedformer/cuda/glue.h"
+#include "common/gelu.h"
+#include "common/glue.h"
+#include "fusedformer/cuda/device.h"
 
 namespace fusedformer::cuda {
 namespace {
@@ -103,40 +105,27 @@ void launch(const T* x, const T* g, T* out, int64_t n, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor run(const GeluProblem& p, bool bwd) {
-  at::Tensor out = at::empty(p.x.sizes(), p.x.options());
-  const int64_t n = p.x.numel();
-  if (n == 0) return out;
-  const cudaStream_t stream = current_stream();
-  dispatch_dtype(dtype_of(p.x), [&](auto tag) {
-    using T = decltype(tag);
-    const T* x = static_cast<const T*>(p.x.data_ptr());
-    T* o = static_cast<T*>(out.data_ptr());
-    if (bwd) {
-      const T* g = static_cast<const T*>(p.grad.data_ptr());
-      p.tanh ? launch<T, true, true>(x, g, o, n, stream) : launch<T, false, true>(x, g, o, n, stream);
-    } else {
-      p.tanh ? launch<T, true, false>(x, nullptr, o, n, stream) : launch<T, false, false>(x, nullptr, o, n, stream);
-    }
-  });
-  return out;
-}
-
-at::Tensor gelu(const at::Tensor& input, c10::string_view approximate) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  return run(prepare_gelu(input, approximate), false);
-}
-
-at::Tensor gelu_bwd(const at::Tensor& grad, const at::Tensor& input, c10::string_view approximate) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  return run(prepare_gelu_bwd(grad, input, approximate), true);
-}
+struct Cuda {
+  static void gelu(const GeluProblem& p, const at::Tensor& out, bool bwd) {
+    const c10::cuda::CUDAGuard guard(p.x.device());
+    const int64_t n = p.x.numel();
+    const cudaStream_t stream = current_stream();
+    dispatch_dtype(dtype_of(p.x), [&](auto tag) {
+      using T = decltype(tag);
+      const T* x = static_cast<const T*>(p.x.data_ptr());
+      T* o = static_cast<T*>(out.data_ptr());
+      if (bwd) {
+        const T* g = static_cast<const T*>(p.grad.data_ptr());
+        p.tanh ? launch<T, true, true>(x, g, o, n, stream) : launch<T, false, true>(x, g, o, n, stream);
+      } else {
+        p.tanh ? launch<T, true, false>(x, nullptr, o, n, stream) : launch<T, false, false>(x, nullptr, o, n, stream);
+      }
+    });
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedformer, CUDA, m) {
-  m.impl("gelu", &gelu);
-  m.impl("gelu_bwd", &gelu_bwd);
-}
+TORCH_LIBRARY_IMPL(fusedformer, CUDA, m) { GeluOps<Cuda>::register_ops(m); }
 
 }  // namespace fusedformer::cuda

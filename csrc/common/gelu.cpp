@@ -1,8 +1,8 @@
-// Argument checks of the activation ops (CPU and CUDA).
+// Argument checks of fusedformer.gelu.
 #include <c10/util/Exception.h>
 
-#include "fusedformer/activation.h"
-#include "fusedformer/common.h"
+#include "common/gelu.h"
+#include "common/glue.h"
 
 namespace fusedformer {
 namespace {
