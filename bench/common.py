@@ -144,11 +144,6 @@ def time_ms(fn: Callable[[], object], device: str, quick: bool) -> Tuple[float, 
     return m.median * 1e3, m.iqr * 1e3
 
 
-# Working-set sizes (bytes moved per call) at which the streaming ceiling is measured; a case is
-# compared with the one nearest its own bytes, since a working set that fits a cache streams faster.
-CEILING_SIZES_MB = (8, 32, 128)
-
-
 def _stream_rates(nbytes: int, device: str, quick: bool) -> Dict[str, float]:
     """GB/s of three streaming methods moving ``nbytes`` per call: a copy (half read, half written),
     a fill (written only: glibc's memset, non-temporal stores at these sizes) and a sum (read only)."""
@@ -164,33 +159,40 @@ def _stream_rates(nbytes: int, device: str, quick: bool) -> Dict[str, float]:
 
 
 def measure_ceilings(device: str, quick: bool) -> Dict[str, object]:
-    """The streaming ceiling at each size (the best method and its GB/s) and the fp32 / bf16 matmul
-    rate (the best method) on this machine, now."""
+    """The fp32 / bf16 matmul rate on this machine, now: the best of torch's product and the op's
+    own blocked product (which beats a BLAS that takes a generic path on this CPU) at two sizes, so
+    that no product measured against it can exceed it. The streaming ceilings are measured per
+    working-set size as cases need them (:func:`stream_ceiling`)."""
     out: Dict[str, object] = {"stream": {}}
-    sizes = CEILING_SIZES_MB if device == "cpu" else (1024,)
-    for mb in sizes:
-        rates = _stream_rates(mb << 20, device, quick)
-        best = max(rates, key=rates.get)
-        out["stream"][str(mb)] = {"GBps": rates[best], "method": best, "all": rates}
-    m = 1024 if device == "cpu" else 8192
-    for dt in ([torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]):
-        a = torch.randn(m, m, device=device, dtype=dt)
-        b = torch.randn(m, m, device=device, dtype=dt)
-        # the best of torch's product and the op's own blocked product (which beats a BLAS that takes
-        # a generic path on this CPU), so that no product measured against it can exceed it
-        methods = {"torch.matmul": lambda: a @ b, "fusedformer.linear": lambda: torch.ops.fusedformer.linear(a, b, None)}
-        rates = {k: 2 * m**3 / time_ms(f, device, quick)[0] / 1e6 for k, f in methods.items()}
+    sizes = (1024, 2048) if device == "cpu" else (8192,)
+    for dt in (torch.float32, torch.bfloat16):
+        rates = {}
+        for m in sizes:
+            a = torch.randn(m, m, device=device, dtype=dt)
+            b = torch.randn(m, m, device=device, dtype=dt)
+            methods = [("torch.matmul", lambda: a @ b)]
+            if dt == torch.float32:  # the op's blocked product is float32
+                methods.append(("fusedformer.linear", lambda: torch.ops.fusedformer.linear(a, b, None)))
+            for name, f in methods:
+                rates[f"{name} {m}^3"] = 2 * m**3 / time_ms(f, device, quick)[0] / 1e6
         best = max(rates, key=rates.get)
         key = str(dt).split(".")[-1]
         out[f"matmul_{key}_GFLOPs"] = rates[best]
-        out[f"matmul_{key}_method"] = f"{best} {m}^3"
+        out[f"matmul_{key}_method"] = best
     return out
 
 
-def stream_ceiling(ceilings: Dict[str, object], nbytes: int) -> Tuple[float, str]:
-    """The streaming ceiling measured nearest (in log size) to ``nbytes``: (GB/s, 'method at N MB')."""
+def stream_ceiling(ceilings: Dict[str, object], nbytes: int, device: str, quick: bool) -> Tuple[float, str]:
+    """The streaming ceiling for a working set of ``nbytes`` (rounded to the MB), measured the first
+    time a case of that size asks for it: the best of a copy, a fill and a read-only sum moving as
+    many bytes. A working set that fits a cache streams faster than one that does not, and the same
+    size sees the same caches. Returns (GB/s, 'method at N MB')."""
+    mb = str(max(1, round(nbytes / 2**20)))
     stream = ceilings["stream"]
-    mb = min(stream, key=lambda k: abs(math.log(int(k) * 2**20 / max(nbytes, 1))))
+    if mb not in stream:
+        rates = _stream_rates(int(mb) << 20, device, quick)
+        best = max(rates, key=rates.get)
+        stream[mb] = {"GBps": rates[best], "method": best, "all": rates}
     c = stream[mb]
     return c["GBps"], f"{c['method']} {mb} MB"
 
@@ -327,11 +329,11 @@ def run_case(case: Case, device: str, quick: bool, ceilings: Dict[str, object]) 
         res["speedup"] = res["peers_ms"][first] / res["ours_ms"]
     if case.bytes:
         res["GBps"] = case.bytes / res["ours_ms"] / 1e6
-        ceiling, which = stream_ceiling(ceilings, case.bytes)
+        ceiling, which = stream_ceiling(ceilings, case.bytes, device, quick)
         res["frac_ceiling"], res["ceiling"] = res["GBps"] / ceiling, which
     if case.flops:
         res["GFLOPs"] = case.flops / res["ours_ms"] / 1e6
-        key = "matmul_float32_GFLOPs" if case.dtype == "fp32" or device == "cpu" else "matmul_bfloat16_GFLOPs"
+        key = "matmul_float32_GFLOPs" if case.dtype == "fp32" else "matmul_bfloat16_GFLOPs"
         res["frac_ceiling"] = res["GFLOPs"] / ceilings[key]
         res["ceiling"] = ceilings.get(key.replace("GFLOPs", "method"), key.split("_")[1] + " matmul")
     if case.target is not None and "speedup" in res:
@@ -387,7 +389,7 @@ def format_table(results: List[Dict[str, object]]) -> str:
 
 def describe_ceilings(ceilings: Dict[str, object]) -> str:
     parts = []
-    for mb, c in ceilings.get("stream", {}).items():
+    for mb, c in sorted(ceilings.get("stream", {}).items(), key=lambda kv: int(kv[0])):
         others = ", ".join(f"{k} {v:.1f}" for k, v in c["all"].items())
         parts.append(f"stream {mb} MB: {c['GBps']:.1f} GB/s ({c['method']}; {others})")
     parts += [f"{k.replace('_GFLOPs', '')} {v:.1f} GFLOP/s ({ceilings.get(k.replace('GFLOPs', 'method'), '')})"
@@ -399,7 +401,7 @@ def describe_ceilings(ceilings: Dict[str, object]) -> str:
 
 TABLE_NOTE = ("Medians, ± half the interquartile range of the timings; speedup = peer time / our time (higher is "
               "better). % of ceiling: GB/s against the best streaming method (copy, fill or read-only sum) "
-              "measured in the same run at the size nearest the case's bytes, or GFLOP/s against the best "
+              "moving as many bytes as the case, measured in the same run, or GFLOP/s against the best "
               "matmul measured in the same run. Calls of 20 ms or more are timed in interleaved rounds, ours "
               "and the peers alternating.")
 
