@@ -116,4 +116,4 @@ def _paged_attention_fake(query, key_cache, value_cache, block_tables, seq_lens,
                          "(head dim, and num_heads a multiple of num_kv_heads)")
     if block_tables.dim() != 2 or seq_lens.dim() != 1 or query_start_loc.dim() != 1:
         raise ValueError(f"{op}: block_tables must be 2-D, seq_lens and query_start_loc 1-D")
-    return query.new_empty(query.shape, memory_format=torch.contiguous_format)
+    return query.new_empty(query.shape)
