@@ -49,8 +49,10 @@ void decode_item(const AttnFwdArgs& a, const DecodePlan& pl, int64_t x, int64_t 
         [&](int64_t r, C* s) {
           if (drop.on) drop.apply(s, n, uint64_t(b * a.Hq + hkv * pl.group + r / a.L), r % a.L, j0);
         },
-        [&](int64_t& ldv) {
-          return block_rows<T, C>(pl.v_direct, v + j0 * a.v.sl, a.v.sl, a.v.se, n, pl.Ev, vbuf, pl.Evp, ldv);
+        [&](const auto& seg) {
+          int64_t ldv;
+          const C* vp = block_rows<T, C>(pl.v_direct, v + j0 * a.v.sl, a.v.sl, a.v.se, n, pl.Ev, vbuf, pl.Evp, ldv);
+          seg(0, n, vp, ldv);
         });
   }
   if (pl.nsplit > 1) {

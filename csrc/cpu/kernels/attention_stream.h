@@ -57,10 +57,12 @@ struct StreamRows {
 
 // One block of n <= BC keys for every row: scores against key_row(j), then mask_row(r, s) turns row
 // r's scores into base-2 logits (masking keys [n, BC) among others), the online softmax, after(r, p)
-// on the probabilities (dropout), and o += P V with V the n x Evp rows value_rows(ld) returns.
-template <typename C, typename KeyRow, typename MaskRow, typename After, typename ValueRows>
+// on the probabilities (dropout), and o += P V. value_segments(seg) supplies V: it calls
+// seg(j0, j1, v, ld) for consecutive ranges of keys covering [0, n), v the rows of keys j0..j1 - 1
+// (Evp columns, rows ld apart), so that values spread over several cache blocks need no copy.
+template <typename C, typename KeyRow, typename MaskRow, typename After, typename ValueSegments>
 FF_INLINE void stream_block(const StreamRows<C>& st, const KeyRow& key_row, int64_t n, const MaskRow& mask_row,
-                            const After& after, const ValueRows& value_rows) {
+                            const After& after, const ValueSegments& value_segments) {
   for (int64_t r = 0; r < st.R; ++r) dot_keys<C>(st.qd + r * st.Ep, key_row, st.Ep, n, st.sb + r * BC);
   for (int64_t r = 0; r < st.R; ++r) {
     C* s = st.sb + r * BC;
@@ -68,9 +70,9 @@ FF_INLINE void stream_block(const StreamRows<C>& st, const KeyRow& key_row, int6
     rescale_row(st.ob + r * st.Evp, st.Evp, softmax_block_row(s, st.m[r], st.l[r]));
     after(r, s);
   }
-  int64_t ldv;
-  const C* vp = value_rows(ldv);
-  gemm_rm<true>(st.R, st.Evp, n, st.sb, BC, 1, vp, ldv, st.ob, st.Evp);
+  value_segments([&](int64_t j0, int64_t j1, const C* vp, int64_t ldv) {
+    gemm_rm<true>(st.R, st.Evp, j1 - j0, st.sb + j0, BC, 1, vp, ldv, st.ob, st.Evp);
+  });
 }
 
 // The partial result of one split at p: per row m, l and the unnormalized output (Evp + 2 values).

@@ -19,6 +19,9 @@ namespace {
 constexpr int64_t kMaxRows = 16;
 // Fewest keys per split.
 constexpr int64_t kMinSplitKeys = 512;
+// Smallest cache block whose values are multiplied in place (smaller ones are packed: a product per
+// block would reload the outputs too often).
+constexpr int64_t kMinDirectBlock = 16;
 
 struct PagedItem {
   int64_t b, hkv, i0, nt;  // sequence, key/value head, positions [i0, i0 + nt) of its queries
@@ -66,8 +69,6 @@ void paged_item(const PagedAttnArgs& a, const PagedPlan& pl, const PagedItem& it
         krow[j] = kbuf + j * pl.Ep;
       }
     }
-    // whether the n values are consecutive rows of one cache block
-    const bool one_block = (j0 / bs) == ((j0 + n - 1) / bs);
     stream_block<C>(
         rows, [&](int64_t j) { return krow[j]; }, n,
         [&](int64_t r, C* s) {
@@ -76,14 +77,17 @@ void paged_item(const PagedAttnArgs& a, const PagedPlan& pl, const PagedItem& it
           std::fill(s + lim, s + BC, -kInf<C>);
         },
         [](int64_t, C*) {},
-        [&](int64_t& ldv) -> const C* {
-          if (pl.v_direct && one_block) {
-            ldv = a.vc_sl;
-            return reinterpret_cast<const C*>(vsrc[0]);
+        [&](const auto& seg) {
+          if (pl.v_direct && bs >= kMinDirectBlock) {
+            // in place, one cache block's run of values at a time
+            for (int64_t j = 0, e; j < n; j = e) {
+              e = std::min<int64_t>(n, j + bs - (j0 + j) % bs);
+              seg(j, e, reinterpret_cast<const C*>(vsrc[j]), a.vc_sl);
+            }
+            return;
           }
           for (int64_t j = 0; j < n; ++j) pack_rows<T, C>(vsrc[j], 0, a.vc_se, 1, pl.E, C(1), vbuf + j * pl.Ep, pl.Ep, 1);
-          ldv = pl.Ep;
-          return vbuf;
+          seg(0, n, vbuf, pl.Ep);
         });
   }
   if (it.nsplit > 1) {
