@@ -61,4 +61,19 @@ TORCH_LIBRARY(fusedformer, m) {
   m.def(
       "cross_entropy_rows(Tensor logits, Tensor target, Tensor scale, int ignore_index, bool compute_grad) -> "
       "(Tensor loss, Tensor grad)");
+
+  // Paged KV cache (serving). Caches (num_blocks, num_kv_heads, block_size, head_dim), one per layer
+  // for keys and one for values. paged_cache_write stores token t's key and value rows (T,
+  // num_kv_heads, head_dim) at slot_mapping[t] (int64; block slot // block_size, offset slot %
+  // block_size; negative: skipped). paged_attention: packed queries (T, num_heads, head_dim) of B
+  // sequences, sequence b the rows [query_start_loc[b], query_start_loc[b + 1]) (int64, B + 1), with a
+  // context of seq_lens[b] tokens (int64, B) in blocks block_tables[b, :] (int64 or int32); its queries
+  // are the last tokens of its context and attend causally (bottom-right aligned), GQA when num_heads
+  // is a multiple of num_kv_heads. Returns (T, num_heads, head_dim) in the query dtype. Inference only.
+  m.def(
+      "paged_cache_write(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+      "Tensor slot_mapping) -> ()");
+  m.def(
+      "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+      "Tensor seq_lens, Tensor query_start_loc, float scale) -> Tensor");
 }

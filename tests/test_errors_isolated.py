@@ -55,6 +55,26 @@ def _meta_inputs():
     assert ops.attention(m(1, 2, 4, 16), m(1, 2, 6, 16), m(1, 2, 6, 8)).shape == (1, 2, 4, 8)
 
 
+def _paged(q_len=1, seq_len=9, tables=None, slots=None):
+    """Arguments of the raw paged ops (past the Python wrappers): a cache of 4 blocks of 4 tokens, 2
+    key/value heads of 8 features, one sequence."""
+    kc, vc = _t(4, 2, 4, 8), _t(4, 2, 4, 8)
+    tables = torch.tensor([[2, 0, 3]]) if tables is None else tables
+    attn = (_t(q_len, 4, 8), kc, vc, tables, torch.tensor([seq_len]), torch.tensor([0, q_len]), 0.5)
+    write = (_t(2, 2, 8), _t(2, 2, 8), kc, vc, torch.tensor([1, 5]) if slots is None else slots)
+    return attn, write
+
+
+def _paged_meta():
+    """Meta tensors give meta results of the right shape (the fake implementations)."""
+    ops = _ops()
+    m = lambda *s, dtype=torch.float32: torch.empty(*s, device="meta", dtype=dtype)  # noqa: E731
+    out = ops.paged_attention(m(3, 4, 8), m(4, 2, 4, 8), m(4, 2, 4, 8), m(2, 3, dtype=torch.int64),
+                              m(2, dtype=torch.int64), m(3, dtype=torch.int64))
+    assert out.shape == (3, 4, 8) and out.device.type == "meta"
+    ops.paged_cache_write(m(3, 2, 8), m(3, 2, 8), m(4, 2, 4, 8), m(4, 2, 4, 8), m(3, dtype=torch.int64))
+
+
 # name -> (callable, expected exception type or None for "returns normally", message substrings)
 CASES = {
     # softmax
@@ -149,6 +169,32 @@ CASES = {
     "attention dropout float seed": (
         lambda: _raw().attention_fwd(_t(1, 3, 8), _t(1, 3, 8), _t(1, 3, 8), None, 0.5, False, 1.0, torch.tensor(1.5)),
         TypeError, ["seed", "Float"]),
+    # paged attention / cache write, through the raw ops
+    "paged_attention block id": (
+        lambda: _raw().paged_attention(*_paged(tables=torch.tensor([[2, 7, 3]]))[0]), ValueError, ["block_tables", "7"]),
+    "paged_attention negative block id": (
+        lambda: _raw().paged_attention(*_paged(tables=torch.tensor([[2, -1, 3]]))[0]), ValueError, ["block_tables"]),
+    "paged_attention seq_lens beyond table": (
+        lambda: _raw().paged_attention(*_paged(seq_len=13)[0]), ValueError, ["seq_lens", "13"]),
+    "paged_attention q_len beyond seq_len": (
+        lambda: _raw().paged_attention(*_paged(q_len=5, seq_len=4)[0]), ValueError, ["seq_lens", "query"]),
+    "paged_attention tables float": (
+        lambda: _raw().paged_attention(*_paged(tables=torch.tensor([[2.0, 0.0, 3.0]]))[0]), TypeError, ["block_tables"]),
+    "paged_attention head dim": (
+        lambda: _raw().paged_attention(_t(1, 4, 16), *_paged()[0][1:]), ValueError, ["key_cache", "head dim"]),
+    "paged_attention query int": (
+        lambda: _raw().paged_attention(torch.ones(1, 4, 8, dtype=torch.int64), *_paged()[0][1:]), TypeError, ["query"]),
+    "paged_attention caches differ": (
+        lambda: _raw().paged_attention(*(lambda a: (a[0], a[1], a[2][:, :1]) + a[3:])(_paged()[0])), ValueError,
+        ["value_cache"]),
+    "paged_cache_write slot": (
+        lambda: _raw().paged_cache_write(*_paged(slots=torch.tensor([1, 16]))[1]), ValueError, ["slot_mapping", "16"]),
+    "paged_cache_write slot int32": (
+        lambda: _raw().paged_cache_write(*_paged(slots=torch.tensor([1, 2], dtype=torch.int32))[1]), TypeError,
+        ["slot_mapping"]),
+    "paged_cache_write key shape": (
+        lambda: _raw().paged_cache_write(_t(2, 3, 8), *_paged()[1][1:]), ValueError, ["key"]),
+    "paged meta inputs": (_paged_meta, None, []),
     # meta tensors and the instruction-set switch
     "meta inputs": (_meta_inputs, None, []),
     "unknown cpu capability": (lambda: __import__("fusedformer").set_cpu_capability("sse9"), ValueError, ["sse9"]),
@@ -193,6 +239,7 @@ BATCHES = {
     "norm": [n for n in CASES if n.startswith(("layer_norm", "rms_norm", "nan weight"))],
     "attention": [n for n in CASES if n.startswith("attention")],
     "other": [n for n in CASES if n in ("meta inputs", "unknown cpu capability")],
+    "paged": [n for n in CASES if n.startswith("paged")],
 }
 
 

@@ -151,3 +151,55 @@ def dropout_keep_mask(seed: Union[int, torch.Tensor], batch_heads: int, L: int, 
     t = p * 4294967296.0
     threshold = 0xFFFFFFFF if t >= 4294967295.0 else int(t)
     return torch.from_numpy(bits >= np.uint32(threshold))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged KV cache (fusedformer.ops.paged_cache_write / paged_attention).
+
+
+def paged_cache_write(key, value, key_cache, value_cache, slot_mapping):
+    """The caches after writing token t's key and value rows at slot_mapping[t] (negative: skipped),
+    as new float64 tensors; the inputs are left alone."""
+    kc, vc = _f64(key_cache).clone(), _f64(value_cache).clone()
+    bs = kc.size(2)
+    for t, slot in enumerate(slot_mapping.tolist()):
+        if slot >= 0:
+            kc[slot // bs, :, slot % bs] = _f64(key[t])
+            vc[slot // bs, :, slot % bs] = _f64(value[t])
+    return kc, vc
+
+
+def gather_paged(cache, block_table, seq_len):
+    """The first seq_len tokens of one sequence's cache as a contiguous (num_kv_heads, seq_len, head_dim)
+    tensor: its blocks block_table[:ceil(seq_len / block_size)] laid end to end."""
+    bs = cache.size(2)
+    nb = -(-int(seq_len) // bs)
+    blocks = cache[block_table[:nb].to(cache.device, torch.long)]  # (nb, Hkv, bs, E)
+    return blocks.permute(1, 0, 2, 3).reshape(cache.size(1), nb * bs, cache.size(3))[:, : int(seq_len)]
+
+
+def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale=None, *,
+                    dtype=torch.float64):
+    """Attention of each sequence's queries (the last tokens of its context) over its gathered cache,
+    causal with bottom-right alignment, GQA by repeating the key/value heads; (T, num_heads, head_dim).
+    Computed in float64, or in ``dtype`` (a low-precision peer for the pass rule)."""
+    q = query.detach().to("cpu", dtype)
+    kc, vc = (c.detach().to("cpu", dtype) for c in (key_cache, value_cache))
+    T, Hq, E = q.shape
+    rep = Hq // kc.size(1)
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    out = torch.zeros(T, Hq, E, dtype=dtype)
+    starts = query_start_loc.tolist()
+    for b, S in enumerate(seq_lens.tolist()):
+        t0, t1 = starts[b], starts[b + 1]
+        L = t1 - t0
+        if L == 0:
+            continue
+        k = gather_paged(kc, block_tables[b].cpu(), S).repeat_interleave(rep, dim=0)
+        v = gather_paged(vc, block_tables[b].cpu(), S).repeat_interleave(rep, dim=0)
+        z = (q[t0:t1].transpose(0, 1) @ k.transpose(-2, -1)) * scale  # (Hq, L, S)
+        pos = torch.arange(S - L, S).unsqueeze(1)
+        z = z.masked_fill(torch.arange(S).unsqueeze(0) > pos, float("-inf"))
+        out[t0:t1] = (torch.softmax(z, dim=-1) @ v).transpose(0, 1)
+    return out

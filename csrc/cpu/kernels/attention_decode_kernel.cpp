@@ -6,7 +6,7 @@
 // the layout allows (else converted a block at a time into a small buffer), so the op streams the
 // cache at memory speed. When there are fewer heads than threads, the keys are split and the
 // partial results merged by their log-sum-exp.
-#include "attention_common.h"
+#include "attention_stream.h"
 
 namespace fusedformer::cpu::FF_ISA {
 namespace {
@@ -16,89 +16,52 @@ constexpr int64_t kMaxRows = 8;
 // Fewest keys per split.
 constexpr int64_t kMinSplitKeys = 512;
 
-// s[j] = q . k_j for keys j < n (k_j at kp + j * ldk, Ep features, zero-padded like q); the
-// scores of keys [n, round_up(n, lanes)) are unspecified.
-template <typename C>
-FF_INLINE void dot_keys(const C* q, const C* kp, int64_t ldk, int64_t Ep, int64_t n, C* s) {
-  using V = vec_t<C>;
-  constexpr int N = lanes_v<C>;
-  for (int64_t j0 = 0; j0 < n; j0 += N) {
-    const C* kr[N];
-    for (int t = 0; t < N; ++t) kr[t] = kp + std::min<int64_t>(j0 + t, n - 1) * ldk;
-    V acc[N];
-    for (int t = 0; t < N; ++t) acc[t] = V{};
-    for (int64_t e = 0; e < Ep; e += N) {
-      const V qv = vload(q + e);
-      for (int t = 0; t < N; ++t) acc[t] += qv * vload(kr[t] + e);
-    }
-    vstore(s + j0, reduce_lanes<C>(acc));
-  }
-}
-
-// n rows of cols features as compute-type rows with stride ld: in place when direct (storage is the
-// compute type with contiguous features), else converted into buf (row stride ldp, zero-padded).
-template <typename T, typename C>
-FF_INLINE const C* block_rows(bool direct, const T* src, int64_t sl, int64_t se, int64_t n, int64_t cols, C* buf,
-                              int64_t ldp, int64_t& ld) {
-  if (direct) {
-    ld = sl;
-    return reinterpret_cast<const C*>(src);
-  }
-  pack_rows<T, C>(src, sl, se, n, cols, C(1), buf, ldp, n);
-  ld = ldp;
-  return buf;
-}
-
 struct DecodePlan {
   int64_t group, R, E, Ev, Ep, Evp, nkb, nsplit;
   bool k_direct, v_direct;  // read keys / values in place (compute type, contiguous features)
 };
 
 template <typename T, MaskKind MK, typename C = compute_t<T>>
-void decode_item(const AttnFwdArgs& a, const DecodePlan& pl, int64_t x, int64_t split, C* qd, C* sb, C* ob, C* kbuf,
-                 C* vbuf, C* mrow, C* lrow, C* part, const Dropout<C>& drop) {
+void decode_item(const AttnFwdArgs& a, const DecodePlan& pl, int64_t x, int64_t split, const StreamRows<C>& st,
+                 C* kbuf, C* vbuf, C* part, const Dropout<C>& drop) {
   const int64_t b = x / a.Hkv, hkv = x % a.Hkv, R = pl.R;
   // the query rows of the group: row r is (head hkv * group + r / L, position r % L)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t h = hkv * pl.group + r / a.L, i = r % a.L;
     const T* q = static_cast<const T*>(a.q.data) + b * a.q.sb + h * a.q.sh + i * a.q.sl;
-    pack_rows<T, C>(q, 0, a.q.se, 1, pl.E, C(a.scale) * kLog2e<C>, qd + r * pl.Ep, pl.Ep, 1);
+    pack_rows<T, C>(q, 0, a.q.se, 1, pl.E, C(a.scale) * kLog2e<C>, st.qd + r * pl.Ep, pl.Ep, 1);
   }
-  std::fill(mrow, mrow + R, -kInf<C>);
-  std::fill(lrow, lrow + R, C(0));
-  std::fill(ob, ob + R * pl.Evp, C(0));
+  st.reset();
   const T* k = static_cast<const T*>(a.k.data) + b * a.k.sb + hkv * a.k.sh;
   const T* v = static_cast<const T*>(a.v.data) + b * a.v.sb + hkv * a.v.sh;
   int64_t kb0 = pl.nkb * split / pl.nsplit, kb1 = pl.nkb * (split + 1) / pl.nsplit;
   if (a.causal) kb1 = std::min<int64_t>(kb1, ceil_div(a.L, BC));  // no row sees keys beyond L - 1
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t j0 = kb * BC, n = std::min<int64_t>(BC, a.S - j0);
-    int64_t ldk, ldv;
+    int64_t ldk;
     const C* kp = block_rows<T, C>(pl.k_direct, k + j0 * a.k.sl, a.k.sl, a.k.se, n, pl.E, kbuf, pl.Ep, ldk);
-    for (int64_t r = 0; r < R; ++r) dot_keys<C>(qd + r * pl.Ep, kp, ldk, pl.Ep, n, sb + r * BC);
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t h = hkv * pl.group + r / a.L, i = r % a.L;
-      mask_tile<MK>(sb + r * BC, BC, 1, i, j0, n, mask_at<MK, C>(a, b, h), a.m_sl, a.m_ss, a.causal);
-      C* s = sb + r * BC;
-      rescale_row(ob + r * pl.Evp, pl.Evp, softmax_block_row(s, mrow[r], lrow[r]));
-      if (drop.on) drop.apply(s, n, uint64_t(b * a.Hq + h), i, j0);
-    }
-    const C* vp = block_rows<T, C>(pl.v_direct, v + j0 * a.v.sl, a.v.sl, a.v.se, n, pl.Ev, vbuf, pl.Evp, ldv);
-    gemm_rm<true>(R, pl.Evp, n, sb, BC, 1, vp, ldv, ob, pl.Evp);
+    stream_block<C>(
+        st, [&](int64_t j) { return kp + j * ldk; }, n,
+        [&](int64_t r, C* s) {
+          const int64_t h = hkv * pl.group + r / a.L, i = r % a.L;
+          mask_tile<MK>(s, BC, 1, i, j0, n, mask_at<MK, C>(a, b, h), a.m_sl, a.m_ss, a.causal);
+        },
+        [&](int64_t r, C* s) {
+          if (drop.on) drop.apply(s, n, uint64_t(b * a.Hq + hkv * pl.group + r / a.L), r % a.L, j0);
+        },
+        [&](const auto& seg) {
+          int64_t ldv;
+          const C* vp = block_rows<T, C>(pl.v_direct, v + j0 * a.v.sl, a.v.sl, a.v.se, n, pl.Ev, vbuf, pl.Evp, ldv);
+          seg(0, n, vp, ldv);
+        });
   }
   if (pl.nsplit > 1) {
-    // partial result of this split: m, l and the unnormalized output of each row
-    C* p = part + (x * pl.nsplit + split) * R * (pl.Evp + 2);
-    for (int64_t r = 0; r < R; ++r) {
-      p[r * (pl.Evp + 2)] = mrow[r];
-      p[r * (pl.Evp + 2) + 1] = lrow[r];
-      std::copy(ob + r * pl.Evp, ob + (r + 1) * pl.Evp, p + r * (pl.Evp + 2) + 2);
-    }
+    store_partial(st, part + (x * pl.nsplit + split) * R * (pl.Evp + 2));
     return;
   }
   for (int64_t r = 0; r < R; ++r) {
     const int64_t h = hkv * pl.group + r / a.L, i = r % a.L;
-    finish_row<T, C>(ob + r * pl.Evp, mrow[r], lrow[r], pl.Ev, out_row<T>(a, b, h, i),
+    finish_row<T, C>(st.ob + r * pl.Evp, st.m[r], st.l[r], pl.Ev, out_row<T>(a, b, h, i),
                      static_cast<C*>(a.lse) + (b * a.Hq + h) * a.L + i);
   }
 }
@@ -109,19 +72,8 @@ void merge_splits(const AttnFwdArgs& a, const DecodePlan& pl, int64_t x, const C
   const int64_t b = x / a.Hkv, hkv = x % a.Hkv, ld = pl.Evp + 2;
   for (int64_t r = 0; r < pl.R; ++r) {
     const int64_t h = hkv * pl.group + r / a.L, i = r % a.L;
-    C M = -kInf<C>;
-    for (int64_t s = 0; s < pl.nsplit; ++s) M = std::max(M, part[((x * pl.nsplit + s) * pl.R + r) * ld]);
-    C l = C(0);
-    std::fill(acc, acc + pl.Ev, C(0));
-    if (M != -kInf<C>) {
-      for (int64_t s = 0; s < pl.nsplit; ++s) {
-        const C* p = part + ((x * pl.nsplit + s) * pl.R + r) * ld;
-        if (p[0] == -kInf<C>) continue;
-        const C w = std::exp2(p[0] - M);
-        l += w * p[1];
-        for (int64_t c = 0; c < pl.Ev; ++c) acc[c] += w * p[2 + c];
-      }
-    }
+    C M, l;
+    merge_partials(part + (x * pl.nsplit * pl.R + r) * ld, pl.R * ld, pl.nsplit, pl.Ev, acc, M, l);
     finish_row<T, C>(acc, M, l, pl.Ev, out_row<T>(a, b, h, i), static_cast<C*>(a.lse) + (b * a.Hq + h) * a.L + i);
   }
 }
@@ -151,9 +103,9 @@ void decode_impl(const AttnFwdArgs& a) {
   run_items(BHkv * pl.nsplit, [&](const auto& take) {
     Buf<C> qd(pl.R * pl.Ep), sb(pl.R * BC), ob(pl.R * pl.Evp), kbuf(pl.k_direct ? 1 : BC * pl.Ep),
         vbuf(pl.v_direct ? 1 : BC * pl.Evp), ml(2 * pl.R);
+    const StreamRows<C> st{pl.R, pl.Ep, pl.Evp, qd.get(), sb.get(), ob.get(), ml.get(), ml.get() + pl.R};
     for (int64_t it; (it = take()) >= 0;)
-      decode_item<T, MK>(a, pl, it / pl.nsplit, it % pl.nsplit, qd.get(), sb.get(), ob.get(), kbuf.get(), vbuf.get(),
-                         ml.get(), ml.get() + pl.R, part.get(), drop);
+      decode_item<T, MK>(a, pl, it / pl.nsplit, it % pl.nsplit, st, kbuf.get(), vbuf.get(), part.get(), drop);
   });
   if (pl.nsplit > 1) {
     parallel_for(0, BHkv, 1, [&](int64_t s, int64_t e) {

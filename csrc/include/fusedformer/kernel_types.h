@@ -201,4 +201,28 @@ struct AttnBwdArgsOf {
   void* grad_v;                    // contiguous (B, Hkv, S, Ev)
 };
 
+// Paged attention (inference): packed queries q (T, Hq, E) of B sequences against key/value caches
+// (num_blocks, Hkv, block_size, E) read through block tables. Sequence b owns the query rows
+// [query_start[b], query_start[b + 1]) (q_len_b of them) and a context of seq_lens[b] tokens, token j
+// in block block_tables[b * bt_stride + j / block_size] at offset j % block_size; its queries are the
+// last q_len_b positions of the context and attend causally (bottom-right aligned). out is contiguous
+// (T, Hq, E). The index arrays are int64 on the kernel's device (their values checked on the CPU).
+struct PagedAttnArgs {
+  DType dtype;
+  const void* q;
+  int64_t q_st, q_sh, q_se;  // element strides of the query's token, head and feature
+  const void* k_cache;
+  const void* v_cache;
+  int64_t kc_sb, kc_sh, kc_sl, kc_se;  // element strides of the key cache's block, head, offset, feature
+  int64_t vc_sb, vc_sh, vc_sl, vc_se;
+  const int64_t* block_tables;  // (B, bt_stride)
+  int64_t bt_stride;
+  const int64_t* seq_lens;      // (B,)
+  const int64_t* query_start;   // (B + 1,)
+  void* out;
+  int64_t B, T, Hq, Hkv, E, block_size, num_blocks;
+  int64_t max_q_len;  // the most query rows of a sequence (CPU)
+  double scale;
+};
+
 }  // namespace fusedformer

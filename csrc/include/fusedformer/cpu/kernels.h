@@ -62,6 +62,7 @@ struct KernelTable {
   void (*cross_entropy)(const CrossEntropyArgs&);
   void (*gelu_fwd)(const GeluArgs&);
   void (*gelu_bwd)(const GeluArgs&);
+  void (*paged_attention)(const PagedAttnArgs&);
 };
 
 #define FF_DECLARE_KERNELS(ns)                     \
@@ -77,6 +78,7 @@ struct KernelTable {
   void cross_entropy(const CrossEntropyArgs&);     \
   void gelu_fwd(const GeluArgs&);                  \
   void gelu_bwd(const GeluArgs&);                  \
+  void paged_attention(const PagedAttnArgs&);      \
   }
 
 // The kernel table in use.
