@@ -60,9 +60,17 @@ double qvalue(const QuantLinearArgs& a, int64_t n, int64_t k) {
 
 // W int8 values from p, as floats
 FF_INLINE vf load8(const int8_t* p) {
+  // GCC lowers the generic int8 -> float vector conversion byte by byte; the x86 builds sign-extend
+  // in one instruction
+#if defined(__AVX512F__)
+  return vf(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(__AVX2__)
+  return vf(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#else
   vs8 b;
   __builtin_memcpy(&b, p, sizeof(b));
-  return __builtin_convertvector(b, vf);
+  return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
+#endif
 }
 // the W values from element s * W of the 32-value int4 block at p (16 bytes), as floats
 FF_INLINE vf load4(const uint8_t* p, int s) {
