@@ -26,8 +26,7 @@ from common import describe_ceilings, format_table, machine_info, measure_ceilin
 # suite -> bench modules, each exposing cases(device, quick) -> list[Case]
 SUITES = {
     "kernels": ["bench_softmax", "bench_cross_entropy", "bench_layernorm", "bench_gelu", "bench_attention",
-                "bench_linear", "bench_cuda",
-                "bench_paged_attention"],
+                "bench_linear", "bench_paged_attention", "bench_quantized_linear", "bench_cuda"],
     "modules": ["bench_modules"],
     "generation": ["bench_generation"],
 }

@@ -47,6 +47,15 @@ TORCH_LIBRARY(fusedformer, m) {
   // matmuls.
   m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
 
+  // input @ dequant(qweight).T + bias with quantized weights (inference; symmetric, zero point 0).
+  // scheme "int8": qweight int8 (N, K), scale float32 (N,) per output channel, W = q * scale.
+  // scheme "int4": qweight uint8 (N, K / 2), two values a byte, scale float32 (N, K / group_size),
+  //   group_size a multiple of 32: in each block of 32 consecutive k, byte j holds element j in its
+  //   low nibble and element j + 16 in its high nibble, stored as q + 8 (q in [-8, 7]).
+  // scheme "int8_dynamic": the weights of "int8"; each input row is quantized on the fly to int8
+  //   (scale max|x| / 127) and the products are int8 x int8 with int32 accumulation.
+  m.def("quantized_linear(Tensor input, Tensor qweight, Tensor scale, Tensor? bias, str scheme) -> Tensor");
+
   // GELU (torch.nn.functional.gelu): approximate is "none" (x * Phi(x), Phi the standard normal
   // CDF) or "tanh" (its tanh approximation). gelu_bwd returns grad * gelu'(input).
   m.def("gelu(Tensor input, str approximate) -> Tensor");

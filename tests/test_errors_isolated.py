@@ -195,6 +195,31 @@ CASES = {
     "paged_cache_write key shape": (
         lambda: _raw().paged_cache_write(_t(2, 3, 8), *_paged()[1][1:]), ValueError, ["key"]),
     "paged meta inputs": (_paged_meta, None, []),
+    # quantized_linear: the C++ checks, reached through the raw op
+    "quantized_linear scheme": (
+        lambda: _raw().quantized_linear(_t(2, 64), torch.zeros(3, 64, dtype=torch.int8), torch.ones(3), None, "nf4"),
+        ValueError, ["scheme", "nf4"]),
+    "quantized_linear qweight dtype": (
+        lambda: _raw().quantized_linear(_t(2, 64), torch.zeros(3, 64), torch.ones(3), None, "int8"),
+        ValueError, ["qweight", "int8"]),
+    "quantized_linear int4 width": (
+        lambda: _raw().quantized_linear(_t(2, 64), torch.zeros(3, 64, dtype=torch.uint8), torch.ones(3, 2), None,
+                                        "int4"), ValueError, ["qweight.shape[1]", "64"]),
+    "quantized_linear group size": (
+        lambda: _raw().quantized_linear(_t(2, 96), torch.zeros(3, 48, dtype=torch.uint8), torch.ones(3, 2), None,
+                                        "int4"), ValueError, ["group size", "48"]),
+    "quantized_linear scale shape": (
+        lambda: _raw().quantized_linear(_t(2, 64), torch.zeros(3, 64, dtype=torch.int8), torch.ones(4), None, "int8"),
+        ValueError, ["scale", "[4]"]),
+    "quantized_linear scale dtype": (
+        lambda: _raw().quantized_linear(_t(2, 64), torch.zeros(3, 64, dtype=torch.int8), torch.ones(3).half(), None,
+                                        "int8"), ValueError, ["scale", "float32"]),
+    "quantized_linear bias": (
+        lambda: _raw().quantized_linear(_t(2, 64), torch.zeros(3, 64, dtype=torch.int8), torch.ones(3), _t(2),
+                                        "int8_dynamic"), ValueError, ["bias", "[2]"]),
+    "quantized_linear empty features": (
+        lambda: _raw().quantized_linear(_t(2, 0), torch.zeros(3, 0, dtype=torch.int8), torch.ones(3), None, "int8"),
+        ValueError, ["in_features", "positive"]),
     # meta tensors and the instruction-set switch
     "meta inputs": (_meta_inputs, None, []),
     "unknown cpu capability": (lambda: __import__("fusedformer").set_cpu_capability("sse9"), ValueError, ["sse9"]),
@@ -240,6 +265,7 @@ BATCHES = {
     "attention": [n for n in CASES if n.startswith("attention")],
     "other": [n for n in CASES if n in ("meta inputs", "unknown cpu capability")],
     "paged": [n for n in CASES if n.startswith("paged")],
+    "quantized_linear": [n for n in CASES if n.startswith("quantized_linear")],
 }
 
 

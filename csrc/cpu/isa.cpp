@@ -22,7 +22,7 @@ namespace {
 #define FF_TABLE(ns) \
   KernelTable { #ns, ns::softmax_fwd, ns::softmax_bwd, ns::norm_fwd, ns::norm_bwd, ns::attention_fwd, ns::attention_bwd, ns::linear_fwd, ns::gemm, \
              ns::cross_entropy, ns::gelu_fwd, ns::gelu_bwd, \
-             ns::paged_attention }
+             ns::paged_attention, ns::quantized_linear }
 
 const KernelTable kGeneric = FF_TABLE(generic);
 #ifdef FF_HAVE_ISA_avx2

@@ -17,6 +17,7 @@ _LAZY = {
     "models": (".models", None),
     "reference": (".reference", None),
     "generate": (".generation", "generate"),
+    "quantize": (".quantization", "quantize"),
 }
 
 

@@ -96,6 +96,10 @@ def _add_generate(sub):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (reproducible output)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "int8_dynamic"],
+                   help="quantize the linear layers (the LM head stays float) before generating")
+    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
+                   help="int4 group size along the input features")
     p.set_defaults(func=_generate)
 
 
@@ -103,6 +107,13 @@ def _generate(args):
     from .textgen import load_model, stream_text
 
     model, tok = load_model(args.model, dtype=args.dtype)
+    if args.quantize:
+        from .quantization import quantize
+
+        try:
+            quantize(model, args.quantize, group_size=args.group_size if args.quantize == "int4" else None)
+        except ValueError as e:
+            raise SystemExit(f"generate --quantize: {e}") from None
     print(args.prompt, end="", flush=True)
     stats = stream_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,

@@ -203,3 +203,33 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query
         z = z.masked_fill(torch.arange(S).unsqueeze(0) > pos, float("-inf"))
         out[t0:t1] = (torch.softmax(z, dim=-1) @ v).transpose(0, 1)
     return out
+
+
+def quantized_linear(input, qweight, scale, bias=None, scheme="int8"):
+    """input @ dequant(qweight).T + bias in float64, the weights unpacked here from the documented
+    layout (fusedformer.ops.quantized_linear) rather than through the package's helpers. For
+    "int8_dynamic" the input rows are first quantized as the op does (scale max|x| / 127, round to
+    nearest); the product of the integers is then exact in float64."""
+    x = _f64(input)
+    s = scale.detach().cpu().to(torch.float64)
+    if scheme == "int4":
+        b = qweight.detach().cpu().to(torch.int64)
+        N, half = b.shape
+        q = torch.empty(N, 2 * half, dtype=torch.int64)
+        for blk in range(half // 16):
+            chunk = b[:, 16 * blk:16 * blk + 16]
+            q[:, 32 * blk:32 * blk + 16] = (chunk & 15) - 8
+            q[:, 32 * blk + 16:32 * blk + 32] = (chunk >> 4) - 8
+        w = q.to(torch.float64) * s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)
+    else:
+        w = qweight.detach().cpu().to(torch.float64) * s[:, None]
+    if scheme == "int8_dynamic":
+        x32 = input.detach().cpu().to(torch.float32)
+        amax = x32.abs().amax(dim=-1, keepdim=True)
+        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        xq = torch.round((x32 * inv).clamp(-127, 127)).to(torch.float64)
+        x = xq * (amax / 127.0).to(torch.float64)
+    y = x @ w.T
+    if bias is not None:
+        y = y + _f64(bias)
+    return y

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from ..nn.quantized import QuantizedLinear
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
@@ -26,10 +28,15 @@ class CheckpointMixin:
 
     def save_pretrained(self, directory, tokenizer=None, dtype=None):
         """Write the weights (cast to ``dtype`` when given, e.g. torch.bfloat16 to halve the file; floating
-        tensors only), the config and the tokenizer; ``from_pretrained`` casts back to the model's dtype."""
+        tensors only, quantized layers' weights and scales never), the config and the tokenizer;
+        ``from_pretrained`` casts back to the model's dtype. A quantized model (fusedformer.quantize)
+        keeps its packed weights and scales as they are, and the config its ``"quantization"``: the
+        scheme, the group size and the quantized layers."""
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
+        quantized = quantization_config(self)
+        exact = {f"{m}.{b}" for m in (quantized or {}).get("modules", ()) for b in ("qweight", "scale")}
         state, seen = {}, {}
         for name, t in self.state_dict().items():
             key = (t.data_ptr(), t.shape, t.stride())
@@ -37,10 +44,14 @@ class CheckpointMixin:
                 continue
             seen[key] = name
             t = t.detach()
-            state[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+            cast = dtype is not None and t.is_floating_point() and name not in exact
+            state[name] = (t.to(dtype) if cast else t).contiguous()
         save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        config = self.config.to_dict()
+        if quantized:
+            config["quantization"] = quantized
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=1)
+            json.dump(config, f, indent=1)
         if tokenizer is not None:
             tokenizer.save(os.path.join(directory, TOKENIZER_NAME))
 
@@ -56,13 +67,44 @@ class CheckpointMixin:
                 cfg = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{cls.__name__}.from_pretrained: {cfg_path} is not valid JSON ({e})") from None
+        quantized = cfg.pop("quantization", None)
         config = cls.config_class.from_dict(cfg)
         state = load_weights(w_path)
         model = cls(config)
+        if quantized:
+            make_quantized(model, quantized, cfg_path)
         load_state(model, state, w_path)
         if dtype is not None:
             model.to(dtype)
         return model.to(device).eval()
+
+
+def quantization_config(model):
+    """The ``"quantization"`` entry of a quantized model's config (scheme, group_size, the quantized
+    layers' names), or None for a float model."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not layers:
+        return None
+    schemes = {(m.scheme, m.group_size) for m in layers.values()}
+    if len(schemes) > 1:
+        raise ValueError(f"save_pretrained: the quantized layers mix schemes {sorted(schemes, key=str)}; "
+                         "a checkpoint holds one")
+    scheme, group_size = schemes.pop()
+    return {"scheme": scheme, "group_size": group_size, "modules": sorted(layers)}
+
+
+def make_quantized(model, quantized, source):
+    """Replace the layers a checkpoint's ``"quantization"`` entry names by empty QuantizedLinear layers
+    of its scheme, for the saved packed weights to load into."""
+    modules = dict(model.named_modules())
+    for name in quantized.get("modules", ()):
+        m = modules.get(name)
+        if not isinstance(m, torch.nn.Linear) or not name:
+            raise ValueError(f"{source}: the quantized layer {name!r} is not a linear layer of the model")
+        q = QuantizedLinear(m.in_features, m.out_features, quantized["scheme"], group_size=quantized.get("group_size"),
+                            bias=m.bias is not None, dtype=m.weight.dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, q)
 
 
 def load_weights(path):

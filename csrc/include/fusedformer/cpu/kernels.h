@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "fusedformer/kernel_types.h"
+#include "fusedformer/quant_scheme.h"
 
 namespace fusedformer::cpu {
 
@@ -49,6 +50,20 @@ struct GeluArgs {
   int64_t n;
 };
 
+// y = x dequant(W)^T + bias with quantized W (the formats of QuantScheme): x (M, K) rows ldx
+// elements apart in dtype, qw the packed weights (N rows, contiguous), scale float32 (N, K /
+// group_size) contiguous, bias (N) nullable in dtype, y (M, N) contiguous in dtype.
+struct QuantLinearArgs {
+  DType dtype;
+  QuantScheme scheme;
+  const void* x;
+  const void* qw;
+  const float* scale;
+  const void* bias;
+  void* y;
+  int64_t M, N, K, ldx, group_size;
+};
+
 struct KernelTable {
   const char* name;
   void (*softmax_fwd)(const SoftmaxFwdArgs&);
@@ -63,6 +78,7 @@ struct KernelTable {
   void (*gelu_fwd)(const GeluArgs&);
   void (*gelu_bwd)(const GeluArgs&);
   void (*paged_attention)(const PagedAttnArgs&);
+  void (*quantized_linear)(const QuantLinearArgs&);
 };
 
 #define FF_DECLARE_KERNELS(ns)                     \
@@ -79,6 +95,7 @@ struct KernelTable {
   void gelu_fwd(const GeluArgs&);                  \
   void gelu_bwd(const GeluArgs&);                  \
   void paged_attention(const PagedAttnArgs&);      \
+  void quantized_linear(const QuantLinearArgs&);   \
   }
 
 // The kernel table in use.

@@ -1,0 +1,486 @@
+// CPU linear layer with quantized weights: y = x dequant(W)^T + b (formats: QuantScheme, and the
+// layouts at the schema in csrc/registration.cpp).
+//
+// Few rows (generation): the product is a stream over the weights, so its time is the time to read
+// the packed bytes. The weights are read once, in place, against all rows of x at once, widened and
+// scaled in registers: a register tile of MR rows of x by NR rows of W, the W rows blocked so that a
+// block stays in L2 while the row groups of x pass over it (as the float kernel, linear_kernel.cpp).
+//
+// Many rows (prefill): panels of W are dequantized into a float buffer and multiplied by the blocked
+// float32 product of linear_gemm_kernel.cpp (gemm), so that the arithmetic runs at its speed; the
+// dequantization costs one pass over the packed weights per call, small against M x N x K.
+//
+// int8_dynamic: each row of x is quantized to int8 (scale max|x| / 127, round to nearest) and the
+// products are int8 x int8 summed in int32 (exact), scaled by the row and channel scales at the end.
+// On x86 the dot products take 32 bytes at a time with the sign trick: x . w = |x| . (sign(x) w),
+// the unsigned-by-signed byte product that AVX512-VNNI's vpdpbusd sums straight into int32 lanes and
+// AVX2's vpmaddubsw / vpmaddwd in two steps (no saturation: |x|, |w| <= 127 and 2 x 127 x 127 < 2^15).
+#include <algorithm>
+#include <cmath>
+#include <memory>
+
+#include "fusedformer/cpu/vec.h"
+
+namespace fusedformer::cpu::FF_ISA {
+
+// the blocked float32 product of this instruction set (linear_gemm_kernel.cpp)
+void gemm(const GemmArgs& g);
+
+namespace {
+
+// Rows up to which the weights are streamed; above, dequantized panels go through the float product.
+constexpr int64_t kFewRows = 16;
+#if defined(__AVX512F__) || defined(__AVX2__)
+constexpr int kMR = 4, kNR = 3;
+#else
+constexpr int kMR = 2, kNR = 2;
+#endif
+// Bytes of packed W per block (kept in L2 while the row groups of x pass over it).
+constexpr int64_t kBlockBytes = 160 << 10;
+// Tiles ahead whose W rows are prefetched.
+constexpr int kPrefetchTiles = 2;
+// int4 values come in blocks of 32 (16 bytes): byte j holds element j (low nibble) and j + 16 (high).
+constexpr int kBlock4 = 32;
+
+typedef int8_t vs8 __attribute__((vector_size(W)));
+
+FF_INLINE int64_t row_bytes(const QuantLinearArgs& a) { return a.scheme == QuantScheme::Int4 ? a.K / 2 : a.K; }
+
+// element k of row n of W, dequantized in double (exact: a small integer times a float32)
+double qvalue(const QuantLinearArgs& a, int64_t n, int64_t k) {
+  if (a.scheme == QuantScheme::Int4) {
+    const uint8_t* row = static_cast<const uint8_t*>(a.qw) + n * (a.K / 2);
+    const int64_t j = k % kBlock4;
+    const uint8_t b = row[(k - j) / 2 + (j & 15)];
+    const int q = (j < 16 ? (b & 15) : (b >> 4)) - 8;
+    return double(q) * double(a.scale[n * (a.K / a.group_size) + k / a.group_size]);
+  }
+  return double(static_cast<const int8_t*>(a.qw)[n * a.K + k]) * double(a.scale[n]);
+}
+
+// W int8 values from p, as floats
+FF_INLINE vf load8(const int8_t* p) {
+  // GCC lowers the generic int8 -> float vector conversion byte by byte; the x86 builds sign-extend
+  // in one instruction
+#if defined(__AVX512F__)
+  return vf(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(__AVX2__)
+  return vf(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#else
+  vs8 b;
+  __builtin_memcpy(&b, p, sizeof(b));
+  return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
+#endif
+}
+// the W values from element s * W of the 32-value int4 block at p (16 bytes), as floats
+FF_INLINE vf load4(const uint8_t* p, int s) {
+  constexpr int per_half = 16 / W;  // vectors per 16 elements
+  vb b;
+  __builtin_memcpy(&b, p + (s % per_half) * W, sizeof(b));
+  const vb q = s / per_half ? vb(b >> 4) : vb(b & 15);
+  return __builtin_convertvector(__builtin_convertvector(q, vi) - 8, vf);
+}
+
+// Row n of W dequantized into dst (K floats).
+void dequant_row(const QuantLinearArgs& a, int64_t n, float* dst) {
+  const int64_t K = a.K;
+  if (a.scheme == QuantScheme::Int4) {
+    const uint8_t* row = static_cast<const uint8_t*>(a.qw) + n * (K / 2);
+    const float* s = a.scale + n * (K / a.group_size);
+    for (int64_t k0 = 0; k0 < K; k0 += kBlock4) {
+      const vf sv = vset1(s[k0 / a.group_size]);
+      for (int s4 = 0; s4 < kBlock4 / W; ++s4) vstore(dst + k0 + s4 * W, load4(row + k0 / 2, s4) * sv);
+    }
+  } else {
+    const int8_t* row = static_cast<const int8_t*>(a.qw) + n * K;
+    const float s = a.scale[n];
+    const vf sv = vset1(s);
+    int64_t k = 0;
+    for (; k + W <= K; k += W) vstore(dst + k, load8(row + k) * sv);
+    for (; k < K; ++k) dst[k] = float(row[k]) * s;
+  }
+}
+
+// out[i][j] = x_i . dequant(w_{n+j}) for MR rows x_i (float, contiguous K) and NR rows of W.
+template <QuantScheme S, int MR, int NR>
+FF_INLINE void tile(const QuantLinearArgs& a, const float* const* x, int64_t n, float (*out)[kNR]) {
+  const int64_t K = a.K;
+  vf acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = vf{};
+  const int64_t ahead = std::min(n + kPrefetchTiles * NR, a.N - NR);
+  if constexpr (S == QuantScheme::Int4) {
+    const int64_t G = K / a.group_size;
+    const uint8_t* w[NR];
+    const uint8_t* next[NR];
+    for (int j = 0; j < NR; ++j) {
+      w[j] = static_cast<const uint8_t*>(a.qw) + (n + j) * (K / 2);
+      next[j] = static_cast<const uint8_t*>(a.qw) + (ahead + j) * (K / 2);
+    }
+    vf sv[NR] = {};
+    for (int64_t k0 = 0; k0 < K; k0 += kBlock4) {
+      if (k0 % a.group_size == 0)
+        for (int j = 0; j < NR; ++j) sv[j] = vset1(a.scale[(n + j) * G + k0 / a.group_size]);
+      // the W rows of a tile ahead stream in while this one computes (into L2, see linear_kernel.cpp)
+      if (k0 % 128 == 0)
+        for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + k0 / 2, 0, 2);
+      for (int s4 = 0; s4 < kBlock4 / W; ++s4) {
+        vf wv[NR];
+        for (int j = 0; j < NR; ++j) wv[j] = load4(w[j] + k0 / 2, s4) * sv[j];
+        for (int i = 0; i < MR; ++i) {
+          const vf xv = vload(x[i] + k0 + s4 * W);
+          for (int j = 0; j < NR; ++j) acc[i][j] += xv * wv[j];
+        }
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) out[i][j] = hsum(acc[i][j]);
+  } else {
+    const int8_t* w[NR];
+    const int8_t* next[NR];
+    for (int j = 0; j < NR; ++j) {
+      w[j] = static_cast<const int8_t*>(a.qw) + (n + j) * K;
+      next[j] = static_cast<const int8_t*>(a.qw) + (ahead + j) * K;
+    }
+    const int64_t Kv = K - K % W;
+    for (int64_t k = 0; k < Kv; k += W) {
+      if (k % 64 == 0)
+        for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + k, 0, 2);
+      vf wv[NR];
+      for (int j = 0; j < NR; ++j) wv[j] = load8(w[j] + k);
+      for (int i = 0; i < MR; ++i) {
+        const vf xv = vload(x[i] + k);
+        for (int j = 0; j < NR; ++j) acc[i][j] += xv * wv[j];
+      }
+    }
+    // per-channel scale once at the end
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) {
+        float s = hsum(acc[i][j]);
+        for (int64_t k = Kv; k < K; ++k) s += x[i][k] * float(w[j][k]);
+        out[i][j] = s * a.scale[n + j];
+      }
+  }
+}
+
+template <typename T, QuantScheme S, int MR, int NR>
+void tile_store(const QuantLinearArgs& a, const float* xc, int64_t m, int64_t n) {
+  const float* xr[MR];
+  for (int i = 0; i < MR; ++i) xr[i] = xc + (m + i) * a.K;
+  float out[kMR][kNR];
+  tile<S, MR, NR>(a, xr, n, out);
+  T* y = static_cast<T*>(a.y);
+  const T* b = static_cast<const T*>(a.bias);
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float v = out[i][j];
+      if (b) v += to_float(b[n + j]);
+      y[(m + i) * a.N + n + j] = from_float<T>(v);
+    }
+}
+
+// the tile for mr <= MR rows of x and nr <= NR rows of W, chosen at run time
+template <typename T, QuantScheme S, int MR = kMR, int NR = kNR>
+FF_INLINE void run_tile(int mr, int nr, const QuantLinearArgs& a, const float* xc, int64_t m, int64_t n) {
+  if constexpr (MR > 1)
+    if (mr < MR) return run_tile<T, S, MR - 1, NR>(mr, nr, a, xc, m, n);
+  if constexpr (NR > 1)
+    if (nr < NR) return run_tile<T, S, MR, NR - 1>(mr, nr, a, xc, m, n);
+  tile_store<T, S, MR, NR>(a, xc, m, n);
+}
+
+// Rows of x as contiguous float rows (in place when they already are).
+template <typename T>
+const float* rows_as_float(const QuantLinearArgs& a, std::unique_ptr<float[]>& buf) {
+  const T* x = static_cast<const T*>(a.x);
+  if constexpr (std::is_same_v<T, float>)
+    if (a.ldx == a.K || a.M == 1) return x;
+  buf.reset(new float[a.M * a.K]);
+  float* dst = buf.get();
+  parallel_for(0, a.M, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t k = 0; k < a.K; ++k) dst[i * a.K + k] = to_float(x[i * a.ldx + k]);
+  });
+  return dst;
+}
+
+// W rows per block: a multiple of kNR within kBlockBytes, and enough blocks for every thread.
+int64_t block_rows(const QuantLinearArgs& a) {
+  int64_t nb = std::max<int64_t>(kNR, kBlockBytes / std::max<int64_t>(row_bytes(a), 1) / kNR * kNR);
+  const int64_t threads = num_threads();
+  if (threads > 1) nb = std::min(nb, std::max<int64_t>(kNR, (a.N + 4 * threads - 1) / (4 * threads) / kNR * kNR));
+  return nb;
+}
+
+// tile(mr, nr, m, n) over the whole output: threads take blocks of W rows, and each block is run
+// against every group of kMR rows of x while it sits in L2
+template <typename F>
+void for_each_tile(const QuantLinearArgs& a, const F& tile) {
+  const int64_t nb = block_rows(a);
+  parallel_for(0, (a.N + nb - 1) / nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = blk * nb, n1 = std::min(a.N, n0 + nb);
+      for (int64_t m = 0; m < a.M; m += kMR) {
+        const int mr = int(std::min<int64_t>(kMR, a.M - m));
+        for (int64_t n = n0; n < n1; n += kNR) tile(mr, int(std::min<int64_t>(kNR, n1 - n)), m, n);
+      }
+    }
+  });
+}
+
+template <typename T, QuantScheme S>
+void run_stream(const QuantLinearArgs& a) {
+  std::unique_ptr<float[]> xbuf;
+  const float* xc = rows_as_float<T>(a, xbuf);
+  for_each_tile(a, [&](int mr, int nr, int64_t m, int64_t n) { run_tile<T, S>(mr, nr, a, xc, m, n); });
+}
+
+// Many rows: panels of W dequantized to float, times x through the blocked float product.
+template <typename T>
+void run_panels(const QuantLinearArgs& a) {
+  const int64_t M = a.M, N = a.N, K = a.K;
+  GemmArgs g{};
+  std::unique_ptr<float[]> xbuf, ybuf, bbuf;
+  if constexpr (std::is_same_v<T, float>) {
+    g.a = static_cast<const float*>(a.x);
+    g.rsa = a.ldx;
+    g.c = static_cast<float*>(a.y);
+    g.bias = static_cast<const float*>(a.bias);
+  } else {
+    g.a = rows_as_float<T>(a, xbuf);
+    g.rsa = K;
+    ybuf.reset(new float[M * N]);
+    g.c = ybuf.get();
+    if (a.bias) {
+      bbuf.reset(new float[N]);
+      for (int64_t n = 0; n < N; ++n) bbuf[n] = to_float(static_cast<const T*>(a.bias)[n]);
+      g.bias = bbuf.get();
+    }
+  }
+  g.csa = 1;
+  g.K = K;
+  g.M = M;
+  g.ldc = N;
+  // about 4 MB of dequantized weights per panel (the product's B block is of that order)
+  const int64_t np = std::clamp<int64_t>((int64_t(1) << 20) / std::max<int64_t>(K, 1), 64, 4096) / 64 * 64;
+  std::unique_ptr<float[]> panel(new float[std::min(np, N) * K]);
+  for (int64_t n0 = 0; n0 < N; n0 += np) {
+    const int64_t nn = std::min(np, N - n0);
+    parallel_for(0, nn, 8, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) dequant_row(a, n0 + r, panel.get() + r * K);
+    });
+    GemmArgs p = g;
+    p.b = panel.get();  // B = panel^T: B(k, j) = panel(j, k)
+    p.rsb = 1;
+    p.csb = K;
+    p.N = nn;
+    p.c = g.c + n0;
+    p.bias = g.bias ? g.bias + n0 : nullptr;
+    gemm(p);
+  }
+  if constexpr (!std::is_same_v<T, float>) {
+    T* y = static_cast<T*>(a.y);
+    const float* yf = ybuf.get();
+    parallel_for(0, M, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0 * N; i < i1 * N; ++i) y[i] = from_float<T>(yf[i]);
+    });
+  }
+}
+
+// float64 (the exactness tests): plain loops in double.
+void run_double(const QuantLinearArgs& a) {
+  const double* x = static_cast<const double*>(a.x);
+  const double* b = static_cast<const double*>(a.bias);
+  double* y = static_cast<double*>(a.y);
+  parallel_for(0, a.N, 4, [&](int64_t n0, int64_t n1) {
+    std::unique_ptr<double[]> w(new double[a.K]);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t k = 0; k < a.K; ++k) w[k] = qvalue(a, n, k);
+      for (int64_t i = 0; i < a.M; ++i) {
+        double s = b ? b[n] : 0.0;
+        for (int64_t k = 0; k < a.K; ++k) s += x[i * a.ldx + k] * w[k];
+        y[i * a.N + n] = s;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// int8_dynamic
+
+// Quantizes row i of x to int8 at q + i * ldq (zero padded to ldq), returns its scale.
+template <typename T>
+float quantize_row(const T* x, int64_t K, int8_t* q, int64_t ldq) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(float(to_float(x[k]))));
+  const float s = amax / 127.f;
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  for (int64_t k = 0; k < K; ++k)
+    q[k] = int8_t(std::nearbyint(std::clamp(float(to_float(x[k])) * inv, -127.f, 127.f)));
+  for (int64_t k = K; k < ldq; ++k) q[k] = 0;
+  return s;
+}
+
+#if defined(__AVX2__)
+// acc (8 int32 lanes) += the 4-byte-group dot products of x and w (int8 in [-127, 127]).
+template <bool VNNI>
+FF_INLINE __m256i dot32(__m256i acc, __m256i x, __m256i w) {
+  const __m256i ax = _mm256_sign_epi8(x, x);
+  const __m256i sw = _mm256_sign_epi8(w, x);
+  if constexpr (VNNI) {
+    // EVEX vpdpbusd (AVX512-VNNI + VL), written in asm so that only this build's callers that
+    // checked the CPU reach it and the rest of the file keeps the base flags
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(ax), "v"(sw));
+    return acc;
+  } else {
+    const __m256i p16 = _mm256_maddubs_epi16(ax, sw);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+  }
+}
+FF_INLINE int32_t hsum_epi32(__m256i v) {
+  const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i t = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
+}
+
+// out[i][j] = sum_k xq_i[k] w_j[k] for MR rows of quantized x (padded) and NR rows of W.
+template <bool VNNI, int MR, int NR>
+FF_INLINE void itile(const int8_t* const* x, const int8_t* const* w, int64_t K, int32_t (*out)[kNR]) {
+  __m256i acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+  const int64_t Kv = K - K % 32;
+  for (int64_t k = 0; k < Kv; k += 32) {
+    __m256i wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + k));
+    for (int i = 0; i < MR; ++i) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i] + k));
+      for (int j = 0; j < NR; ++j) acc[i][j] = dot32<VNNI>(acc[i][j], xv, wv[j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      int32_t s = hsum_epi32(acc[i][j]);
+      for (int64_t k = Kv; k < K; ++k) s += int32_t(x[i][k]) * int32_t(w[j][k]);
+      out[i][j] = s;
+    }
+}
+#endif
+
+// sum_k xq[k] w[k], plain (the generic build; compilers vectorize it)
+FF_INLINE int32_t idot(const int8_t* x, const int8_t* w, int64_t K) {
+  int32_t s = 0;
+  for (int64_t k = 0; k < K; ++k) s += int32_t(x[k]) * int32_t(w[k]);
+  return s;
+}
+
+template <bool VNNI, int MR, int NR>
+void itile_store(const QuantLinearArgs& a, const int8_t* xq, int64_t ldq, const float* xs, const float* bias,
+                 float* y, int64_t m, int64_t n) {
+  const int8_t* qw = static_cast<const int8_t*>(a.qw);
+  int32_t out[kMR][kNR];
+#if defined(__AVX2__)
+  const int8_t* xr[MR];
+  const int8_t* wr[NR];
+  for (int i = 0; i < MR; ++i) xr[i] = xq + (m + i) * ldq;
+  for (int j = 0; j < NR; ++j) wr[j] = qw + (n + j) * a.K;
+  itile<VNNI, MR, NR>(xr, wr, a.K, out);
+#else
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) out[i][j] = idot(xq + (m + i) * ldq, qw + (n + j) * a.K, a.K);
+#endif
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      y[(m + i) * a.N + n + j] = float(out[i][j]) * xs[m + i] * a.scale[n + j] + (bias ? bias[n + j] : 0.f);
+}
+
+template <bool VNNI, int MR = kMR, int NR = kNR>
+FF_INLINE void run_itile(int mr, int nr, const QuantLinearArgs& a, const int8_t* xq, int64_t ldq, const float* xs,
+                         const float* bias, float* y, int64_t m, int64_t n) {
+  if constexpr (MR > 1)
+    if (mr < MR) return run_itile<VNNI, MR - 1, NR>(mr, nr, a, xq, ldq, xs, bias, y, m, n);
+  if constexpr (NR > 1)
+    if (nr < NR) return run_itile<VNNI, MR, NR - 1>(mr, nr, a, xq, ldq, xs, bias, y, m, n);
+  itile_store<VNNI, MR, NR>(a, xq, ldq, xs, bias, y, m, n);
+}
+
+template <bool VNNI>
+void run_dynamic_tiles(const QuantLinearArgs& a, const int8_t* xq, int64_t ldq, const float* xs, const float* bias,
+                       float* y) {
+  for_each_tile(a, [&](int mr, int nr, int64_t m, int64_t n) { run_itile<VNNI>(mr, nr, a, xq, ldq, xs, bias, y, m, n); });
+}
+
+#if defined(__AVX512F__)
+// Whether the CPU has AVX512-VNNI: the AVX-512 build's dynamic kernel then uses vpdpbusd (the AVX2
+// build keeps vpmaddubsw, which every AVX2 CPU has).
+bool use_vnni() {
+  static const bool v = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+  }();
+  return v;
+}
+#endif
+
+// y (float, M x N) into the output's storage when that is not float32
+template <typename T>
+void convert_output(const QuantLinearArgs& a, const float* y) {
+  if constexpr (!std::is_same_v<T, float>) {
+    T* yt = static_cast<T*>(a.y);
+    for (int64_t i = 0; i < a.M * a.N; ++i) yt[i] = to_storage<T>(y[i]);
+  }
+}
+
+template <typename T>
+void run_dynamic(const QuantLinearArgs& a) {
+  const int64_t M = a.M, N = a.N, K = a.K;
+  const int64_t ldq = (K + 31) / 32 * 32;
+  std::unique_ptr<int8_t[]> xq(new int8_t[M * ldq]);
+  std::unique_ptr<float[]> xs(new float[M]);
+  const T* x = static_cast<const T*>(a.x);
+  parallel_for(0, M, 8, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) xs[i] = quantize_row(x + i * a.ldx, K, xq.get() + i * ldq, ldq);
+  });
+  // the output in float (the storage when it is float32), then converted
+  std::unique_ptr<float[]> ybuf, bbuf;
+  float* y = std::is_same_v<T, float> ? static_cast<float*>(a.y) : (ybuf.reset(new float[M * N]), ybuf.get());
+  const float* bias = nullptr;
+  if (a.bias) {
+    bbuf.reset(new float[N]);
+    for (int64_t n = 0; n < N; ++n) bbuf[n] = to_float(static_cast<const T*>(a.bias)[n]);
+    bias = bbuf.get();
+  }
+#if defined(__AVX512F__)
+  if (use_vnni()) {
+    run_dynamic_tiles<true>(a, xq.get(), ldq, xs.get(), bias, y);
+    return convert_output<T>(a, y);
+  }
+#endif
+  run_dynamic_tiles<false>(a, xq.get(), ldq, xs.get(), bias, y);
+  convert_output<T>(a, y);
+}
+
+}  // namespace
+
+void quantized_linear(const QuantLinearArgs& a) {
+  if (a.M == 0 || a.N == 0) return;
+  dispatch_dtype(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, double>) {
+      if (a.scheme == QuantScheme::Int8Dynamic)
+        run_dynamic<T>(a);
+      else
+        run_double(a);
+    } else if (a.scheme == QuantScheme::Int8Dynamic) {
+      run_dynamic<T>(a);
+    } else if (a.M > kFewRows) {
+      run_panels<T>(a);
+    } else if (a.scheme == QuantScheme::Int4) {
+      run_stream<T, QuantScheme::Int4>(a);
+    } else {
+      run_stream<T, QuantScheme::Int8>(a);
+    }
+  });
+}
+
+}  // namespace fusedformer::cpu::FF_ISA

@@ -1,0 +1,5 @@
+"""Model optimization: quantization (``quantize``)."""
+
+from .quantize import quantize
+
+__all__ = ["quantize"]

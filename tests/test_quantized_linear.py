@@ -1,0 +1,182 @@
+"""fusedformer.ops.quantized_linear and the fusedformer::quantized_linear kernels: values against the
+float64 dequantize-then-matmul reference for every dtype, scheme, group size, row count (the streamed
+few-rows path and the panel path), odd shapes, strided inputs and every instruction set; the packing
+helpers; input gradients and the refused weight gradient; opcheck, torch.compile and the errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedformer
+from fusedformer import reference
+from fusedformer.ops.quantized_linear import dequantize_weight, pack_int4, quantize_weight, unpack_int4
+from _util import DTYPES, ISAS, LOWP, assert_matches_reference, cpu_isa, make
+
+_ops = torch.ops.fusedformer
+
+ROWS = [1, 3, 16, 17, 200]  # up to 16: the weight stream; above: dequantized panels (int8 / int4)
+SHAPES = [(1, 64), (17, 96), (300, 1024)]  # (N, K)
+
+
+def _weights(N, K, scheme, group_size, seed):
+    w = make((N, K), seed=seed, scale=K ** -0.5)
+    return quantize_weight(w, scheme, group_size)
+
+
+def _check(M, N, K, dtype, scheme, group_size=None, *, bias=True, noncontig=False, lead=(), seed=0):
+    q, s = _weights(N, K, scheme, group_size, seed)
+    x = make((*lead, M, K), dtype, seed=seed + 1, noncontig=noncontig)
+    b = make((N,), dtype, seed=seed + 2) if bias else None
+    got = fusedformer.ops.quantized_linear(x, q, s, b, scheme)
+    ref = reference.quantized_linear(x, q, s, b, scheme)
+    what = f"quantized_linear {scheme} g={group_size} {dtype} M={M} N={N} K={K}"
+    assert got.dtype == dtype and got.shape == (*lead, M, N) and got.is_contiguous(), what
+    if dtype == torch.float64:
+        # weight-only: exact products in double; dynamic: the int32 sums scaled in float32
+        tol = 1e-6 if scheme == "int8_dynamic" else 1e-12
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+        return
+    if scheme == "int8_dynamic":
+        # the same integers as the reference: only the final scaling and the output rounding differ
+        eps = 4 * torch.finfo(dtype).eps
+        torch.testing.assert_close(got.double(), ref, rtol=eps, atol=eps * ref.abs().max().item(),
+                                   msg=lambda m: f"{what}: {m}")
+        return
+    w = dequantize_weight(q, s, scheme, torch.float64)
+    peer = F.linear(x, w.to(dtype), b) if dtype in LOWP else None
+    assert_matches_reference(got, ref, peer, rtol=2e-5, atol=2e-5, what=what)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int8_dynamic"])
+def test_against_reference(isa, dtype, scheme):
+    with cpu_isa(isa):
+        for M in ROWS:
+            for N, K in SHAPES if M < 200 else SHAPES[:2]:
+                _check(M, N, K, dtype, scheme, 32 if scheme == "int4" else None, bias=(M + N) % 2 == 0,
+                       seed=M * 1000 + N)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_group_sizes(isa, group_size):
+    with cpu_isa(isa):
+        for M in (1, 5, 40):
+            for dtype in (torch.float32, torch.bfloat16):
+                _check(M, 45, 1024, dtype, "int4", group_size, seed=group_size + M)
+                _check(M, 7, 4 * group_size, dtype, "int4", group_size, bias=False, seed=group_size + M + 1)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int8_dynamic"])
+def test_strided_and_batched_input(scheme):
+    g = 32 if scheme == "int4" else None
+    for M in (3, 17, 40):
+        _check(M, 33, 128, torch.float32, scheme, g, noncontig=True, seed=M)
+        _check(M, 33, 128, torch.bfloat16, scheme, g, noncontig=True, lead=(2,), seed=M + 1)
+    # a transposed view: rows far apart
+    q, s = _weights(9, 64, scheme, g, 3)
+    x = make((64, 20), seed=4).t()
+    torch.testing.assert_close(fusedformer.ops.quantized_linear(x, q, s, None, scheme).double(),
+                               reference.quantized_linear(x, q, s, None, scheme), rtol=1e-5, atol=1e-5)
+
+
+def test_zero_rows_and_zero_weights():
+    q, s = _weights(5, 64, "int8", None, 0)
+    assert fusedformer.ops.quantized_linear(torch.empty(0, 64), q, s, None, "int8").shape == (0, 5)
+    # an all-zero input row and an all-zero weight row (scale 0) give the bias, never NaN
+    qz, sz = quantize_weight(torch.zeros(3, 64), "int4", 32)
+    for scheme, (qq, ss) in (("int4", (qz, sz)), ("int8_dynamic", quantize_weight(torch.zeros(3, 64), "int8"))):
+        b = torch.arange(3, dtype=torch.float32)
+        y = fusedformer.ops.quantized_linear(torch.zeros(2, 64), qq, ss, b, scheme)
+        assert torch.equal(y, b.expand(2, 3))
+
+
+def test_packing_round_trip_and_quantization_error():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, (5, 128), generator=g)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 64)
+    assert torch.equal(unpack_int4(packed), q.to(torch.int8))
+    # documented layout: byte j of a block holds elements j (low nibble) and j + 16 (high), as q + 8
+    assert packed[0, 3].item() == (q[0, 3].item() + 8) | ((q[0, 19].item() + 8) << 4)
+    w = make((7, 256), seed=1)
+    for scheme, group, bound in (("int8", None, 1 / 127), ("int4", 32, 1 / 8)):
+        qw, sc = quantize_weight(w, scheme, group)
+        err = (dequantize_weight(qw, sc, scheme) - w).abs()
+        # int8: within half a step of the grid; int4: the side opposite the largest value clamps at 7
+        # (its extreme one step off), the rest within half a step
+        if scheme == "int8":
+            assert (err <= 0.5 * sc[:, None] + 1e-7).all()
+        else:
+            step = sc.abs().repeat_interleave(group, dim=1)
+            assert (err <= step + 1e-7).all() and (err <= 0.5 * step + 1e-7).float().mean() > 0.95
+        assert err.max() <= bound * w.abs().max()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int8_dynamic"])
+def test_input_gradient(scheme):
+    g = 32 if scheme == "int4" else None
+    q, s = _weights(6, 64, scheme, g, 1)
+    x = make((2, 3, 64), torch.float64, seed=2, requires_grad=True)
+    b = make((6,), torch.float64, seed=3, requires_grad=True)
+    y = fusedformer.ops.quantized_linear(x, q, s, b, scheme)
+    gy = make(y.shape, torch.float64, seed=4)
+    gx, gb = torch.autograd.grad(y, (x, b), gy)
+    w = dequantize_weight(q, s, scheme, torch.float64)
+    torch.testing.assert_close(gx, gy @ w)
+    torch.testing.assert_close(gb, gy.sum((0, 1)))
+
+
+def test_weight_gradient_is_refused():
+    q, s = _weights(6, 64, "int8", None, 1)
+    s = s.clone().requires_grad_()
+    y = fusedformer.ops.quantized_linear(make((2, 64), seed=2), q, s, None, "int8")
+    with pytest.raises(RuntimeError, match="no gradient flows to scale"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int8_dynamic"])
+def test_opcheck(scheme):
+    g = 32 if scheme == "int4" else None
+    q, s = _weights(6, 64, scheme, g, 1)
+    x, b = make((4, 64), seed=2), make((6,), seed=3)
+    torch.library.opcheck(_ops.quantized_linear.default, (x, q, s, b, scheme))
+    torch.library.opcheck(_ops.quantized_linear.default, (x.requires_grad_(), q, s, None, scheme))
+
+
+def test_compile_fullgraph():
+    q, s = _weights(6, 64, "int4", 32, 1)
+    x, b = make((3, 64), seed=2), make((6,), seed=3)
+    got = torch.compile(lambda a: fusedformer.ops.quantized_linear(a, q, s, b, "int4").relu(), fullgraph=True)(x)
+    torch.testing.assert_close(got, fusedformer.ops.quantized_linear(x, q, s, b, "int4").relu())
+
+
+def test_errors_name_the_argument():
+    op = fusedformer.ops.quantized_linear
+    q8, s8 = _weights(6, 64, "int8", None, 1)
+    q4, s4 = _weights(6, 64, "int4", 32, 1)
+    x = make((2, 64), seed=2)
+    cases = [
+        (lambda: op(x, q8, s8, None, "int3"), "scheme"),
+        (lambda: op(x.int(), q8, s8, None, "int8"), "input"),
+        (lambda: op(x, q8.to(torch.uint8), s8, None, "int8"), "qweight must be int8"),
+        (lambda: op(x, q8, s8, None, "int4"), "qweight must be uint8"),
+        (lambda: op(make((2, 63), seed=2), q8, s8, None, "int8"), "in_features"),
+        (lambda: op(make((2, 62), seed=2), q4, s4, None, "int4"), "half the last dim"),
+        (lambda: op(x, q8, s8.double(), None, "int8"), "scale must be float32"),
+        (lambda: op(x, q8, s8[:5], None, "int8"), "scale must have shape"),
+        (lambda: op(x, q4, s4.reshape(-1)[:6], None, "int4"), "scale must have shape"),
+        (lambda: op(x, q4, torch.ones(6, 4), None, "int4"), "multiple of 32"),
+        (lambda: op(x, q8, s8, make((5,), seed=3), "int8"), "bias"),
+        (lambda: op(x, q8, s8, make((6,), torch.bfloat16, seed=3), "int8"), "bias"),
+        (lambda: op(x, q8, s8.reshape(6, 1, 1)[:, 0, 0].expand(6), None, "int8"), None),  # a view is fine
+    ]
+    for fn, match in cases:
+        if match is None:
+            assert fn().shape == (2, 6)
+            continue
+        with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+            fn()
+    with pytest.raises(TypeError, match="qweight must be a torch.Tensor"):
+        op(x, None, s8)
