@@ -9,10 +9,11 @@
 #include <cstdint>
 #include <type_traits>
 
+// Small helpers both backends call: inlined on the host, and on the device under nvcc.
 #if defined(__CUDACC__)
-#define FF_HOST_DEVICE __host__ __device__
+#define FF_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define FF_HOST_DEVICE
+#define FF_HOST_DEVICE inline
 #endif
 
 namespace fusedformer {

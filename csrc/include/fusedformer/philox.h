@@ -5,11 +5,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FF_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define FF_HOST_DEVICE inline
-#endif
+#include "fusedformer/kernel_types.h"  // FF_HOST_DEVICE
 
 namespace fusedformer {
 
