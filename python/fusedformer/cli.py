@@ -127,7 +127,7 @@ def _add_bench(sub):
 # TrainConfig field -> (type, help); the default comes from TrainConfig (or the preset)
 _TRAIN_OPTIONS = {
     "max_chars": (POSITIVE, "read at most this many characters of the corpus (default: all)"),
-    "vocab_size": (POSITIVE, "BPE vocabulary size (--data or the default corpus)"),
+    "vocab_size": (POSITIVE, "BPE vocabulary size, for --data or the standard-library corpus"),
     "context": (POSITIVE, "tokens per training window (the model's n_positions)"),
     "d_model": (POSITIVE, "model width"),
     "n_layer": (POSITIVE, "Transformer blocks"),
