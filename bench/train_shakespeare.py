@@ -1,13 +1,13 @@
 """The char-level baby GPT on the Shakespeare plays, whole runs side by side (bench/results/
 cpu-train-shakespeare.{json,md,png}):
 
-1. the same training loop (the preset's batch sampler, warmup + cosine schedule, AdamW, clipping, an
+1. ``python -m fusedformer train --preset shakespeare-char`` as a user runs it (its own wall time and
+   validation loss, a loss curve, a sample);
+2. the same training loop (the preset's batch sampler, warmup + cosine schedule, AdamW, clipping, an
    evaluation every 250 steps on the same held-out windows) for 2000 iterations with the fusedformer
    GPT, the same model in plain PyTorch eager (bench_train.PlainGPT, nanoGPT's layout) and that
    model under torch.compile, all from the same initial weights: wall time, step rate and final
    validation loss;
-2. ``python -m fusedformer train --preset shakespeare-char`` as a user runs it (its own wall time and
-   validation loss, a loss curve, a sample);
 3. the same command under ``torchrun --nproc-per-node 2`` (batch 6 per process, the same global batch
    12) against 1 process, for --torchrun-steps steps: the step rates (on a 2-core machine no speed-up is
    expected; the point is that it scales out).
@@ -109,25 +109,7 @@ def main(argv=None):
                           "val_plays": index["val"]["documents"], "vocab_size": index["vocab_size"]},
                "note": "a 2-core machine shared with other jobs while this ran: absolute times are noisy"}
 
-    # 1. the same loop, three implementations, same initial weights
-    V = index["vocab_size"]
-    ours, plain = baby_gpt_pair(vocab=V)
-    runs = {"fusedformer": run_loop(ours, ours.loss, train_ids, val_ids, cfg, "fusedformer"),
-            "plain PyTorch eager": run_loop(plain, plain, train_ids, val_ids, cfg, "eager")}
-    if not args.skip_compile:
-        _, plain2 = baby_gpt_pair(vocab=V)
-        try:
-            compiled = torch.compile(plain2)
-            runs["plain PyTorch + torch.compile"] = run_loop(plain2, compiled, train_ids, val_ids, cfg, "compile")
-            runs["plain PyTorch + torch.compile"]["note"] = "wall_s includes compiling; steps_per_s too"
-        except Exception as e:  # no compiler on this machine: report it and go on
-            results["compile_error"] = f"{type(e).__name__}: {e}"[:500]
-    base = runs["plain PyTorch eager"]["steps_per_s"]
-    for r in runs.values():
-        r["step_rate_vs_eager"] = r["steps_per_s"] / base
-    results["loop"] = runs
-
-    # 2. the train command as users run it
+    # 1. the train command as users run it
     out = os.path.join(work, "run")
     stdout = _cli(["-m", "fusedformer", "train", "--preset", "shakespeare-char", "--data-dir", sh, "--out", out,
                    "--steps", str(args.steps), "--no-progress"])
@@ -143,6 +125,31 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     shutil.copy(os.path.join(out, "loss.png"), os.path.join(args.out, "cpu-train-shakespeare-loss.png"))
 
+    _save(results, args.out)
+
+    # 2. the same loop, three implementations, same initial weights
+    V = index["vocab_size"]
+    ours, plain = baby_gpt_pair(vocab=V)
+    runs = {}
+    results["loop"] = runs
+    runs["plain PyTorch eager"] = run_loop(plain, plain, train_ids, val_ids, cfg, "eager")
+    _save(results, args.out)
+    runs["fusedformer"] = run_loop(ours, ours.loss, train_ids, val_ids, cfg, "fusedformer")
+    _save(results, args.out)
+    if not args.skip_compile:
+        _, plain2 = baby_gpt_pair(vocab=V)
+        try:
+            compiled = torch.compile(plain2)
+            runs["plain PyTorch + torch.compile"] = run_loop(plain2, compiled, train_ids, val_ids, cfg, "compile")
+            runs["plain PyTorch + torch.compile"]["note"] = "wall_s includes compiling; steps_per_s too"
+        except Exception as e:  # no compiler on this machine: report it and go on
+            results["compile_error"] = f"{type(e).__name__}: {e}"[:500]
+    base = runs["plain PyTorch eager"]["steps_per_s"]
+    for r in runs.values():
+        r["step_rate_vs_eager"] = r["steps_per_s"] / base
+
+    _save(results, args.out)
+
     # 3. torchrun: 2 processes x batch 6 against 1 process x batch 12
     tr = {}
     for nproc in (1, 2):
@@ -157,9 +164,7 @@ def main(argv=None):
                                                             "threads_per_process": "OMP_NUM_THREADS=1 (torchrun's default)"
                                                             if nproc > 1 else str(torch.get_num_threads())}
     results["torchrun"] = tr
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "cpu-train-shakespeare.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    _save(results, args.out)
     md = ["# baby GPT (char-level) on the Shakespeare plays", "",
           ", ".join(f"{k}: {v}" for k, v in results["machine"].items()), "", results["note"], "",
           "| run | wall s (2000 it.) | steps/s (without evals) | vs eager | final val loss |", "|---|---|---|---|---|"]
@@ -174,6 +179,13 @@ def main(argv=None):
         f.write("\n".join(md))
     _plot(runs, os.path.join(args.out, "cpu-train-shakespeare.png"))
     print("\n".join(md))
+
+
+def _save(results, out):
+    """Write what has been measured so far (each stage takes minutes)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "cpu-train-shakespeare.json"), "w") as f:
+        json.dump(results, f, indent=1)
 
 
 def _plot(runs, path):
