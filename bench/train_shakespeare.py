@@ -8,7 +8,7 @@ cpu-train-shakespeare.{json,md,png}):
    GPT, the same model in plain PyTorch eager (bench_train.PlainGPT, nanoGPT's layout) and that
    model under torch.compile, all from the same initial weights: wall time, step rate and final
    validation loss;
-3. the same command under ``torchrun --nproc-per-node 2`` (batch 6 per process, the same global batch
+3. (before the torch.compile run, the slowest) the same command under ``torchrun --nproc-per-node 2`` (batch 6 per process, the same global batch
    12) against 1 process, for --torchrun-steps steps: the step rates (on a 2-core machine no speed-up is
    expected; the point is that it scales out).
 
@@ -88,7 +88,11 @@ def _cli(args, env=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plays", default="data/shakespeare", help="output of `data shakespeare` (fetched if missing)")
-    ap.add_argument("--steps", type=int, default=BABY["steps"], help="iterations per run (default 2000)")
+    ap.add_argument("--steps", type=int, default=BABY["steps"], help="iterations of the train command (default 2000)")
+    ap.add_argument("--loop-steps", type=int, default=None,
+                    help="iterations of each run of the loop comparison (default: --steps)")
+    ap.add_argument("--reuse-command", default=None,
+                    help="a results JSON of an earlier run whose train-command figures to keep instead of running it")
     ap.add_argument("--torchrun-steps", type=int, default=200, help="steps of the 1- vs 2-process comparison")
     ap.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile peer")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
@@ -110,46 +114,26 @@ def main(argv=None):
                "note": "a 2-core machine shared with other jobs while this ran: absolute times are noisy"}
 
     # 1. the train command as users run it
-    out = os.path.join(work, "run")
-    stdout = _cli(["-m", "fusedformer", "train", "--preset", "shakespeare-char", "--data-dir", sh, "--out", out,
-                   "--steps", str(args.steps), "--no-progress"])
-    m = json.load(open(os.path.join(out, "metrics.json")))
-    sample = _cli(["-m", "fusedformer", "generate", "--model", out, "--prompt", "ROMEO.\n", "--max-new-tokens", "63",
-                   "--seed", "1"])
-    results["train_command"] = {"train_seconds": m["summary"]["train_seconds"],
-                                "total_seconds": m["summary"]["total_seconds"],
-                                "steps_per_s": m["summary"]["steps_per_s"], "val_loss": m["summary"]["heldout_loss"],
-                                "val_curve": m["history"]["val"], "sample": sample, "log": stdout.splitlines()[-12:]}
-    import shutil
-
-    os.makedirs(args.out, exist_ok=True)
-    shutil.copy(os.path.join(out, "loss.png"), os.path.join(args.out, "cpu-train-shakespeare-loss.png"))
-
+    if args.reuse_command:
+        with open(args.reuse_command) as f:
+            results["train_command"] = json.load(f)["train_command"]
+    else:
+        _train_command(args, sh, work, results)
     _save(results, args.out)
 
     # 2. the same loop, three implementations, same initial weights
+    cfg.steps = args.loop_steps or args.steps
+    results["loop_steps"] = cfg.steps
     V = index["vocab_size"]
+
     ours, plain = baby_gpt_pair(vocab=V)
     runs = {}
     results["loop"] = runs
     runs["plain PyTorch eager"] = run_loop(plain, plain, train_ids, val_ids, cfg, "eager")
     _save(results, args.out)
     runs["fusedformer"] = run_loop(ours, ours.loss, train_ids, val_ids, cfg, "fusedformer")
+    _ratios(runs)
     _save(results, args.out)
-    if not args.skip_compile:
-        _, plain2 = baby_gpt_pair(vocab=V)
-        try:
-            compiled = torch.compile(plain2)
-            runs["plain PyTorch + torch.compile"] = run_loop(plain2, compiled, train_ids, val_ids, cfg, "compile")
-            runs["plain PyTorch + torch.compile"]["note"] = "wall_s includes compiling; steps_per_s too"
-        except Exception as e:  # no compiler on this machine: report it and go on
-            results["compile_error"] = f"{type(e).__name__}: {e}"[:500]
-    base = runs["plain PyTorch eager"]["steps_per_s"]
-    for r in runs.values():
-        r["step_rate_vs_eager"] = r["steps_per_s"] / base
-
-    _save(results, args.out)
-
     # 3. torchrun: 2 processes x batch 6 against 1 process x batch 12
     tr = {}
     for nproc in (1, 2):
@@ -165,9 +149,21 @@ def main(argv=None):
                                                             if nproc > 1 else str(torch.get_num_threads())}
     results["torchrun"] = tr
     _save(results, args.out)
+
+    if not args.skip_compile:
+        _, plain2 = baby_gpt_pair(vocab=V)
+        try:
+            compiled = torch.compile(plain2)
+            runs["plain PyTorch + torch.compile"] = run_loop(plain2, compiled, train_ids, val_ids, cfg, "compile")
+            runs["plain PyTorch + torch.compile"]["note"] = "wall_s includes compiling; steps_per_s too"
+        except Exception as e:  # no compiler on this machine: report it and go on
+            results["compile_error"] = f"{type(e).__name__}: {e}"[:500]
+    _ratios(runs)
+    _save(results, args.out)
+
     md = ["# baby GPT (char-level) on the Shakespeare plays", "",
           ", ".join(f"{k}: {v}" for k, v in results["machine"].items()), "", results["note"], "",
-          "| run | wall s (2000 it.) | steps/s (without evals) | vs eager | final val loss |", "|---|---|---|---|---|"]
+          f"| run | wall s ({cfg.steps} it.) | steps/s (without evals) | vs eager | final val loss |", "|---|---|---|---|---|"]
     for k, r in runs.items():
         md.append(f"| {k} | {r['wall_s']:.0f} | {r['steps_per_s']:.1f} | {r['step_rate_vs_eager']:.2f}x | "
                   f"{r['final_val_loss']:.3f} |")
@@ -179,6 +175,29 @@ def main(argv=None):
         f.write("\n".join(md))
     _plot(runs, os.path.join(args.out, "cpu-train-shakespeare.png"))
     print("\n".join(md))
+
+
+def _train_command(args, sh, work, results):
+    out = os.path.join(work, "run")
+    stdout = _cli(["-m", "fusedformer", "train", "--preset", "shakespeare-char", "--data-dir", sh, "--out", out,
+                   "--steps", str(args.steps), "--no-progress"])
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    sample = _cli(["-m", "fusedformer", "generate", "--model", out, "--prompt", "ROMEO.\n", "--max-new-tokens", "63",
+                   "--seed", "1"])
+    results["train_command"] = {"train_seconds": m["summary"]["train_seconds"],
+                                "total_seconds": m["summary"]["total_seconds"],
+                                "steps_per_s": m["summary"]["steps_per_s"], "val_loss": m["summary"]["heldout_loss"],
+                                "val_curve": m["history"]["val"], "sample": sample, "log": stdout.splitlines()[-12:]}
+    import shutil
+
+    os.makedirs(args.out, exist_ok=True)
+    shutil.copy(os.path.join(out, "loss.png"), os.path.join(args.out, "cpu-train-shakespeare-loss.png"))
+
+
+def _ratios(runs):
+    base = runs["plain PyTorch eager"]["steps_per_s"]
+    for r in runs.values():
+        r["step_rate_vs_eager"] = r["steps_per_s"] / base
 
 
 def _save(results, out):
