@@ -1,9 +1,12 @@
-"""Byte-level BPE tokenizers (the ``tokenizers`` package): training on a corpus, loading from a
-checkpoint folder. Every byte sequence round-trips; ``<|endoftext|>`` (id 0) separates documents."""
+"""Tokenizers (the ``tokenizers`` package): byte-level BPE trained on a corpus, or characters (one token
+per character of the corpus, as nanoGPT's character-level models); loading from a checkpoint folder.
+Every text round-trips (a character-level tokenizer: every text made of the corpus's characters);
+``<|endoftext|>`` (id 0) separates documents."""
 
 import os
 
 EOS = "<|endoftext|>"
+UNK = "<unk>"
 
 
 def train_bpe(texts, vocab_size: int = 4096, min_frequency: int = 2):
@@ -19,6 +22,33 @@ def train_bpe(texts, vocab_size: int = 4096, min_frequency: int = 2):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     return tok
+
+
+def train_char(texts):
+    """A character-level tokenizer: ``<|endoftext|>`` (id 0), ``<unk>`` (id 1), then every character of
+    ``texts`` in code-point order. Saved and loaded as any ``tokenizers`` JSON file."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = set()
+    for t in texts:
+        chars.update(t)
+    vocab = {EOS: 0, UNK: 1}
+    for c in sorted(chars):
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([EOS])
+    return tok
+
+
+def train_tokenizer(kind, texts, vocab_size=4096):
+    """``kind`` "bpe" (``vocab_size`` tokens) or "char"."""
+    if kind == "bpe":
+        return train_bpe(texts, vocab_size)
+    if kind == "char":
+        return train_char(texts)
+    raise ValueError(f"tokenizer must be 'bpe' or 'char'; got {kind!r}")
 
 
 def load_tokenizer(path: str):
