@@ -17,6 +17,9 @@ _LAZY = {
     "models": (".models", None),
     "reference": (".reference", None),
     "generate": (".generation", "generate"),
+    "serving": (".serving", None),
+    "LLM": (".serving", "LLM"),
+    "SamplingParams": (".serving", "SamplingParams"),
 }
 
 
