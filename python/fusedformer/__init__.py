@@ -18,6 +18,9 @@ _LAZY = {
     "reference": (".reference", None),
     "generate": (".generation", "generate"),
     "quantize": (".quantization", "quantize"),
+    "serving": (".serving", None),
+    "LLM": (".serving", "LLM"),
+    "SamplingParams": (".serving", "SamplingParams"),
 }
 
 

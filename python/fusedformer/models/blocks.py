@@ -13,6 +13,7 @@ from .. import ops
 from ..nn.linear import Linear
 from ..nn.residual import post_norm_add, pre_norm_add
 from ..ops.feed_forward import relu_feed_forward
+from .paged import PagedKVCache, paged_self_attention
 
 
 class Norm(nn.Module):
@@ -181,6 +182,8 @@ class Attention(nn.Module):
         to (B, H, L, S). With ``cache`` (self-attention), k and v are written at the cache's next positions
         and attention runs over all cached keys (``cache.length`` advances in the model, once per step).
         Cross-attention attends to ``memory`` (B, S, D), or to the cache's stored keys of it."""
+        if isinstance(cache, PagedKVCache):
+            return self._forward_paged(x, rope, cache, layer)
         B, L, _ = x.shape
         H, Hkv, E = self.n_head, self.n_kv_head, self.head_dim
         if self.cross:
@@ -220,6 +223,18 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                is_causal=is_causal, enable_gqa=Hkv != H)
         return self.out(y.transpose(1, 2).reshape(B, L, H * E))
+
+    def _forward_paged(self, x, rope, cache: PagedKVCache, layer: int):
+        """x (T, D): the tokens of a packed step (see fusedformer.models.paged); ``rope``: (cos, sin) of
+        shape (T, 1, E)."""
+        T = x.shape[0]
+        H, Hkv, E = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([H * E, Hkv * E, Hkv * E], dim=-1)
+        q, k, v = q.view(T, H, E), k.view(T, Hkv, E), v.view(T, Hkv, E)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        y = paged_self_attention(q, k, v, cache, layer, 1.0 / math.sqrt(E))
+        return self.out(y.reshape(T, H * E))
 
 
 class Block(nn.Module):

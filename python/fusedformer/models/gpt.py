@@ -10,6 +10,7 @@ from ..nn.linear import Linear
 from .blocks import Block, KVCache, Norm, Rotary, close_stack, init_weights
 from .checkpoint import CheckpointMixin
 from .config import GPTConfig
+from .paged import PagedKVCache
 
 
 class GPT(CheckpointMixin, nn.Module):
@@ -47,6 +48,34 @@ class GPT(CheckpointMixin, nn.Module):
         c = self.config
         p = self.embed.weight
         return KVCache(c.n_layer, batch, c.n_kv_head, max_len, c.head_dim, dtype or p.dtype, device or p.device)
+
+    def new_paged_cache(self, num_blocks: int, block_size: int, dtype=None, device=None) -> PagedKVCache:
+        c = self.config
+        p = self.embed.weight
+        return PagedKVCache.allocate(c.n_layer, num_blocks, c.n_kv_head, block_size, c.head_dim, dtype or p.dtype,
+                                     device or p.device)
+
+    def forward_packed(self, input_ids, position_ids, cache: PagedKVCache, logits_indices=None):
+        """One step of a packed batch: ``input_ids`` and ``position_ids`` (T,), the new tokens of several
+        sequences one after another, their keys/values written to and attention read from the paged
+        ``cache`` (its ``metadata`` set for this step). Returns the logits (len(logits_indices), V) of
+        the rows ``logits_indices`` (all T rows when None)."""
+        c = self.config
+        if self.pos_embed is not None and input_ids.numel() and int(position_ids.max()) >= c.n_positions:
+            raise ValueError(f"GPT: positions up to {int(position_ids.max()) + 1} exceed n_positions {c.n_positions}")
+        h = self.embed(input_ids)  # (T, D)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed(position_ids)
+        rope = None
+        if self.rotary is not None:
+            cos, sin = self.rotary(position_ids[None], h.dtype)  # (1, 1, T, E)
+            rope = cos[0, 0, :, None], sin[0, 0, :, None]  # (T, 1, E): broadcast over the heads
+        delta = None
+        for i, blk in enumerate(self.blocks):
+            h, delta = blk(h, delta, rope=rope, cache=cache, layer=i)
+        if logits_indices is not None:
+            h, delta = h[logits_indices], delta[logits_indices]
+        return self.head(close_stack(self.norm, h, delta))
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
                 last_only: bool = False):

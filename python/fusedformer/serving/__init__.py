@@ -1,0 +1,8 @@
+"""Serving: a paged KV cache with prefix caching, continuous batching and the offline ``LLM`` engine
+(``LLM(model).generate(prompts, SamplingParams(...))``)."""
+
+from .engine import LLM, LLMEngine
+from .outputs import CompletionOutput, Logprob, RequestOutput
+from .sampling_params import SamplingParams
+
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
