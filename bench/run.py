@@ -29,6 +29,7 @@ SUITES = {
                 "bench_linear", "bench_paged_attention", "bench_quantized_linear", "bench_cuda"],
     "modules": ["bench_modules"],
     "generation": ["bench_generation"],
+    "train": ["bench_train"],
 }
 
 
