@@ -7,8 +7,8 @@ README.md, bench/README.md and docs/*.md hold blocks
     <!-- report:end -->
 
 whose contents this script writes from bench/results/*.json (never by hand):
-- ``headline``: per suite, op, direction, dtype and peer (with the peer's precision), the speedup
-  (in the kernels suite the range over every shape measured, losers included; in the others each
+- ``headline``: per suite, op, direction and peer (with the peer's precision), the speedup (in the
+  kernels suite the range over every dtype and shape measured, losers included; in the others each
   case), with the result file, machine, commit and date beside it;
 - ``table:STEM``: every case of bench/results/STEM.json with the machine line and the ceilings.
 
@@ -64,7 +64,7 @@ def _range(vals):
 
 
 def headline():
-    lines = ["| suite | op | direction | dtype | peer | speedup | cases |", "|---|---|---|---|---|---|---|"]
+    lines = ["| suite | op | direction | peer (its precision) | speedup | cases |", "|---|---|---|---|---|---|"]
     sources = []
     for stem in HEADLINE_STEMS:
         if not os.path.exists(os.path.join(RESULTS, stem + ".json")):
@@ -74,21 +74,23 @@ def headline():
         suite = stem.split("-", 1)[1]
         groups = OrderedDict()
         for r in data["results"]:
-            key = (r["op"], r["direction"], r["dtype"], r.get("peer", ""), r.get("peer_dtype", r["dtype"]),
-                   r.get("note", "") if suite in RANGED_SUITES else r["shape"])
+            # kernels: one row per op, direction and peer, the range over every dtype and shape;
+            # the end-to-end suites: one row per case
+            key = (r["op"], r["direction"], r.get("peer", ""), r.get("note", "") if suite in RANGED_SUITES else
+                   (r["dtype"], r["shape"]))
             groups.setdefault(key, []).append(r)
-        for (op, direction, dtype, peer, peer_dtype, _), rs in groups.items():
+        for (op, direction, peer, _), rs in groups.items():
             failed = [r for r in rs if r.get("failed")]
             ok = [r["speedup"] for r in rs if "speedup" in r]
             cell = _range(ok) if ok else ""
             if failed:
                 cell += f" ({len(failed)} FAILED validation)"
-            slow = SLOW_PEERS.get((op, dtype))
-            peer_cell = f"{peer} ({peer_dtype})" if peer else ""
-            if slow:
-                peer_cell += f"; {slow}"
-            shapes = "; ".join(r["shape"] for r in rs)
-            lines.append(f"| {suite} | {op} | {direction} | {dtype} | {peer_cell} | {cell} | {shapes} |")
+            dtypes = list(OrderedDict.fromkeys(r["dtype"] for r in rs))
+            peer_dtypes = list(OrderedDict.fromkeys(r.get("peer_dtype", r["dtype"]) for r in rs))
+            notes = [SLOW_PEERS[(op, d)] for d in dtypes if (op, d) in SLOW_PEERS]
+            peer_cell = f"{peer} ({', '.join(peer_dtypes)})" + "".join(f"; {n}" for n in notes) if peer else ""
+            what = f"{len(rs)}: {', '.join(dtypes)}" if suite in RANGED_SUITES else f"{rs[0]['dtype']} {rs[0]['shape']}"
+            lines.append(f"| {suite} | {op} | {direction} | {peer_cell} | {cell} | {what} |")
     return "\n".join(lines + [""] + [f"Source: {s}" for s in sources]) + "\n"
 
 
