@@ -45,6 +45,7 @@ class Case:
     flops: Optional[float] = None  # floating-point operations (attention, products)
     large: bool = False  # outputs over ~24 MB: on the CPU the page-fault regime
     target: Optional[float] = None  # the speedup the project aims for against the first peer
+    copy_target: Optional[float] = None  # the fraction of the copy bandwidth (same bytes) aimed for
     note: str = ""
     peer_dtype: Optional[str] = None  # the first peer's precision where it differs from ``dtype``
 
@@ -331,6 +332,7 @@ def run_case(case: Case, device: str, quick: bool, ceilings: Dict[str, object]) 
         res["GBps"] = case.bytes / res["ours_ms"] / 1e6
         ceiling, which = stream_ceiling(ceilings, case.bytes, device, quick)
         res["frac_ceiling"], res["ceiling"] = res["GBps"] / ceiling, which
+        res["frac_copy"] = res["GBps"] / ceilings["stream"][which.split()[-2]]["all"]["copy"]
     if case.flops:
         res["GFLOPs"] = case.flops / res["ours_ms"] / 1e6
         key = "matmul_float32_GFLOPs" if case.dtype == "fp32" else "matmul_bfloat16_GFLOPs"
@@ -338,6 +340,9 @@ def run_case(case: Case, device: str, quick: bool, ceilings: Dict[str, object]) 
         res["ceiling"] = ceilings.get(key.replace("GFLOPs", "method"), key.split("_")[1] + " matmul")
     if case.target is not None and "speedup" in res:
         res["meets_target"] = res["speedup"] >= case.target
+    if case.copy_target is not None and "frac_copy" in res:
+        res["copy_target"] = case.copy_target
+        res["meets_target"] = res.get("meets_target", True) and res["frac_copy"] >= case.copy_target
     return res
 
 
@@ -369,7 +374,10 @@ def table_row(r: Dict[str, object]) -> List[str]:
               for k, v in r["peers_ms"].items() if k != peer]
     tgt = r.get("target")
     target = "" if tgt is None else ">= %.1fx %s" % (tgt, "ok" if r.get("meets_target") else "MISS")
-    frac = r.get("frac_ceiling", r.get("frac_copy", r.get("frac_matmul")))
+    if r.get("copy_target") is not None:
+        target = "%s>= %.0f%% of copy: %.0f%% %s" % (target + "; " if target else "", 100 * r["copy_target"],
+                                                   100 * r["frac_copy"], "ok" if r.get("meets_target") else "MISS")
+    frac = r.get("frac_ceiling", r.get("frac_matmul"))
     ceiling = "" if frac is None else f"{100 * frac:.0f}%" + (f" ({r['ceiling']})" if r.get("ceiling") else "")
     return [
         r["op"], r["direction"], r["dtype"], shape,

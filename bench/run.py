@@ -27,6 +27,7 @@ from common import describe_ceilings, format_table, machine_info, measure_ceilin
 SUITES = {
     "kernels": ["bench_softmax", "bench_cross_entropy", "bench_layernorm", "bench_gelu", "bench_attention",
                 "bench_linear", "bench_paged_attention", "bench_quantized_linear", "bench_cuda"],
+    "cuda": ["bench_cuda"],  # the GPU targets alone (scripts/gpu_check.sh)
     "modules": ["bench_modules"],
     "generation": ["bench_generation"],
     "train": ["bench_train"],
@@ -39,7 +40,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--ops", default="", help="comma-separated op names to run (default: all)")
     ap.add_argument("--out", default=None, help="output folder (default bench/results, or build/bench-quick)")
-    ap.add_argument("--suite", default="all", help="kernels, modules, generation or all (default)")
+    ap.add_argument("--suite", default="all", help="kernels, cuda, modules, generation, train or all (default)")
     ap.add_argument("--stem", default=None, help="file name stem (default <device>-<suite>)")
     ap.add_argument("--keep-heap", action="store_true",
                     help="do not trim the heap (malloc_trim) before each timed call: the steady state of a loop")

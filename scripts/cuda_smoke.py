@@ -60,6 +60,45 @@ def main():
     o, lse = ops.attention_fwd(q, k, v, None, 0.0, True, 0.1, None)
     torch.use_deterministic_algorithms(True)
     outs["attention bwd deterministic"] = ops.attention_bwd(o, q, k, v, o, lse, None, 0.0, True, 0.1, None)[0]
+    # gelu: forward, backward, in place (vector and scalar tails)
+    for n in (4096, 1001):
+        x = torch.randn(3, n, device=dev, dtype=bf)
+        outs[f"gelu {n}"] = ops.gelu(x, "tanh")
+        outs[f"gelu bwd {n}"] = ops.gelu_bwd(x, x, "none")
+        y = x.clone()
+        ops.gelu_(y, "none")
+        outs[f"gelu_ {n}"] = y
+    # cross-entropy rows: register rows and the long-row path, ignored rows, with gradients
+    for V in (1000, 70001):
+        logits = torch.randn(6, V, device=dev, dtype=bf)
+        target = torch.randint(0, V, (6,), device=dev)
+        target[2] = -100
+        loss, grad = ops.cross_entropy_rows(logits, target, torch.tensor(0.5, device=dev), -100, True)
+        outs[f"cross_entropy {V}"], outs[f"cross_entropy grad {V}"] = loss, grad
+    # linear (cuBLAS) and quantized linear: the weight stream (<= 16 rows) and the dequantize path
+    from fusedformer.ops.quantized_linear import quantize_weight
+
+    w = torch.randn(300, 512, device=dev, dtype=bf)
+    outs["linear"] = ops.linear(torch.randn(5, 512, device=dev, dtype=bf), w, None)
+    for scheme, group in (("int8", None), ("int4", 32), ("int8_dynamic", None)):
+        qw, sc = quantize_weight(w.float().cpu(), scheme, group)
+        qw, sc = qw.to(dev), sc.to(dev)
+        for M in (1, 7, 40):
+            x = torch.randn(M, 512, device=dev, dtype=bf)
+            outs[f"quantized_linear {scheme} {M}"] = ops.quantized_linear(x, qw, sc, None, scheme)
+    # paged attention: cache write, decode and chunked prefill, split-K over a long context
+    Hq, Hkv, E, bs = 4, 2, 64, 16
+    kc = torch.randn(200, Hkv, bs, E, device=dev, dtype=bf)
+    vc = torch.randn_like(kc)
+    kv = torch.randn(5, 2 * Hkv, E, device=dev, dtype=bf)
+    ops.paged_cache_write(kv[:, :Hkv], kv[:, Hkv:], kc, vc, torch.tensor([3, -1, 40, 77, 3199], device=dev))
+    outs["paged_cache_write"] = kc
+    tables = torch.randperm(200, device=dev)[:180].view(2, 90)
+    for name, lens, qlen in (("decode", (1400, 17), (1, 1)), ("prefill", (40, 1430), (9, 30))):
+        q = torch.randn(sum(qlen), Hq, E, device=dev, dtype=bf)
+        seq_lens = torch.tensor(lens, device=dev)
+        starts = torch.tensor([0, qlen[0], sum(qlen)], device=dev)
+        outs[f"paged_attention {name}"] = ops.paged_attention(q, kc, vc, tables, seq_lens, starts, E ** -0.5)
     torch.cuda.synchronize()
     bad = [k for k, t in outs.items() if not torch.isfinite(t.float()).all()]
     for k in bad:

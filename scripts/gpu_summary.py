@@ -118,7 +118,7 @@ def markdown(s):
     lines += ["", "## compute-sanitizer", ""]
     for tool, res in s["sanitizer"].items():
         lines.append(f"- {tool}: {res}")
-    lines += ["", "## Benchmarks (kernels suite)", ""]
+    lines += ["", "## Benchmarks (bench/run.py --suite cuda)", ""]
     lines.append(s["bench_table"].strip() if s["bench_table"] else "not run")
     lines.append("")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fusedformer
 from fusedformer.ops import _blocks
-from _util import ISAS, assert_matches_reference, cpu_isa, make
+from _util import ISAS, assert_matches_reference, cpu_isa, make, skip_unless_cuda
 
 _ops = torch.ops.fusedformer
 
@@ -66,6 +66,19 @@ def test_instruction_sets_and_vocab_sizes(isa, V):
         if V > 3:
             t[1, 0] = 3  # an ignore_index other than the default
         _check(x, w, None, t, ignore_index=3 if V > 3 else -100)
+
+
+@skip_unless_cuda()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [7, 1023, 40000])  # 40000: the long-row path of the CUDA row kernel
+def test_cuda(dtype, V):
+    x = make((2, 9, 24), dtype, "cuda", seed=V)
+    w = make((V, 24), dtype, "cuda", seed=V + 1, scale=0.3)
+    b = make((V,), dtype, "cuda", seed=V + 2)
+    t = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(V)).cuda()
+    t[1, :3] = -100
+    _check(x, w, b, t)
+    _check(x, w, None, t, reduction="sum")
 
 
 def test_chunks(monkeypatch):

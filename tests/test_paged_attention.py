@@ -7,7 +7,7 @@ import torch
 
 from fusedformer import ops
 from fusedformer import reference as ref
-from _util import ISAS, LOWP, assert_matches_reference, cpu_isa, make
+from _util import ISAS, LOWP, assert_matches_reference, cpu_isa, make, skip_unless_cuda
 
 _ops = torch.ops.fusedformer
 
@@ -164,6 +164,38 @@ def test_write_then_decode_matches_dense():
         want = ops.attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
                              enable_gqa=True).transpose(0, 1)
     torch.testing.assert_close(torch.cat(outs), want, rtol=1e-5, atol=1e-5)
+
+
+@skip_unless_cuda()
+@pytest.mark.parametrize("dtype", [torch.float32, *LOWP], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda(case, dtype):
+    """The CUDA kernel (split-K partials and their merge included) against the float64 reference."""
+    seqs, Hq, Hkv, E, bs = CASES[case]
+    args = _problem(seqs, Hq=Hq, Hkv=Hkv, E=E, bs=bs, dtype=dtype, seed=len(case) + 1)
+    out = _run([a.cuda() for a in args])
+    assert out.is_cuda and out.dtype == dtype and out.is_contiguous()
+    peer = ref.paged_attention(*args, dtype=dtype) if dtype != torch.float32 else None
+    assert_matches_reference(out.cpu(), ref.paged_attention(*args), peer, rtol=2e-5, atol=2e-5,
+                             what=f"cuda {case} {dtype}")
+
+
+@skip_unless_cuda()
+def test_cuda_strided_query_int32_tables_and_cache_write():
+    seqs = [(3, 20), (1, 33), (0, 4)]
+    args = _problem(seqs, Hq=4, Hkv=2, E=64, bs=16, strided_query=True, table_dtype=torch.int32, seed=9)
+    out = _run([a.cuda() for a in args])
+    assert_matches_reference(out.cpu(), ref.paged_attention(*args), rtol=2e-5, atol=2e-5)
+    for dtype in (torch.float32, torch.bfloat16):
+        Hkv, E, bs, nb = 3, 40, 16, 6
+        kc, vc = make((nb, Hkv, bs, E), dtype, seed=1), make((nb, Hkv, bs, E), dtype, seed=2)
+        qkv = make((9, 3 * Hkv * E), dtype, seed=3).view(9, 3 * Hkv, E)
+        key, value = qkv[:, Hkv:2 * Hkv], qkv[:, 2 * Hkv:]
+        slots = torch.tensor([5, -1, 17, 95, 0, -1, 33, 16, 64], dtype=torch.int64)
+        want_k, want_v = ref.paged_cache_write(key, value, kc, vc, slots)
+        kcg, vcg = kc.cuda(), vc.cuda()
+        ops.paged_cache_write(key.cuda(), value.cuda(), kcg, vcg, slots.cuda())
+        assert torch.equal(kcg.cpu().double(), want_k) and torch.equal(vcg.cpu().double(), want_v)
 
 
 def test_refuses_grad():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fusedformer
 from fusedformer import reference
 from fusedformer.ops.quantized_linear import dequantize_weight, pack_int4, quantize_weight, unpack_int4
-from _util import DTYPES, ISAS, LOWP, assert_matches_reference, cpu_isa, make
+from _util import DTYPES, ISAS, LOWP, assert_matches_reference, cpu_isa, make, skip_unless_cuda
 
 _ops = torch.ops.fusedformer
 
@@ -23,11 +23,15 @@ def _weights(N, K, scheme, group_size, seed):
     return quantize_weight(w, scheme, group_size)
 
 
-def _check(M, N, K, dtype, scheme, group_size=None, *, bias=True, noncontig=False, lead=(), seed=0):
+def _check(M, N, K, dtype, scheme, group_size=None, *, bias=True, noncontig=False, lead=(), seed=0,
+           device="cpu"):
     q, s = _weights(N, K, scheme, group_size, seed)
     x = make((*lead, M, K), dtype, seed=seed + 1, noncontig=noncontig)
     b = make((N,), dtype, seed=seed + 2) if bias else None
-    got = fusedformer.ops.quantized_linear(x, q, s, b, scheme)
+    on = (lambda t: t.to(device) if t is not None else None)
+    got = fusedformer.ops.quantized_linear(on(x), on(q), on(s), on(b), scheme)
+    assert got.device.type == device
+    got = got.cpu()
     ref = reference.quantized_linear(x, q, s, b, scheme)
     what = f"quantized_linear {scheme} g={group_size} {dtype} M={M} N={N} K={K}"
     assert got.dtype == dtype and got.shape == (*lead, M, N) and got.is_contiguous(), what
@@ -112,6 +116,17 @@ def test_packing_round_trip_and_quantization_error():
             step = sc.abs().repeat_interleave(group, dim=1)
             assert (err <= step + 1e-7).all() and (err <= 0.5 * step + 1e-7).float().mean() > 0.95
         assert err.max() <= bound * w.abs().max()
+
+
+@skip_unless_cuda()
+@pytest.mark.parametrize("dtype", [torch.float32, *LOWP], ids=str)
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int8_dynamic"])
+def test_cuda(dtype, scheme):
+    """The CUDA kernels: the weight stream (up to 16 rows) and the dequantize-then-cuBLAS path."""
+    for M in ROWS:
+        for N, K in SHAPES:
+            _check(M, N, K, dtype, scheme, 32 if scheme == "int4" else None, seed=M + N, device="cuda")
+    _check(5, 64, 256, dtype, scheme, 128 if scheme == "int4" else None, noncontig=True, lead=(2,), device="cuda")
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "int8_dynamic"])
