@@ -6,13 +6,11 @@
 # commit, step status, test counts, sanitizer results, benchmark table).
 #
 #   scripts/gpu_check.sh [--steps info,build,test,sanitize,bench] [--quick] [--budget SECONDS]
-#                        [--out DIR] [--commit HASH] [--pytest-args "ARGS"] [--prebuilt DIR]
+#                        [--out DIR] [--commit HASH] [--pytest-args "ARGS"]
 #                        [--sanitizers memcheck,racecheck] [--help]
 #
-# The test step runs the CUDA tests: tests/test_cuda.py and every op test's CUDA cases (-k cuda).
-# The build step leaves the extension (_C.so) and a hash of the sources it was built from
-# (_C.sources) in DIR; --prebuilt DIR (a folder holding those two) skips the compile when the hash
-# matches the sources here, and runs the package from python/ with that extension.
+# The test step runs the CUDA tests: tests/test_cuda.py and every op test's CUDA cases
+# (-k cuda). The steps run in the order info, build, test, bench, sanitize.
 #
 # Every step runs under a time limit inside the overall budget (default 570 s, one 10-minute
 # call); a step that finds too little time left is skipped, and the summary is always written.
@@ -21,7 +19,7 @@
 # cuda-kernels.{md,json} (with --quick: not) and cuda-summary.md.
 set -u -o pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 
 STEPS="info,build,test,sanitize,bench"
 QUICK=0
@@ -29,7 +27,6 @@ BUDGET=570
 DEST="${OUT:-}"
 COMMIT=""
 PYTEST_ARGS=""
-PREBUILT=""
 SANITIZERS="memcheck,racecheck"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -39,7 +36,6 @@ while [ $# -gt 0 ]; do
     --out) DEST="${2:-}"; shift 2 ;;
     --commit) COMMIT="${2:-}"; shift 2 ;;
     --pytest-args) PYTEST_ARGS="${2:-}"; shift 2 ;;
-    --prebuilt) PREBUILT="${2:-}"; shift 2 ;;
     --sanitizers) SANITIZERS="${2:-}"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
@@ -52,6 +48,9 @@ for s in ${STEPS//,/ }; do
   esac
 done
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check: --budget takes seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+
+# the commit the tree was copied from, for the benchmark files (bench/common.py)
+[ -n "$COMMIT" ] && export FUSEDFORMER_SOURCE_COMMIT="$COMMIT"
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -105,32 +104,11 @@ if want info; then
   cat "$WORK/info.txt"
 fi
 
-# a hash of everything the extension is compiled from
-sources_hash() {
-  find csrc include CMakeLists.txt cmake pyproject.toml -type f 2>/dev/null | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16
-}
-
 if want build; then
-  HASH="$(sources_hash)"
-  if [ -n "$PREBUILT" ] && [ -f "$PREBUILT/_C.so" ] && [ "$(cat "$PREBUILT/_C.sources" 2>/dev/null)" = "$HASH" ]; then
-    # the extension built from these very sources in an earlier run: the package from python/
-    SUFFIX="$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
-    "$PY" -m pip uninstall -y -q fusedformer >/dev/null 2>&1
-    cp "$PREBUILT/_C.so" "python/fusedformer/_C$SUFFIX"
-    export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
-    echo "== build: prebuilt extension for sources $HASH" | tee -a "$WORK/steps.log"
-    printf 'build\t0\t0\n' >> "$WORK/steps.tsv"
-  else
-    # CUDA kernels for sm_90 (H100, H200), all cores; no network: no build isolation, no index
-    LOG="" run_step build 300 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" FUSEDFORMER_CUDA=ON \
-      CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps --no-index \
-      -C build-dir=build/gpu .
-    SO="$(cd /tmp && "$PY" -c 'import fusedformer._C as c; print(c.__file__)' 2>/dev/null)"
-    if [ -n "$SO" ] && [ -f "$SO" ]; then
-      cp "$SO" "$DEST/_C.so" && echo "$HASH" > "$DEST/_C.sources"
-      echo "extension: $SO ($(du -k "$SO" | cut -f1) KiB), sources $HASH" | tee -a "$WORK/steps.log"
-    fi
-  fi
+  # CUDA kernels for sm_90 (H100, H200), all cores; no network: no build isolation, no index
+  LOG="" run_step build 300 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" FUSEDFORMER_CUDA=ON \
+    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps --no-index \
+    -C build-dir=build/gpu .
   LOG="" run_step import 30 "$PY" -c "import fusedformer, torch; assert fusedformer.built_with_cuda(); \
 assert torch.cuda.is_available(); print('fusedformer with CUDA kernels on', torch.cuda.get_device_name())"
 fi
@@ -144,6 +122,17 @@ if want test; then
   # shellcheck disable=SC2086
   FUSEDFORMER_TEST_ALL_ISAS=0 LOG="" run_step test 240 "$PY" -m pytest -q -p no:cacheprovider $XDIST \
     --junitxml="$WORK/junit.xml" -k cuda -rfE $PYTEST_ARGS tests
+fi
+
+if want bench; then
+  if [ "$QUICK" = 1 ]; then
+    LOG="" run_step bench 150 "$PY" bench/run.py --device cuda --suite cuda --stem cuda-kernels --quick \
+      --out "$WORK/bench"
+    cp "$WORK"/bench/cuda-kernels.md "$WORK"/bench/cuda-kernels.json "$WORK"/ 2>/dev/null
+  else
+    LOG="" run_step bench 240 "$PY" bench/run.py --device cuda --suite cuda --stem cuda-kernels
+    cp bench/results/cuda-kernels.md bench/results/cuda-kernels.json "$WORK"/ 2>/dev/null
+  fi
 fi
 
 if want sanitize; then
@@ -160,17 +149,6 @@ if want sanitize; then
       LOG="$WORK/$tool.log" run_step "$tool" 100 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" \
         --print-limit 20 "$PY" scripts/cuda_smoke.py
     done
-  fi
-fi
-
-if want bench; then
-  if [ "$QUICK" = 1 ]; then
-    LOG="" run_step bench 150 "$PY" bench/run.py --device cuda --suite cuda --stem cuda-kernels --quick \
-      --out "$WORK/bench"
-    cp "$WORK"/bench/cuda-kernels.md "$WORK"/bench/cuda-kernels.json "$WORK"/ 2>/dev/null
-  else
-    LOG="" run_step bench 240 "$PY" bench/run.py --device cuda --suite cuda --stem cuda-kernels
-    cp bench/results/cuda-kernels.md bench/results/cuda-kernels.json "$WORK"/ 2>/dev/null
   fi
 fi
 

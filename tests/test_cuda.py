@@ -41,6 +41,9 @@ def _attn_grads(fn, q, k, v, g):
 def _ref_grads(q, k, v, g, **kw):
     """float64 attention and its gradients (on the GPU: float64 is exact enough and fast there)."""
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    m = kw.get("attn_mask")
+    if m is not None and m.is_floating_point():  # an additive mask: in the reference's precision
+        kw = {**kw, "attn_mask": m.double()}
     o = F.scaled_dot_product_attention(q, k, v, **kw)
     dq, dk, dv = torch.autograd.grad(o, (q, k, v), g.double())
     return o.detach(), dq, dk, dv

@@ -250,11 +250,12 @@ bool decode_supported(const AttnFwdParams& p) {
 }
 
 int decode_splits(const AttnFwdParams& p, int sm_count) {
-  // about two blocks per multiprocessor, each with at least 256 keys; float64 in one piece (the
-  // partial results are merged in float32)
+  // about eight blocks per multiprocessor (the reads of a block are a chain of dependent online-
+  // softmax steps: many blocks keep enough loads in flight), each with at least 256 keys; float64
+  // in one piece (the partial results are merged in float32)
   if (p.dtype == DType::Float64) return 1;
   const int64_t heads = int64_t(p.B) * p.Hkv;
-  const int64_t want = ceil_div(2 * int64_t(sm_count), heads);
+  const int64_t want = ceil_div(8 * int64_t(sm_count), heads);
   const int64_t most = ceil_div(p.S, 256);
   const int64_t s = want < most ? want : most;
   return int(s < 1 ? 1 : s);

@@ -12,8 +12,6 @@ namespace {
 
 constexpr int kFwdMaxVecs = 8;
 constexpr int kBwdMaxVecs = 4;
-constexpr int kLongBlock = 1024;
-constexpr int kBwdBlock = 512;
 
 template <typename T, bool RMS, bool RES>
 void launch_norm_fwd(const NormFwdArgs& p, cudaStream_t stream) {
@@ -21,7 +19,7 @@ void launch_norm_fwd(const NormFwdArgs& p, cudaStream_t stream) {
   const RowPlan plan = plan_rows(p.rows, p.n, vec, kFwdMaxVecs);
   constexpr int V = 16 / int(sizeof(T));
   if (plan.team == 0) {
-    norm_fwd_long_kernel<T, RMS, RES><<<p.rows, kLongBlock, 0, stream>>>(p);
+    norm_fwd_long_kernel<T, RMS, RES><<<p.rows, kLongRowThreads, 0, stream>>>(p);
   } else if (vec == 1) {
     norm_fwd_rows_kernel<T, RMS, RES, 1, kFwdMaxVecs><<<plan.grid, plan.block, 0, stream>>>(p, plan.team, plan.nv);
   } else {
@@ -36,14 +34,14 @@ template <typename T, bool RMS>
 int64_t launch_norm_bwd(const NormBwdArgs& p, int64_t max_parts, cudaStream_t stream) {
   using C = compute_t<T>;
   const int vec = vec_width<T>(p.n, {p.x, p.grad_y, p.grad_h, p.grad_x});
-  RowPlan plan = plan_rows(p.rows, p.n, vec, kBwdMaxVecs);
+  RowPlan plan = plan_rows(p.rows, p.n, vec, kBwdMaxVecs, kNormBwdMaxThreads);
   constexpr int V = 16 / int(sizeof(T));
   int64_t parts;
   if (plan.team == 0) {
     parts = std::min<int64_t>(p.rows, max_parts);
-    norm_bwd_long_kernel<T, RMS><<<parts, kLongBlock, 0, stream>>>(p);
+    norm_bwd_long_kernel<T, RMS><<<parts, kLongRowThreads, 0, stream>>>(p);
   } else {
-    const int rpb = plan.team <= 128 ? kBwdBlock / plan.team : 1;
+    const int rpb = kNormBwdMaxThreads / plan.team;
     parts = std::min<int64_t>(ceil_div(p.rows, rpb), max_parts);
     const int nparams = (p.grad_weight ? 1 : 0) + (p.grad_bias ? 1 : 0);
     const size_t smem = rpb > 1 ? size_t(p.n) * sizeof(C) * nparams : 0;  // <= 32 KB (see plan_rows)

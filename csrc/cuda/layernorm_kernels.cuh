@@ -13,13 +13,17 @@
 
 namespace fusedformer::cuda {
 
+// the backward keeps four register rows per thread (x-hat, weighted gradient and the two partial
+// sums): its blocks are at most this large, so that each thread can have up to 255 registers
+constexpr int kNormBwdMaxThreads = 256;
+
 template <typename C>
 __device__ __forceinline__ C param_at(const void* p, int64_t j, C dflt) {
   return p ? static_cast<const C*>(p)[j] : dflt;
 }
 
 template <typename T, bool RMS, bool RES, int VEC, int MAXV>
-__global__ void norm_fwd_rows_kernel(NormFwdArgs p, int team, int nv) {
+__global__ void __launch_bounds__(kRowsMaxThreads) norm_fwd_rows_kernel(NormFwdArgs p, int team, int nv) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   const RowThread rt(team);
@@ -93,7 +97,7 @@ __global__ void norm_fwd_rows_kernel(NormFwdArgs p, int team, int nv) {
 
 // a block per row, rows of any length: x (and the residual) are read three times
 template <typename T, bool RMS, bool RES>
-__global__ void norm_fwd_long_kernel(NormFwdArgs p) {
+__global__ void __launch_bounds__(kLongRowThreads) norm_fwd_long_kernel(NormFwdArgs p) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   const int64_t r = blockIdx.x, n = p.n;
@@ -136,7 +140,7 @@ __global__ void norm_fwd_long_kernel(NormFwdArgs p) {
 // their weight/bias partials into shared memory one team after the other (a fixed order), then the
 // block writes its partial row.
 template <typename T, bool RMS, int VEC, int MAXV>
-__global__ void norm_bwd_rows_kernel(NormBwdArgs p, int team, int nv) {
+__global__ void __launch_bounds__(kNormBwdMaxThreads) norm_bwd_rows_kernel(NormBwdArgs p, int team, int nv) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -238,7 +242,7 @@ __global__ void norm_bwd_rows_kernel(NormBwdArgs p, int team, int nv) {
 // Rows of any length: block b handles rows b, b + gridDim.x, ...; each thread owns the columns
 // threadIdx.x + k * blockDim.x of the block's partial rows (in global memory).
 template <typename T, bool RMS>
-__global__ void norm_bwd_long_kernel(NormBwdArgs p) {
+__global__ void __launch_bounds__(kLongRowThreads) norm_bwd_long_kernel(NormBwdArgs p) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   const int64_t n = p.n;

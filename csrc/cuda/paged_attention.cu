@@ -25,7 +25,7 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 8;      // query heads per block
-constexpr int kMaxSplits = 16;
+constexpr int kMaxSplits = 64;
 
 __device__ __forceinline__ int64_t imin(int64_t x, int64_t y) { return x < y ? x : y; }
 
@@ -199,12 +199,15 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   at::Tensor out = at::empty({p.T, p.Hq, p.E}, query.options());
   if (p.T == 0) return out;
   const PagedAttnArgs a = paged_attention_args(p, query, key_cache, value_cache, out, scale);
-  // split the keys when the blocks would not fill the device (about two per multiprocessor); float64
-  // in one piece (the partials are merged in float32)
+  // split the keys when the blocks would not fill the device (about eight per multiprocessor, each
+  // with at least 256 keys of the longest context); float64 in one piece (the partials are merged
+  // in float32)
   const int64_t blocks = p.T * p.Hkv * ceil_div(p.Hq / p.Hkv, kRows);
+  const int64_t max_keys = p.block_tables.size(1) * p.block_size;  // the table's width bounds every context
   int splits = 1;
-  if (query.scalar_type() != at::kDouble && blocks < 2 * sm_count())
-    splits = int(std::min<int64_t>(kMaxSplits, ceil_div(2 * sm_count(), blocks)));
+  if (query.scalar_type() != at::kDouble && blocks < 8 * sm_count())
+    splits = int(std::min<int64_t>({kMaxSplits, ceil_div(8 * sm_count(), blocks), ceil_div(max_keys, 256)}));
+  splits = std::max(splits, 1);
   at::Tensor ws;
   if (splits > 1) ws = at::empty({splits * p.T * p.Hq * (p.E + 2)}, query.options().dtype(at::kFloat));
   float* w = splits > 1 ? ws.data_ptr<float>() : nullptr;

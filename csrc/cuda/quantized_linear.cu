@@ -1,8 +1,11 @@
 // quantized_linear for the CUDA dispatch key (formats: common/quantized_linear.h and the schema).
 //
-// Few rows (decode): one warp per output channel streams its packed weight row once, dequantizes
-// in registers and accumulates all rows of x at once (x, a few KB, stays in L1/L2); the warp's sum
-// goes to each row's output. Many rows: the weights are dequantized into a tensor of the input's
+// Few rows (decode): each warp streams the packed weight rows of CPW output channels once, 16 bytes
+// per lane per load (16 int8 or 32 int4 weights), dequantizes them in registers and multiplies them
+// with every row of x at once (x, a few hundred KB at most, is served by L1/L2); the lanes' sums are
+// added by shuffles. int4's group scales apply to each lane's 32-weight partial sums (a group is a
+// multiple of 32 weights), int8's channel scale to the final sum. Shapes or pointers that do not
+// allow 16-byte loads (int8 with K not a multiple of 16, float64) take a scalar form of the kernel. Many rows: the weights are dequantized into a tensor of the input's
 // dtype by one elementwise kernel and the library GEMM (at::linear) runs the product.
 // int8_dynamic quantizes the input rows as the CPU does (scale max|x| / 127, round to nearest) and
 // multiplies the dequantized integers with the library GEMM: the same values as int32 sums up to
@@ -13,11 +16,13 @@
 #include "common/quantized_linear.h"
 #include "fusedformer/cuda/device.h"
 
+#include <type_traits>
+
 namespace fusedformer::cuda {
 namespace {
 
 constexpr int kFewRows = 16;
-constexpr int kWarps = 8;  // warps (output channels) per block of the streaming kernel
+constexpr int kWarps = 4;  // warps per block of the streaming kernels
 
 // element k of row n of the packed weights, dequantized
 __device__ __forceinline__ float qvalue(const void* qw, const float* scale, int64_t n, int64_t k, int64_t K,
@@ -43,7 +48,6 @@ __global__ void stream_kernel(const T* __restrict__ x, const void* __restrict__ 
   C acc[kFewRows];
 #pragma unroll
   for (int i = 0; i < kFewRows; ++i) acc[i] = C(0);
-  // each lane takes consecutive elements: one byte pair (int4) or byte (int8) apart from its neighbours
   for (int64_t k = lane; k < K; k += 32) {
     const C w = C(qvalue(qw, scale, n, k, K, group, INT4));
 #pragma unroll
@@ -56,6 +60,110 @@ __global__ void stream_kernel(const T* __restrict__ x, const void* __restrict__ 
     const C s = warp_sum(acc[i]);
     if (lane == 0) y[i * N + n] = from_c<T>(s + (bias ? C(to_f(bias[n])) : C(0)));
   }
+}
+
+// 16 consecutive elements of x from p (16-byte aligned) as floats
+template <typename T>
+__device__ __forceinline__ void load_x16(const T* p, float* out) {
+  constexpr int V = Vec16<T>::N;
+#pragma unroll
+  for (int h = 0; h < 16 / V; ++h) {
+    const Vec16<T> v = load16(p + h * V);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[h * V + j] = to_f(v.v[j]);
+  }
+}
+
+// weight j (0..15) of the 16 packed bytes: int8, or the low (HIGH false) / high nibble of int4
+template <bool INT4, bool HIGH>
+__device__ __forceinline__ float weight_at(const uint4& raw, int j) {
+  const uint32_t word = (&raw.x)[j / 4];
+  const uint32_t byte = (word >> (8 * (j % 4))) & 0xFFu;
+  if constexpr (INT4) return float(int((HIGH ? byte >> 4 : byte & 15u)) - 8);
+  else return float(int(int8_t(uint8_t(byte))));
+}
+
+// MR: rows of x handled (M <= MR); CPW: output channels per warp
+template <typename T, bool INT4, int MR, int CPW>
+__global__ void __launch_bounds__(kWarps * 32) stream_vec_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw,
+                                                                 const float* __restrict__ scale, const T* __restrict__ bias,
+                                                                 T* __restrict__ y, int M, int64_t N, int64_t K,
+                                                                 int64_t group) {
+  constexpr int PER = INT4 ? 32 : 16;  // weights per 16-byte load
+  const int lane = threadIdx.x & 31;
+  const int64_t n0 = (int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * CPW;
+  if (n0 >= N) return;
+  const int64_t row_bytes = INT4 ? K / 2 : K, groups = INT4 ? K / group : 1;
+  float acc[MR][CPW];
+#pragma unroll
+  for (int i = 0; i < MR; ++i)
+#pragma unroll
+    for (int c = 0; c < CPW; ++c) acc[i][c] = 0.f;
+  for (int64_t k0 = int64_t(lane) * PER; k0 < K; k0 += 32 * PER) {
+    uint4 raw[CPW];
+    float s[CPW];
+#pragma unroll
+    for (int c = 0; c < CPW; ++c) {
+      const int64_t n = n0 + c < N ? n0 + c : N - 1;  // past the end: row N-1 again, not stored
+      raw[c] = __ldcs(reinterpret_cast<const uint4*>(qw + n * row_bytes + (INT4 ? k0 / 2 : k0)));
+      s[c] = INT4 ? scale[n * groups + k0 / group] : 1.f;
+    }
+#pragma unroll
+    for (int half = 0; half < (INT4 ? 2 : 1); ++half) {
+      float w[CPW][16];
+#pragma unroll
+      for (int c = 0; c < CPW; ++c)
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+          w[c][j] = half ? weight_at<INT4, true>(raw[c], j) : weight_at<INT4, false>(raw[c], j);
+#pragma unroll
+      for (int i = 0; i < MR; ++i) {
+        if (i < M) {
+          float xv[16];
+          load_x16(x + i * K + k0 + half * 16, xv);
+#pragma unroll
+          for (int c = 0; c < CPW; ++c) {
+            float d = 0.f;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) d = fmaf(xv[j], w[c][j], d);
+            acc[i][c] = fmaf(s[c], d, acc[i][c]);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < CPW; ++c) {
+    const int64_t n = n0 + c;
+    const float sc = INT4 || n >= N ? 1.f : scale[n];
+    const float b = bias && n < N ? to_f(bias[n]) : 0.f;
+#pragma unroll
+    for (int i = 0; i < MR; ++i) {
+      if (i < M) {
+        const float v = warp_sum(acc[i][c]);
+        if (lane == 0 && n < N) y[i * N + n] = from_c<T>(compute_t<T>(v * sc + b));
+      }
+    }
+  }
+}
+
+template <typename T, bool INT4, int MR>
+void launch_stream_vec(const T* x, const uint8_t* qw, const float* scale, const T* bias, T* y, int M, int64_t N,
+                       int64_t K, int64_t group) {
+  constexpr int CPW = MR <= 4 ? 4 : 2;
+  const int64_t blocks = ceil_div(N, int64_t(kWarps) * CPW);
+  stream_vec_kernel<T, INT4, MR, CPW><<<unsigned(blocks), kWarps * 32, 0, current_stream()>>>(x, qw, scale, bias, y,
+                                                                                              M, N, K, group);
+}
+
+template <typename T, bool INT4>
+void launch_stream_vec_rows(const T* x, const uint8_t* qw, const float* scale, const T* bias, T* y, int M, int64_t N,
+                            int64_t K, int64_t group) {
+  if (M <= 1) launch_stream_vec<T, INT4, 1>(x, qw, scale, bias, y, M, N, K, group);
+  else if (M <= 2) launch_stream_vec<T, INT4, 2>(x, qw, scale, bias, y, M, N, K, group);
+  else if (M <= 4) launch_stream_vec<T, INT4, 4>(x, qw, scale, bias, y, M, N, K, group);
+  else if (M <= 8) launch_stream_vec<T, INT4, 8>(x, qw, scale, bias, y, M, N, K, group);
+  else launch_stream_vec<T, INT4, kFewRows>(x, qw, scale, bias, y, M, N, K, group);
 }
 
 template <typename T>
@@ -103,18 +211,31 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& qweight, 
   at::Tensor y = at::empty(out_shape, input.options().memory_format(at::MemoryFormat::Contiguous));
   if (s.M == 0 || s.N == 0) return y;
   at::Tensor x2 = input.reshape({s.M, s.K}).contiguous();
-  const int blocks = int(ceil_div(s.N, kWarps));
+  const bool int4 = s.scheme == QuantScheme::Int4;
+  // 16-byte loads: the weight rows (K bytes or K / 2) and x's rows (K elements) start 16-byte aligned
+  const bool vec = input.scalar_type() != at::kDouble && aligned16(qw.data_ptr()) && aligned16(x2.data_ptr()) &&
+                   s.K % (int4 ? 32 : 16) == 0;
   dispatch_dtype(dtype_of(input), [&](auto tag) {
     using T = decltype(tag);
     const T* xp = static_cast<const T*>(x2.data_ptr());
     const T* bp = b.defined() ? static_cast<const T*>(b.data_ptr()) : nullptr;
     T* yp = static_cast<T*>(y.data_ptr());
-    if (s.scheme == QuantScheme::Int4)
-      stream_kernel<T, true><<<blocks, kWarps * 32, 0, current_stream()>>>(
-          xp, qw.data_ptr(), sc.data_ptr<float>(), bp, yp, int(s.M), s.N, s.K, s.K, s.group_size);
+    const auto* qp = static_cast<const uint8_t*>(qw.data_ptr());
+    const float* sp = sc.data_ptr<float>();
+    if constexpr (!std::is_same_v<T, double>) {
+      if (vec) {
+        if (int4) launch_stream_vec_rows<T, true>(xp, qp, sp, bp, yp, int(s.M), s.N, s.K, s.group_size);
+        else launch_stream_vec_rows<T, false>(xp, qp, sp, bp, yp, int(s.M), s.N, s.K, s.group_size);
+        return;
+      }
+    }
+    const int blocks = int(ceil_div(s.N, kWarps));
+    if (int4)
+      stream_kernel<T, true><<<blocks, kWarps * 32, 0, current_stream()>>>(xp, qp, sp, bp, yp, int(s.M), s.N, s.K,
+                                                                           s.K, s.group_size);
     else
-      stream_kernel<T, false><<<blocks, kWarps * 32, 0, current_stream()>>>(
-          xp, qw.data_ptr(), sc.data_ptr<float>(), bp, yp, int(s.M), s.N, s.K, s.K, s.group_size);
+      stream_kernel<T, false><<<blocks, kWarps * 32, 0, current_stream()>>>(xp, qp, sp, bp, yp, int(s.M), s.N, s.K,
+                                                                            s.K, s.group_size);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;

@@ -13,14 +13,13 @@ namespace {
 
 constexpr int kFwdMaxVecs = 8;  // vectors per thread the register-resident kernels hold
 constexpr int kBwdMaxVecs = 4;
-constexpr int kLongBlock = 1024;
 
 template <typename T, MaskKind MK>
 void launch_softmax_fwd(const SoftmaxFwdArgs& p, cudaStream_t stream) {
   const int vec = vec_width<T>(p.n, {p.x, p.y});
   const RowPlan plan = plan_rows(p.rows, p.n, vec, kFwdMaxVecs);
   if (plan.team == 0) {
-    softmax_fwd_long_kernel<T, MK><<<p.rows, kLongBlock, 0, stream>>>(p);
+    softmax_fwd_long_kernel<T, MK><<<p.rows, kLongRowThreads, 0, stream>>>(p);
   } else if (vec == 1) {
     softmax_fwd_rows_kernel<T, MK, 1, kFwdMaxVecs><<<plan.grid, plan.block, 0, stream>>>(p, plan.team, plan.nv);
   } else {
@@ -35,7 +34,7 @@ void launch_softmax_bwd(const SoftmaxBwdArgs& p, cudaStream_t stream) {
   const int vec = vec_width<T>(p.n, {p.grad_y, p.y, p.grad_x});
   const RowPlan plan = plan_rows(p.rows, p.n, vec, kBwdMaxVecs);
   if (plan.team == 0) {
-    softmax_bwd_long_kernel<T><<<p.rows, kLongBlock, 0, stream>>>(p);
+    softmax_bwd_long_kernel<T><<<p.rows, kLongRowThreads, 0, stream>>>(p);
   } else if (vec == 1) {
     softmax_bwd_rows_kernel<T, 1, kBwdMaxVecs><<<plan.grid, plan.block, 0, stream>>>(p, plan.team, plan.nv);
   } else {

@@ -38,7 +38,7 @@ __device__ __forceinline__ const void* row_mask(const SoftmaxFwdArgs& p, int64_t
 }
 
 template <typename T, MaskKind MK, int VEC, int MAXV>
-__global__ void softmax_fwd_rows_kernel(SoftmaxFwdArgs p, int team, int nv) {
+__global__ void __launch_bounds__(kRowsMaxThreads) softmax_fwd_rows_kernel(SoftmaxFwdArgs p, int team, int nv) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   const RowThread rt(team);
@@ -119,7 +119,7 @@ __device__ __forceinline__ BlockRowStats<C> block_row_stats(int64_t limit, int t
 }
 
 template <typename T, MaskKind MK>
-__global__ void softmax_fwd_long_kernel(SoftmaxFwdArgs p) {
+__global__ void __launch_bounds__(kLongRowThreads) softmax_fwd_long_kernel(SoftmaxFwdArgs p) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   const int64_t r = blockIdx.x;
@@ -152,7 +152,7 @@ __global__ void softmax_fwd_long_kernel(SoftmaxFwdArgs p) {
 }
 
 template <typename T, int VEC, int MAXV>
-__global__ void softmax_bwd_rows_kernel(SoftmaxBwdArgs p, int team, int nv) {
+__global__ void __launch_bounds__(kRowsMaxThreads) softmax_bwd_rows_kernel(SoftmaxBwdArgs p, int team, int nv) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   const RowThread rt(team);
@@ -180,7 +180,7 @@ __global__ void softmax_bwd_rows_kernel(SoftmaxBwdArgs p, int team, int nv) {
 }
 
 template <typename T>
-__global__ void softmax_bwd_long_kernel(SoftmaxBwdArgs p) {
+__global__ void __launch_bounds__(kLongRowThreads) softmax_bwd_long_kernel(SoftmaxBwdArgs p) {
   using C = compute_t<T>;
   __shared__ C scratch[32];
   const int64_t r = blockIdx.x;

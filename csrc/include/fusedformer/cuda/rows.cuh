@@ -17,14 +17,20 @@ struct RowPlan {
   int64_t grid = 0;
 };
 
-// The smallest team (32 .. 1024 threads) that holds a row of n elements in max_vecs vectors of
-// `vec` elements per thread; about 256 threads per block.
-inline RowPlan plan_rows(int64_t rows, int64_t n, int vec, int max_vecs) {
+// Threads per block of the register-row kernels and of the long-row kernels (a block per row). The
+// kernels declare these as launch bounds, so that the compiler keeps their registers within what a
+// block of that size can be given (a row kernel's rows in registers would otherwise not launch).
+constexpr int kRowsMaxThreads = 512;
+constexpr int kLongRowThreads = 1024;
+
+// The smallest team (32 .. max_team threads) that holds a row of n elements in max_vecs vectors of
+// `vec` elements per thread; about 256 threads per block (never more than max(team, 256)).
+inline RowPlan plan_rows(int64_t rows, int64_t n, int vec, int max_vecs, int max_team = kRowsMaxThreads) {
   RowPlan p;
   p.vec = vec;
   const int64_t vecs = ceil_div(n, vec);
   int team = 32;
-  while (team < 1024 && int64_t(team) * max_vecs < vecs) team *= 2;
+  while (team < max_team && int64_t(team) * max_vecs < vecs) team *= 2;
   if (int64_t(team) * max_vecs < vecs) return p;
   p.team = team;
   p.nv = int(ceil_div(vecs, team));
