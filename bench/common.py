@@ -438,6 +438,18 @@ TABLE_NOTE = ("Medians, ± half the interquartile range of the timings; speedup 
 CUDA_NOTE = (" On the GPU each function (and each ceiling) is timed as replays of a CUDA graph of its calls: the "
              "GPU's time without the host's launch overhead; a call that could not be captured is timed as "
              "launched and marked so. '>= N% of copy': GB/s against the device-to-device copy of as many bytes.")
+CUDA_LAUNCHED_NOTE = (" On the GPU each function is timed as launched (triton's do_bench, CUDA events): the host's "
+                      "launch overhead is included where it exceeds the GPU's time. '>= N% of copy': GB/s against "
+                      "the device-to-device copy of as many bytes.")
+
+
+def table_note(info, results) -> str:
+    """The note above a table: how it was timed (on the GPU: graph replays, or as launched by
+    results that predate graph timing)."""
+    if "gpu" not in info:
+        return TABLE_NOTE
+    graphs = any(r.get("timing") in ("graph", "launched") or "/" in r.get("timing", "") for r in results)
+    return TABLE_NOTE + (CUDA_NOTE if graphs else CUDA_LAUNCHED_NOTE)
 
 
 def write_results(results, ceilings, info, out_dir: str, stem: str, title: str):
@@ -447,7 +459,7 @@ def write_results(results, ceilings, info, out_dir: str, stem: str, title: str):
         json.dump(payload, f, indent=1)
     md = [f"# {title}", "", ", ".join(f"{k}: {v}" for k, v in info.items()), "",
           "Ceilings measured in the same run: " + describe_ceilings(ceilings), "",
-          TABLE_NOTE + (CUDA_NOTE if "gpu" in info else ""), "",
+          table_note(info, results), "",
           format_table(results), ""]
     with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
         f.write("\n".join(md))

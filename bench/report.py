@@ -29,7 +29,7 @@ ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 sys.path.insert(0, HERE)
 
-from common import TABLE_NOTE, describe_ceilings, format_table  # noqa: E402
+from common import describe_ceilings, format_table, table_note  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- report:begin (?P<name>[\w:.-]+) -->\n)(?P<body>.*?)(<!-- report:end -->)", re.S)
 
@@ -52,7 +52,8 @@ def load(stem):
 
 def source_line(stem, data):
     m = data["machine"]
-    clean = {"yes": "clean tree", "no": "UNCOMMITTED changes"}.get(m.get("clean"), "tree state not recorded")
+    clean = {"yes": "clean tree", "no": "UNCOMMITTED changes",
+             "copy of that commit": "a copy of that commit's tree"}.get(m.get("clean"), "tree state not recorded")
     return (f"`bench/results/{stem}.json`: {m.get('cpu', '?')}{', ' + m['gpu'] if m.get('gpu') else ''}, "
             f"{m.get('threads', '?')} threads, torch {m.get('torch', '?')}, BLAS {m.get('blas', '?')}, "
             f"commit {m.get('commit', '?')} ({clean}), {m.get('date', '?')}")
@@ -99,7 +100,7 @@ def table(stem):
     return "\n".join([
         source_line(stem, data), "",
         "Ceilings measured in the same run: " + describe_ceilings(data.get("ceilings", {})), "",
-        TABLE_NOTE, "",
+        table_note(data.get("machine", {}), data["results"]), "",
         format_table(data["results"]), "",
     ])
 

@@ -15,8 +15,9 @@
 # Every step runs under a time limit inside the overall budget (default 570 s, one 10-minute
 # call); a step that finds too little time left is skipped, and the summary is always written.
 # Outputs: DIR (default $OUT, else build/gpu-check-out) receives summary.md, summary.json,
-# steps.log (every step's output), junit.xml and cuda-kernels.{md,json}; bench/results receives
-# cuda-kernels.{md,json} (with --quick: not) and cuda-summary.md.
+# steps.log (every step's output), junit.xml and cuda-kernels.{md,json}; bench/results receives,
+# named after the GPU (e.g. h200), cuda-GPU-kernels.{md,json} (with --quick: not), cuda-GPU-summary.md
+# and cuda-GPU-gpu-check.log.
 set -u -o pipefail
 
 usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -104,6 +105,11 @@ if want info; then
   cat "$WORK/info.txt"
 fi
 
+# the GPU's name for file names: "NVIDIA H200" -> h200
+SLUG="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z' 'a-z' |
+  sed -e 's/nvidia//' -e 's/[^a-z0-9]\{1,\}/-/g' -e 's/^-//' -e 's/-$//')"
+SLUG="${SLUG:-gpu}"
+
 if want build; then
   # CUDA kernels for sm_90 (H100, H200), all cores; no network: no build isolation, no index
   LOG="" run_step build 300 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" FUSEDFORMER_CUDA=ON \
@@ -126,13 +132,14 @@ fi
 
 if want bench; then
   if [ "$QUICK" = 1 ]; then
-    LOG="" run_step bench 150 "$PY" bench/run.py --device cuda --suite cuda --stem cuda-kernels --quick \
+    LOG="" run_step bench 150 "$PY" bench/run.py --device cuda --suite cuda --stem "cuda-$SLUG-kernels" --quick \
       --out "$WORK/bench"
-    cp "$WORK"/bench/cuda-kernels.md "$WORK"/bench/cuda-kernels.json "$WORK"/ 2>/dev/null
+    BENCH_DIR="$WORK/bench"
   else
-    LOG="" run_step bench 240 "$PY" bench/run.py --device cuda --suite cuda --stem cuda-kernels
-    cp bench/results/cuda-kernels.md bench/results/cuda-kernels.json "$WORK"/ 2>/dev/null
+    LOG="" run_step bench 240 "$PY" bench/run.py --device cuda --suite cuda --stem "cuda-$SLUG-kernels"
+    BENCH_DIR="bench/results"
   fi
+  for ext in md json; do cp "$BENCH_DIR/cuda-$SLUG-kernels.$ext" "$WORK/cuda-kernels.$ext" 2>/dev/null; done
 fi
 
 if want sanitize; then
@@ -152,10 +159,13 @@ if want sanitize; then
   fi
 fi
 
-# bench/results keeps the summaries of runs on a GPU only
+# bench/results keeps the summaries of runs on a GPU only, named after the GPU
 RESULTS=()
-grep -q '^device: .\+' "$WORK/info.txt" 2>/dev/null && RESULTS=(--results "$ROOT/bench/results")
+if grep -q '^device: .\+' "$WORK/info.txt" 2>/dev/null; then
+  RESULTS=(--results "$ROOT/bench/results" --slug "$SLUG")
+fi
 "$PY" scripts/gpu_summary.py --dir "$WORK" "${RESULTS[@]}" > /dev/null
+[ ${#RESULTS[@]} -gt 0 ] && cp "$WORK/steps.log" "$ROOT/bench/results/cuda-$SLUG-gpu-check.log"
 for f in summary.md summary.json steps.log junit.xml cuda-kernels.md cuda-kernels.json; do
   [ -f "$WORK/$f" ] && cp "$WORK/$f" "$DEST/"
 done

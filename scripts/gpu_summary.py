@@ -1,12 +1,12 @@
 """Summary of a GPU check run (scripts/gpu_check.sh): device, torch version, commit, the status and
 time of each step, test counts, sanitizer results and the benchmark table, as Markdown and JSON.
 
-    python scripts/gpu_summary.py --dir OUT [--results bench/results]
+    python scripts/gpu_summary.py --dir OUT [--results bench/results --slug h200]
 
 Reads from OUT whatever the steps left there (every input is optional; a missing one reads as
 "not run"): steps.tsv (step, exit code, seconds per line), info.txt (key: value lines),
 junit.xml (pytest), memcheck.log / racecheck.log (compute-sanitizer), cuda-kernels.md (bench).
-Writes OUT/summary.md and OUT/summary.json, and a copy of the Markdown to RESULTS/cuda-summary.md.
+Writes OUT/summary.md and OUT/summary.json, and a copy of the Markdown to RESULTS/cuda-SLUG-summary.md.
 """
 
 import argparse
@@ -127,7 +127,8 @@ def markdown(s):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", required=True, help="the GPU check's output folder")
-    ap.add_argument("--results", default=None, help="also write cuda-summary.md here (bench/results)")
+    ap.add_argument("--results", default=None, help="also write cuda-SLUG-summary.md here (bench/results)")
+    ap.add_argument("--slug", default="gpu", help="the GPU's name in file names (h200)")
     args = ap.parse_args(argv)
     s = build(args.dir)
     md = markdown(s)
@@ -138,7 +139,7 @@ def main(argv=None):
         json.dump({k: v for k, v in s.items() if k != "bench_table"}, f, indent=1)
     if args.results:
         os.makedirs(args.results, exist_ok=True)
-        with open(os.path.join(args.results, "cuda-summary.md"), "w") as f:
+        with open(os.path.join(args.results, f"cuda-{args.slug}-summary.md"), "w") as f:
             f.write(md)
     print(md)
     return 0

@@ -466,7 +466,7 @@ def test_gpu_summary_writer(tmp_path):
     (tmp_path / "cuda-kernels.md").write_text("| op | dir |\n|---|---|\n| softmax | fwd |\n")
     (tmp_path / "info.txt").write_text("device: NVIDIA H100\ntorch: 2.11.0+cu130\ncommit: abc123\n")
     results = tmp_path / "results"
-    rc = mod.main(["--dir", str(tmp_path), "--results", str(results)])
+    rc = mod.main(["--dir", str(tmp_path), "--results", str(results), "--slug", "h200"])
     assert rc == 0
     md = (tmp_path / "summary.md").read_text()
     data = json.loads((tmp_path / "summary.json").read_text())
@@ -476,7 +476,7 @@ def test_gpu_summary_writer(tmp_path):
     assert data["steps"]["bench"]["status"] == "timed out"
     assert data["steps"]["test"]["status"] == "failed (rc 1)"
     assert "NVIDIA H100" in md and "| softmax | fwd |" in md and "abc123" in md
-    assert (results / "cuda-summary.md").read_text() == md
+    assert (results / "cuda-h200-summary.md").read_text() == md
 
 
 def test_gpu_summary_writer_missing_inputs(tmp_path):
