@@ -58,38 +58,11 @@ class PagedKVCache:
 
 
 def paged_self_attention(q, k, v, cache: PagedKVCache, layer: int, scale: float) -> torch.Tensor:
-    """q (T, H, E), k/v (T, Hkv, E) of a packed step: writes k/v into the layer's blocks, then returns
-    the attention output (T, H, E) of each sequence's queries over its context."""
+    """q (T, H, E), k/v (T, Hkv, E) of a packed step: writes k/v into the layer's blocks
+    (``fusedformer.ops.paged_cache_write``), then returns the attention output (T, H, E) of each
+    sequence's queries over its context read through its block table (``fusedformer.ops.paged_attention``:
+    one call for the whole step, decodes and prefill chunks alike)."""
     meta = cache.metadata
     kc, vc = cache.key_caches[layer], cache.value_caches[layer]
-    _write(k, v, kc, vc, meta.slot_mapping)
-    return _attend(q, kc, vc, meta, scale)
-
-
-def _write(k, v, kc, vc, slot_mapping):
-    # one indexed copy per tensor: the slot's block and offset, all heads at once
-    bs = kc.shape[2]
-    block, offset = slot_mapping.div(bs, rounding_mode="floor"), slot_mapping.remainder(bs)
-    kc[block, :, offset] = k
-    vc[block, :, offset] = v
-
-
-def _attend(q, kc, vc, meta: PagedAttentionMetadata, scale: float) -> torch.Tensor:
-    T, H, E = q.shape
-    Hkv, bs = kc.shape[1], kc.shape[2]
-    out = torch.empty_like(q)
-    starts = meta.query_start_loc.tolist()
-    lens = meta.seq_lens.tolist()
-    for b, L in enumerate(lens):
-        s, e = starts[b], starts[b + 1]
-        ql = e - s
-        nb = -(-L // bs)
-        blocks = meta.block_tables[b, :nb].long()
-        # (nb, Hkv, bs, E) -> (Hkv, nb * bs, E), the first L positions
-        keys = kc.index_select(0, blocks).transpose(0, 1).reshape(Hkv, nb * bs, E)[:, :L]
-        values = vc.index_select(0, blocks).transpose(0, 1).reshape(Hkv, nb * bs, E)[:, :L]
-        # the queries are the last ql positions of the context: query i sees keys up to L - ql + i
-        mask = None if ql == 1 else torch.ones(ql, L, dtype=torch.bool, device=q.device).tril_(L - ql)
-        y = ops.attention(q[s:e].transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
-        out[s:e] = y.transpose(0, 1)
-    return out
+    ops.paged_cache_write(k, v, kc, vc, meta.slot_mapping)
+    return ops.paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale=scale)
