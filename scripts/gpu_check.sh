@@ -5,12 +5,13 @@
 # runs every kernel, the kernels benchmark on the GPU, and writes a summary (device, torch,
 # commit, step status, test counts, sanitizer results, benchmark table).
 #
-#   scripts/gpu_check.sh [--steps info,build,test,sanitize,bench] [--quick] [--budget SECONDS]
+#   scripts/gpu_check.sh [--steps info,build,test,errors,bench,sanitize] [--quick] [--budget SECONDS]
 #                        [--out DIR] [--commit HASH] [--pytest-args "ARGS"]
 #                        [--sanitizers memcheck,racecheck] [--help]
 #
 # The test step runs the CUDA tests: tests/test_cuda.py and every op test's CUDA cases
-# (-k cuda). The steps run in the order info, build, test, bench, sanitize.
+# (-k cuda); errors runs scripts/cuda_error_paths.py (bad input raises, in child processes, never
+# crashes). The steps run in the order info, build, test, errors, bench, sanitize.
 #
 # Every step runs under a time limit inside the overall budget (default 570 s, one 10-minute
 # call); a step that finds too little time left is skipped, and the summary is always written.
@@ -20,9 +21,9 @@
 # and cuda-GPU-gpu-check.log.
 set -u -o pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 
-STEPS="info,build,test,sanitize,bench"
+STEPS="info,build,test,errors,bench,sanitize"
 QUICK=0
 BUDGET=570
 DEST="${OUT:-}"
@@ -44,8 +45,8 @@ while [ $# -gt 0 ]; do
 done
 for s in ${STEPS//,/ }; do
   case "$s" in
-    info|build|test|sanitize|bench) ;;
-    *) echo "gpu_check: unknown step '$s' (steps: info, build, test, sanitize, bench)" >&2; exit 2 ;;
+    info|build|test|errors|sanitize|bench) ;;
+    *) echo "gpu_check: unknown step '$s' (steps: info, build, test, errors, bench, sanitize)" >&2; exit 2 ;;
   esac
 done
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check: --budget takes seconds, got '$BUDGET'" >&2; exit 2 ;; esac
@@ -128,6 +129,10 @@ if want test; then
   # shellcheck disable=SC2086
   FUSEDFORMER_TEST_ALL_ISAS=0 LOG="" run_step test 240 "$PY" -m pytest -q -p no:cacheprovider $XDIST \
     --junitxml="$WORK/junit.xml" -k cuda -rfE $PYTEST_ARGS tests
+fi
+
+if want errors; then
+  LOG="" run_step errors 90 "$PY" scripts/cuda_error_paths.py --device cuda
 fi
 
 if want bench; then

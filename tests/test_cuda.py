@@ -495,3 +495,16 @@ def test_gpu_check_script_arguments():
     assert out.returncode == 0 and "--steps" in out.stdout
     bad = subprocess.run(["bash", script, "--steps", "bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown step" in bad.stderr
+
+
+def test_error_paths_script(capsys):
+    """scripts/cuda_error_paths.py (the GPU check's bad-input step), run on the CPU: each case in a
+    child process ends in the expected exception; an unknown case name is refused."""
+    spec = importlib.util.spec_from_file_location("cuda_error_paths", os.path.join(ROOT, "scripts", "cuda_error_paths.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu", "--cases", "linear in_features,attention dtype"]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 error paths raised the expected exception on cpu" in out and "FAIL" not in out
+    with pytest.raises(SystemExit):
+        mod.main(["--cases", "no such case"])

@@ -10,6 +10,8 @@
 #include "fusedformer/cuda/attention.h"
 #include "fusedformer/philox.h"
 
+#include <type_traits>
+
 namespace fusedformer::cuda {
 namespace {
 
@@ -33,7 +35,9 @@ struct alignas(16) RowState {
   C m, l;
 };
 
-template <typename T, int D>
+// RM: the rows bucket (R <= RM): the queries and accumulators of RM rows live in registers, so a
+// smaller group keeps fewer registers and more blocks fit on a multiprocessor
+template <typename T, int D, int RM>
 __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnFwdParams p, int chunk, float* ws) {
   using C = compute_t<T>;
   using Sh = DecodeShape<T, D>;
@@ -48,9 +52,9 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnFwdPara
   const C drop_scale = dropout ? C(1) / C(1 - p.dropout_p) : C(1);
 
   // the rows' queries: row r = (query head hk * group + r / L, position r % L)
-  C q[kRowsMax][F];
+  C q[RM][F];
 #pragma unroll
-  for (int r = 0; r < kRowsMax; ++r) {
+  for (int r = 0; r < RM; ++r) {
     if (r < R) {
       const int h = hk * group + r / p.L, i = r % p.L;
       const T* qr = static_cast<const T*>(p.q.data) + b * p.q.sb + h * p.q.sh + int64_t(i) * p.q.sl;
@@ -64,9 +68,9 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnFwdPara
       }
     }
   }
-  C acc[kRowsMax][F], m[kRowsMax], l[kRowsMax];
+  C acc[RM][F], m[RM], l[RM];
 #pragma unroll
-  for (int r = 0; r < kRowsMax; ++r) {
+  for (int r = 0; r < RM; ++r) {
     m[r] = -c_inf<C>();
     l[r] = 0;
 #pragma unroll
@@ -90,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnFwdPara
       }
     }
 #pragma unroll
-    for (int r = 0; r < kRowsMax; ++r) {
+    for (int r = 0; r < RM; ++r) {
       if (r >= R) continue;
       const int h = hk * group + r / p.L, i = r % p.L;
       C s[kUnroll];
@@ -151,15 +155,15 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnFwdPara
   // merge the teams: shared [TEAMS][R] states and [TEAMS][R][D] outputs
   extern __shared__ __align__(16) unsigned char smem_raw[];
   RowState<C>* st = reinterpret_cast<RowState<C>*>(smem_raw);
-  C* so = reinterpret_cast<C*>(st + TEAMS * kRowsMax);
+  C* so = reinterpret_cast<C*>(st + TEAMS * RM);
 #pragma unroll
-  for (int r = 0; r < kRowsMax; ++r) {
+  for (int r = 0; r < RM; ++r) {
     if (r >= R) continue;
-    if (tl == 0) st[team * kRowsMax + r] = RowState<C>{m[r], l[r]};
+    if (tl == 0) st[team * RM + r] = RowState<C>{m[r], l[r]};
 #pragma unroll
     for (int v = 0; v < NV; ++v)
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) so[(team * kRowsMax + r) * D + (v * G + tl) * VEC + e] = acc[r][v * VEC + e];
+      for (int e = 0; e < VEC; ++e) so[(team * RM + r) * D + (v * G + tl) * VEC + e] = acc[r][v * VEC + e];
   }
   __syncthreads();
   // thread x merges feature x % D of rows x / D, x / D + kThreads / D, ...
@@ -167,13 +171,13 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const AttnFwdPara
   for (int x = threadIdx.x; x < R * D; x += kThreads) {
     const int r = x / D, f = x % D;
     C mm = -c_inf<C>();
-    for (int tm = 0; tm < TEAMS; ++tm) mm = c_max(mm, st[tm * kRowsMax + r].m);
+    for (int tm = 0; tm < TEAMS; ++tm) mm = c_max(mm, st[tm * RM + r].m);
     const C mu = mm == -c_inf<C>() ? C(0) : mm;
     C ll = 0, o = 0;
     for (int tm = 0; tm < TEAMS; ++tm) {
-      const C w = c_exp(st[tm * kRowsMax + r].m - mu);
-      ll += st[tm * kRowsMax + r].l * w;
-      o += so[(tm * kRowsMax + r) * D + f] * w;
+      const C w = c_exp(st[tm * RM + r].m - mu);
+      ll += st[tm * RM + r].l * w;
+      o += so[(tm * RM + r) * D + f] * w;
     }
     const int h = hk * group + r / p.L, i = r % p.L;
     const int64_t row = (int64_t(b) * p.Hq + h) * p.L + i;
@@ -216,13 +220,13 @@ __global__ void attn_decode_merge_kernel(const AttnFwdParams p, int splits, cons
   if (threadIdx.x == 0) static_cast<C*>(p.lse)[row] = ll > 0.f ? C(mm + logf(ll)) : C(nan ? ll : c_inf<float>());
 }
 
-template <typename T, int D>
-cudaError_t launch_decode(const AttnFwdParams& p, int splits, float* ws, cudaStream_t stream) {
+template <typename T, int D, int RM>
+cudaError_t launch_decode_rows(const AttnFwdParams& p, int splits, float* ws, cudaStream_t stream) {
   using C = compute_t<T>;
   using Sh = DecodeShape<T, D>;
   const int chunk = int(ceil_div(p.S, splits));
-  const size_t smem = size_t(Sh::TEAMS) * kRowsMax * (sizeof(RowState<C>) + D * sizeof(C));
-  auto kernel = attn_decode_kernel<T, D>;
+  const size_t smem = size_t(Sh::TEAMS) * RM * (sizeof(RowState<C>) + D * sizeof(C));
+  auto kernel = attn_decode_kernel<T, D, RM>;
   if (smem > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return e;
@@ -233,6 +237,20 @@ cudaError_t launch_decode(const AttnFwdParams& p, int splits, float* ws, cudaStr
   const int64_t rows = int64_t(p.B) * p.Hq * p.L;
   attn_decode_merge_kernel<T><<<unsigned(rows), 128, 0, stream>>>(p, splits, ws);
   return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t launch_decode(const AttnFwdParams& p, int splits, float* ws, cudaStream_t stream) {
+  static_assert(kRowsMax == 8, "the row buckets below end at kDecodeMaxRows");
+  if constexpr (std::is_same_v<T, double>) {  // tests only: one bucket
+    return launch_decode_rows<T, D, kRowsMax>(p, splits, ws, stream);
+  } else {
+    const int R = (p.Hq / p.Hkv) * p.L;
+    if (R <= 1) return launch_decode_rows<T, D, 1>(p, splits, ws, stream);
+    if (R <= 2) return launch_decode_rows<T, D, 2>(p, splits, ws, stream);
+    if (R <= 4) return launch_decode_rows<T, D, 4>(p, splits, ws, stream);
+    return launch_decode_rows<T, D, kRowsMax>(p, splits, ws, stream);
+  }
 }
 
 }  // namespace
