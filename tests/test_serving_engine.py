@@ -237,3 +237,16 @@ def test_engine_option_errors():
         LLM(model, kv_cache_memory=-1)
     with pytest.raises(ValueError, match="dtype"):
         LLM(model, dtype="int8")
+
+
+def test_random_workload_lengths_and_errors():
+    from fusedformer.serving.throughput import random_workload
+
+    reqs = random_workload(20, 8, 64, context=100, vocab=50, seed=3)
+    assert reqs == random_workload(20, 8, 64, context=100, vocab=50, seed=3)  # the seed fixes it
+    for prompt, n_out in reqs:
+        assert 8 <= len(prompt) <= 50 and 1 <= n_out and len(prompt) + n_out <= 100
+        assert all(1 <= t < 50 for t in prompt)
+    for bad in ({"n": 0, "lo": 1, "hi": 2}, {"n": 2, "lo": 0, "hi": 2}, {"n": 2, "lo": 5, "hi": 4}):
+        with pytest.raises(ValueError, match="random_workload"):
+            random_workload(context=100, vocab=50, **bad)

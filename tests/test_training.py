@@ -170,9 +170,12 @@ def test_demo_streams_from_the_shipped_model_and_compares_decode_speed():
     def out(*args, end="\n", flush=False):
         lines.append(" ".join(map(str, args)) + end)
 
-    res = demo.run(batch=1, seq=16, d_model=32, heads=2, reps=1, new_tokens=12, timed_tokens=8, out=out)
+    res = demo.run(batch=1, seq=16, d_model=32, heads=2, reps=1, new_tokens=12, timed_tokens=8, out=out,
+                   requests=6, max_request_len=12)
     text = "".join(lines)
     assert "import os" in text and "tokens/s" in text
+    # the serving part: the engine's greedy tokens equal static batching's (checked inside), both timed
+    assert "serving 6 requests at once" in text and res["serving_tok_s"] > 0 and res["static_tok_s"] > 0
     assert res["same_tokens"], "greedy tokens of the fused and the plain-PyTorch model differ"
     assert res["gen_tokens_per_s"] > 0 and res["plain_tokens_per_s"] > 0
     assert res["err_out"] < 1e-4

@@ -1,6 +1,8 @@
 """The demo: (1) a pre-norm Transformer encoder block built from the fused ops, forward and backward,
 against the same block in plain PyTorch (same weights): max error and speedup; (2) text streamed from
-the model shipped in the package; (3) its decode tokens/s against the same model in plain PyTorch."""
+the model shipped in the package; (3) its decode tokens/s against the same model in plain PyTorch;
+(4) the serving engine (``LLM.generate``: continuous batching over a paged KV cache) answering a batch
+of concurrent requests, its output tokens/s beside ``fusedformer.generate`` in static batches of 8."""
 
 import math
 import statistics
@@ -55,11 +57,30 @@ def _block(x, w, fused):
 
 
 def run(batch=8, seq=512, d_model=768, heads=12, reps=5, dtype=torch.float32, out=print, generation=True,
-        prompt="import os\n\n\ndef ", new_tokens=100, seed=0, timed_tokens=64):
+        prompt="import os\n\n\ndef ", new_tokens=100, seed=0, timed_tokens=64, requests=32, max_request_len=96):
     res = run_block(batch, seq, d_model, heads, reps, dtype, out)
     if generation:
         res.update(run_generation(prompt, new_tokens, seed, reps, out, timed_tokens))
+        res.update(run_serving(requests, max_request_len, out))
     return res
+
+
+def run_serving(requests=32, max_len=96, out=print):
+    """``requests`` requests with prompt and output lengths drawn from [8, max_len], answered by the
+    serving engine all at once and by ``fusedformer.generate`` in static batches of 8 (greedy, the
+    same tokens checked on the first few)."""
+    from .serving import LLM
+    from .serving.throughput import compare, random_workload
+
+    llm = LLM(max_num_seqs=requests)
+    c = llm.engine.model.config
+    reqs = random_workload(requests, 8, max_len, c.n_positions, c.vocab_size)
+    r = compare(llm, reqs, batch=8, validate=4)
+    out(f"serving {requests} requests at once (prompts and outputs of 8-{max_len} tokens, greedy): "
+        f"LLM.generate {r['llm_generate_tok_s']:.1f} output tokens/s, fusedformer.generate in static batches "
+        f"of 8 {r['static_batch8_tok_s']:.1f} tokens/s: {r['ratio']:.2f}x (same tokens on the first 4: True)")
+    return {"serving_tok_s": r["llm_generate_tok_s"], "static_tok_s": r["static_batch8_tok_s"],
+            "serving_ratio": r["ratio"]}
 
 
 def run_generation(prompt, new_tokens, seed, reps, out=print, timed_tokens=64):
