@@ -1,4 +1,4 @@
-"""python -m fusedformer <command>: demo, info, bench, train, prepare, data, generate, finetune, classify
+"""python -m fusedformer <command>: demo, info, bench, train, distill, prepare, data, generate, finetune, classify
 (commands register in COMMANDS).
 
 A mistake in the input (a missing folder, a bad value, an unknown model) prints one ``error: ...``
@@ -161,16 +161,50 @@ def _add_train(sub):
     p.add_argument("--preset", choices=sorted(PRESETS), default=S,
                    help="a named configuration (shakespeare-char: nanoGPT's CPU baby GPT, 4 layers x 128, context 64, "
                         "batch 12, 2000 steps); other options override it")
+    p.add_argument("--tokenizer", choices=["bpe", "char"], default=S,
+                   help=f"tokenizer trained on --data: byte-level BPE or characters (default {d.tokenizer})")
+    _add_run_options(p, d)
+    p.set_defaults(func=_train)
+
+
+def _add_distill(sub):
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    S = argparse.SUPPRESS
+    p = sub.add_parser("distill", help="train a smaller GPT on a trained one's soft targets (knowledge distillation)",
+                       description="Distill a teacher GPT into a smaller student: the loss mixes the KL divergence "
+                                   "to the teacher's temperature-softened next-token distributions with the data's "
+                                   "cross-entropy. The same corpus, options, checkpoints and reports as `train`; "
+                                   "the student uses the teacher's tokenizer.")
+    p.add_argument("--teacher", required=True, help="the teacher's checkpoint folder (a `train` run's --out)")
+    p.add_argument("--student-layers", "--n-layer", dest="n_layer", type=POSITIVE, default=S, help="the student's Transformer "
+                                                                                      f"blocks (default {d.n_layer})")
+    p.add_argument("--student-dim", "--d-model", dest="d_model", type=POSITIVE, default=S,
+                   help=f"the student's width (default {d.d_model})")
+    p.add_argument("--student-heads", "--n-head", dest="n_head", type=POSITIVE, default=S,
+                   help=f"the student's attention heads (must divide --student-dim; default {d.n_head})")
+    p.add_argument("--temperature", type=POSITIVE_FLOAT, default=S,
+                   help=f"softmax temperature of both models' distributions (default {d.temperature})")
+    p.add_argument("--alpha", type=FRACTION, default=S,
+                   help=f"weight of the teacher's term; 1 - alpha weighs the data's (default {d.alpha})")
+    _add_run_options(p, d, skip=("vocab_size", "d_model", "n_layer", "n_head"), out="runs/distill")
+    p.set_defaults(func=_distill)
+
+
+def _add_run_options(p, d, skip=(), out=None):
+    """The options train and distill share: data, run folder, schedule, evaluation, device."""
+    S = argparse.SUPPRESS
     p.add_argument("--data", default=S, help="a folder of text files, tokenized in memory (default: the standard "
                                              "library's .py files)")
     p.add_argument("--data-dir", default=S, help="token shards made by `python -m fusedformer prepare`, read by "
                                                  "memory map (for corpora of any size)")
-    p.add_argument("--tokenizer", choices=["bpe", "char"], default=S,
-                   help=f"tokenizer trained on --data: byte-level BPE or characters (default {d.tokenizer})")
-    p.add_argument("--out", default=S, help=f"run folder: checkpoint, training state, metrics (default {d.out})")
+    p.add_argument("--out", default=S, help=f"run folder: checkpoint, training state, metrics (default {out or d.out})")
     p.add_argument("--resume", action="store_true", default=S,
                    help="continue the run saved in --out from its last training state")
     for name, (typ, text) in _TRAIN_OPTIONS.items():
+        if name in skip:
+            continue
         default = getattr(d, name)
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=S,
                        help=text + (f" (default {default})" if default is not None and "default" not in text else ""))
@@ -179,14 +213,19 @@ def _add_train(sub):
     p.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast for the forward pass and loss")
     p.add_argument("--device", choices=["cpu", "cuda"], default=S, help="default: cuda when available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_train)
 
 
-def _train(args):
+def _distill(args):
+    _existing_dir(args.teacher, "--teacher")
+    return _train(args, defaults={"out": "runs/distill"})
+
+
+def _train(args, defaults=None):
     from .train import PRESETS, TrainConfig, train
 
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    fields = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
+    fields = dict(defaults or {})
+    fields.update(PRESETS[args.preset] if getattr(args, "preset", None) else {})
     fields.update(given)
     fields["progress"] = not args.no_progress
     if "data" in fields:
@@ -389,8 +428,9 @@ def _classify(args):
 
 
 # name -> function adding the subcommand's parser
-COMMANDS = {"demo": _add_demo, "info": _add_info, "bench": _add_bench, "train": _add_train, "prepare": _add_prepare,
-            "data": _add_data, "generate": _add_generate, "finetune": _add_finetune, "classify": _add_classify}
+COMMANDS = {"demo": _add_demo, "info": _add_info, "bench": _add_bench, "train": _add_train, "distill": _add_distill,
+            "prepare": _add_prepare, "data": _add_data, "generate": _add_generate, "finetune": _add_finetune,
+            "classify": _add_classify}
 
 
 def build_parser():

@@ -65,6 +65,11 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     progress: bool = True
+    # distillation (python -m fusedformer distill): the teacher's checkpoint folder, the softmax
+    # temperature and the weight of the teacher's term against the data's (fusedformer.distill)
+    teacher: Optional[str] = None
+    temperature: float = 2.0
+    alpha: float = 0.5
 
 
 # The configuration of nanoGPT's character-level "baby GPT" on Shakespeare for the CPU.
@@ -118,6 +123,10 @@ def check_config(cfg: TrainConfig):
         raise UserError(f"--data {cfg.data} is not a folder")
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
         raise UserError(f"--data-dir {cfg.data_dir} is not a folder")
+    if not (cfg.temperature > 0 and math.isfinite(cfg.temperature)):
+        raise UserError(f"--temperature must be a positive number; got {cfg.temperature}")
+    if not 0 <= cfg.alpha <= 1:
+        raise UserError(f"--alpha must be between 0 and 1; got {cfg.alpha}")
 
 
 def resume_config(saved: dict, given: TrainConfig, defaults: Optional[TrainConfig] = None) -> TrainConfig:
@@ -409,9 +418,20 @@ def _train(cfg, ctx, log, stop_after):
         check_config(cfg)
         log(f"resuming {cfg.out} at step {state['step']} of {cfg.steps}")
     torch.manual_seed(cfg.seed)
-    tok, train_ids, val_ids, val_files = _load_data(
-        cfg, ctx, log, Tokenizer.from_str(state["tokenizer"]) if state is not None and not cfg.data_dir else None)
+    teacher = given_tok = None
+    if cfg.teacher:
+        from .distill import load_teacher
+
+        teacher, given_tok = load_teacher(cfg.teacher)
+        if cfg.context > teacher.config.n_positions:
+            raise UserError(f"--context {cfg.context} exceeds the teacher's context ({teacher.config.n_positions})")
+    if state is not None and not cfg.data_dir:
+        given_tok = Tokenizer.from_str(state["tokenizer"])
+    tok, train_ids, val_ids, val_files = _load_data(cfg, ctx, log, given_tok)
     V = tok.get_vocab_size()
+    if teacher is not None and V != teacher.config.vocab_size:
+        raise UserError(f"--data-dir's tokenizer has {V} tokens, the teacher's vocabulary {teacher.config.vocab_size}: "
+                        "distill on text (--data) or on shards prepared with the teacher's tokenizer")
     context = min(cfg.context, max(8, val_ids.numel() - 2))
     _check_length(train_ids, context)
     model = GPT(GPTConfig(vocab_size=V, n_positions=cfg.context, d_model=cfg.d_model, n_layer=cfg.n_layer,
@@ -436,7 +456,15 @@ def _train(cfg, ctx, log, stop_after):
         torch.set_rng_state(state["torch_rng"])
         history, start = state["history"], state["step"]
     unigram = unigram_perplexity(train_ids, val_ids, V)
-    stepper = _LossModule(model)
+    if teacher is not None:
+        from .distill import DistillLoss
+
+        teacher.to(ctx.device)
+        log(f"distilling from {cfg.teacher} ({teacher.config.n_layer} layers, d_model {teacher.config.d_model}): "
+            f"temperature {cfg.temperature}, alpha {cfg.alpha} (weight of the teacher's term)")
+        stepper = DistillLoss(model, teacher, cfg.temperature, cfg.alpha)
+    else:
+        stepper = _LossModule(model)
     if ctx.distributed:
         stepper = torch.nn.parallel.DistributedDataParallel(
             stepper, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
