@@ -3,7 +3,8 @@ fusedformer GPT (12 layers, d_model 768, 12 heads, d_ff 3072; float32, batch 4 x
 50% of its feed-forward neurons and 25% of its attention heads removed (``fusedformer.prune(model,
 "structured", ffn=0.5, heads=0.25)``), against the same model unpruned. Target: >= 1.5x. Validated
 first: the pruned model's logits equal those of the unpruned model with the removed heads' and
-neurons' output columns zeroed. Writes bench/results/cpu-prune.{json,md} (``--quick``: a small model,
+neurons' output columns zeroed. Timed twice: the logits (the unpruned LM head included) and the blocks
+alone (the hidden states before the LM head). Writes bench/results/cpu-prune.{json,md} (``--quick``: a small model,
 a table on stdout only)."""
 
 import os
@@ -48,11 +49,21 @@ def cases(device, quick):
         n_pruned = sum(p.numel() for p in pruned.parameters())
         print(f"parameters: {n_dense / 1e6:.1f}M -> {n_pruned / 1e6:.1f}M", file=sys.stderr)
 
+    def body(model):
+        with torch.no_grad():
+            return model.hidden(ids)
+
     c = pruned.config
-    return [Case(op="gpt_structured_prune", direction="fwd", dtype="fp32",
-                 shape=f"L{c.n_layer} d{c.d_model} b{batch}x{length}",
+    note = f"heads {dense.config.n_head}->{c.n_head}, d_ff {dense.config.d_ff}->{c.d_ff}"
+    shape = f"L{c.n_layer} d{c.d_model} b{batch}x{length}"
+    # the logits' LM head (d_model x vocab, a third of GPT-2 small's forward) is not pruned; the
+    # second row times the blocks alone (the final-norm hidden states), which pruning shrinks
+    return [Case(op="gpt_structured_prune", direction="fwd", dtype="fp32", shape=shape + " logits",
                  ours=lambda: forward(pruned), peers={"unpruned": lambda: forward(dense)}, validate=validate,
-                 target=1.5, note=f"heads {dense.config.n_head}->{c.n_head}, d_ff {dense.config.d_ff}->{c.d_ff}")]
+                 target=1.5, note=note),
+            Case(op="gpt_structured_prune", direction="fwd", dtype="fp32", shape=shape + " blocks",
+                 ours=lambda: body(pruned), peers={"unpruned": lambda: body(dense)}, validate=validate,
+                 target=1.5, note=note)]
 
 
 def main():
