@@ -18,6 +18,9 @@ _LAZY = {
     "reference": (".reference", None),
     "generate": (".generation", "generate"),
     "quantize": (".quantization", "quantize"),
+    "prune": (".pruning", "prune"),
+    "remove_masks": (".pruning", "remove_masks"),
+    "sparsity": (".pruning", "sparsity"),
     "serving": (".serving", None),
     "LLM": (".serving", "LLM"),
     "SamplingParams": (".serving", "SamplingParams"),
@@ -73,4 +76,7 @@ __all__ = [
     "available_cpu_capabilities",
     "set_cpu_capability",
     "built_with_cuda",
+    "prune",
+    "remove_masks",
+    "sparsity",
 ]

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from ..nn.masked import masked_layers, plain_state_dict, restore_masks
 from ..nn.quantized import QuantizedLinear
 
 CONFIG_NAME = "config.json"
@@ -31,14 +32,16 @@ class CheckpointMixin:
         tensors only, quantized layers' weights and scales never), the config and the tokenizer;
         ``from_pretrained`` casts back to the model's dtype. A quantized model (fusedformer.quantize)
         keeps its packed weights and scales as they are, and the config its ``"quantization"``: the
-        scheme, the group size and the quantized layers."""
+        scheme, the group size and the quantized layers. A pruned model's masked layers (fusedformer.prune)
+        are stored as their masked weights, and the config lists them (``"pruning": {"masked": [...]}``),
+        so that ``from_pretrained`` masks them again by their nonzeros."""
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
         quantized = quantization_config(self)
         exact = {f"{m}.{b}" for m in (quantized or {}).get("modules", ()) for b in ("qweight", "scale")}
         state, seen = {}, {}
-        for name, t in self.state_dict().items():
+        for name, t in plain_state_dict(self).items():
             key = (t.data_ptr(), t.shape, t.stride())
             if key in seen:  # a tied weight: stored under its first name only
                 continue
@@ -50,6 +53,9 @@ class CheckpointMixin:
         config = self.config.to_dict()
         if quantized:
             config["quantization"] = quantized
+        masked = sorted(masked_layers(self))
+        if masked:
+            config["pruning"] = {"masked": masked}
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=1)
         if tokenizer is not None:
@@ -68,12 +74,15 @@ class CheckpointMixin:
         except json.JSONDecodeError as e:
             raise ValueError(f"{cls.__name__}.from_pretrained: {cfg_path} is not valid JSON ({e})") from None
         quantized = cfg.pop("quantization", None)
+        pruning = cfg.pop("pruning", None)
         config = cls.config_class.from_dict(cfg)
         state = load_weights(w_path)
         model = cls(config)
         if quantized:
             make_quantized(model, quantized, cfg_path)
         load_state(model, state, w_path)
+        if pruning:
+            restore_masks(model, pruning.get("masked", ()), cfg_path)
         if dtype is not None:
             model.to(dtype)
         return model.to(device).eval()
