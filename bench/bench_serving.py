@@ -4,7 +4,11 @@ longest output, as a user would write it), on one workload of requests with prom
 drawn from [min_len, max_len] (fixed seed, EOS ignored). Only the tokens each request asked for count.
 
 Validates first (greedy output of both equal on the first requests), then times one run of each.
+With --gpt2-small, the model is a GPT-2-small shape (12 layers, 768 wide, random weights) in --dtype,
+and HuggingFace ``generate`` in static batches of 8 on the same weights is timed too (its greedy
+tokens checked against ours first).
 Usage: python bench/bench_serving.py [--requests 64] [--min-len 16] [--max-len 512] [--model DIR]
+       [--gpt2-small --dtype float32|bfloat16] [--out FILE]
 (lengths are clipped so that prompt + output fit the model's context).
 """
 
@@ -17,7 +21,7 @@ import time
 import torch
 
 from fusedformer.serving import LLM
-from fusedformer.serving.throughput import compare, random_workload
+from fusedformer.serving.throughput import compare, hf_static_batches, random_workload, static_batches
 
 
 def main():
@@ -28,16 +32,42 @@ def main():
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped model)")
     ap.add_argument("--validate", type=int, default=4, help="requests checked for equal greedy output first")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serving.json"))
+    ap.add_argument("--gpt2-small", action="store_true", help="a GPT-2-small shape with random weights, HF as a peer")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
-    llm = LLM(args.model, max_num_seqs=64, max_num_batched_tokens=1024)
+    dtype = getattr(torch, args.dtype)
+    hf = None
+    if args.gpt2_small:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from fusedformer.models import GPT
+
+        torch.manual_seed(0)
+        hf = GPT2LMHeadModel(GPT2Config(n_positions=1024)).eval().to(dtype)
+        model = GPT.from_hf(hf).to(dtype).eval()
+        llm = LLM(model, max_num_seqs=64, max_num_batched_tokens=1024)
+    else:
+        llm = LLM(args.model, max_num_seqs=64, max_num_batched_tokens=1024)
     c = llm.engine.model.config
     reqs = random_workload(args.requests, args.min_len, args.max_len, c.n_positions, c.vocab_size)
     try:
         result = compare(llm, reqs, batch=8, validate=args.validate)
     except AssertionError as e:
         raise SystemExit(f"validation failed: {e}")
+    if hf is not None:
+        check = reqs[:args.validate]
+        ours = static_batches(llm.engine.model, check, 8)
+        theirs = hf_static_batches(hf, check, 8)
+        agree = sum(a == b for a, b in zip(ours, theirs))
+        t0 = time.perf_counter()
+        hf_static_batches(hf, reqs, 8)
+        t_hf = time.perf_counter() - t0
+        result.update({"hf_static_batch8_tok_s": result["output_tokens"] / t_hf,
+                       "ratio_vs_hf": result["llm_generate_tok_s"] * t_hf / result["output_tokens"],
+                       "hf_same_greedy_tokens": f"{agree} of {len(check)}"})
     result.update({
-        "model": args.model or "shipped", "torch": torch.__version__,
+        "model": "gpt2-small shape, random weights" if args.gpt2_small else (args.model or "shipped"),
+        "dtype": args.dtype, "min_len": args.min_len, "max_len": args.max_len, "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"),
     })

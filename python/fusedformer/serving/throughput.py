@@ -44,6 +44,26 @@ def static_batches(model, reqs: List[Request], batch: int = 8) -> List[List[int]
     return outs
 
 
+def hf_static_batches(hf_model, reqs: List[Request], batch: int = 8, pad_token_id: int = 0) -> List[List[int]]:
+    """Greedy outputs of a HuggingFace model's ``generate`` over ``reqs`` in left-padded batches of
+    ``batch`` (what a user of transformers writes)."""
+    outs = []
+    for i in range(0, len(reqs), batch):
+        chunk = reqs[i:i + batch]
+        P = max(len(p) for p, _ in chunk)
+        ids = torch.full((len(chunk), P), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, (p, _) in enumerate(chunk):
+            ids[r, P - len(p):] = torch.tensor(p)
+            mask[r, P - len(p):] = 1
+        m = max(o for _, o in chunk)
+        with torch.no_grad():
+            seqs = hf_model.generate(ids, attention_mask=mask, max_new_tokens=m, min_new_tokens=m, do_sample=False,
+                                     pad_token_id=pad_token_id)
+        outs += [seqs[r, P:P + o].tolist() for r, (_, o) in enumerate(chunk)]
+    return outs
+
+
 def engine_outputs(llm, reqs: List[Request]) -> List[List[int]]:
     """Greedy outputs of ``llm.generate`` over ``reqs``, all submitted at once."""
     from .sampling_params import SamplingParams
