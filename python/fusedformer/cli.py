@@ -1,5 +1,5 @@
-"""python -m fusedformer <command>: demo, info, bench, train, distill, prepare, data, generate, finetune, classify
-(commands register in COMMANDS).
+"""python -m fusedformer <command>: demo, info, bench, train, distill, prepare, data, generate, finetune,
+classify, serve (commands register in COMMANDS).
 
 A mistake in the input (a missing folder, a bad value, an unknown model) prints one ``error: ...``
 line and exits with status 2; Ctrl-C exits with status 130 (``train`` saves its state first). A
@@ -49,6 +49,18 @@ def _float_in(lo=None, hi=None, lo_open=False, hi_open=False):
                                              f"{'inf' if hi is None else hi}{rb}, got {s}")
         return v
     parse.__name__ = "number"
+    return parse
+
+
+def _int_in(lo, hi):
+    at_least = _int_at_least(lo)
+
+    def parse(s):
+        v = at_least(s)
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {v}")
+        return v
+    parse.__name__ = "integer"
     return parse
 
 
@@ -427,10 +439,64 @@ def _classify(args):
     return 0
 
 
+# ---- serve ------------------------------------------------------------------------------------------------------
+
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over the engine: /v1/completions, "
+                                     "/v1/chat/completions (streamed or not), /v1/models, /health, /metrics and "
+                                     "a playground page at /")
+    p.add_argument("--model", help="a fusedformer checkpoint folder or a HuggingFace GPT-2 / Llama one "
+                                   "(default: the shipped model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000, help="port to listen on (default 8000; 0: any "
+                                                                        "free port, printed at start)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (default: no key)")
+    p.add_argument("--served-model-name", help="the model id clients name (default: the model folder's name)")
+    p.add_argument("--max-num-seqs", type=POSITIVE, default=256, help="sequences in one step (default 256)")
+    p.add_argument("--max-num-batched-tokens", type=POSITIVE, default=2048,
+                   help="tokens in one step (default 2048)")
+    p.add_argument("--kv-cache-memory", type=POSITIVE, help="bytes of the KV-cache pool (default: half the free "
+                                                            "memory, at most what --max-num-seqs full contexts take)")
+    p.add_argument("--max-waiting", type=POSITIVE, default=1024,
+                   help="requests that may wait for the running batch; more get HTTP 503 (default 1024)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights' dtype (default auto: the checkpoint's)")
+    p.add_argument("--shutdown-timeout", type=POSITIVE_FLOAT, default=30.0,
+                   help="seconds the requests in flight get to finish on SIGTERM or Ctrl-C (default 30)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's log level (default warning; info logs every request)")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args):
+    if args.model is not None:
+        _existing_dir(args.model, "--model")
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"serve needs fastapi, uvicorn and prometheus-client ({e}): "
+                        "pip install 'fusedformer[serve]'") from None
+    from .serving import LLM
+    from .serving.server import serve
+
+    try:
+        llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"--model {args.model or '(shipped)'}: {e}") from None
+    try:
+        return serve(llm, args.host, args.port, args.served_model_name, args.api_key, args.max_waiting,
+                     args.shutdown_timeout, args.log_level)
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+
+
 # name -> function adding the subcommand's parser
 COMMANDS = {"demo": _add_demo, "info": _add_info, "bench": _add_bench, "train": _add_train, "distill": _add_distill,
             "prepare": _add_prepare, "data": _add_data, "generate": _add_generate, "finetune": _add_finetune,
-            "classify": _add_classify}
+            "classify": _add_classify, "serve": _add_serve}
 
 
 def build_parser():

@@ -182,6 +182,17 @@ class LLMEngine:
                     self.scheduler.waiting.remove(seq)
                     seq.status = Status.FINISHED
 
+    def snapshot(self, request_id: str) -> Optional[RequestOutput]:
+        """The outputs so far of a request that has not ended (None if it has): token ids, log-probabilities
+        and the samples forked so far grow step by step; ``text`` is set when a sample finishes."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        out = self._output(req)
+        for c in out.outputs:  # copies: the engine goes on appending to its own lists
+            c.logprobs = list(c.logprobs) if c.logprobs is not None else None
+        return out
+
     def _output(self, req: Request) -> RequestOutput:
         outs = [CompletionOutput(s.index, s.text, s.output_ids, s.cumulative_logprob, s.logprobs, s.finish_reason,
                                  s.stop_reason) for s in sorted(req.sequences, key=lambda s: s.index)]
