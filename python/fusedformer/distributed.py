@@ -56,8 +56,14 @@ def setup(device=None):
     return Context(rank=rank, world=world, local_rank=local, device=dev, owns_group=owns)
 
 
-def teardown(ctx):
+def teardown(ctx, clean=True):
+    """End the process group this module started. ``clean``: every rank got here normally, so they meet
+    at a barrier first: a rank that destroys its gloo group while a peer is still working (rank 0
+    writing the run's files) can abort in gloo's threads ("terminate called without an active
+    exception"). After an error no barrier is tried (the peer may never arrive)."""
     if ctx.owns_group and dist.is_initialized():
+        if clean and ctx.distributed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

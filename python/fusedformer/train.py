@@ -396,10 +396,13 @@ def train(cfg: TrainConfig, log=print, stop_after: Optional[int] = None):
     ``stop_after``: stop (saving the training state, as Ctrl-C does) once this many steps are done."""
     check_config(cfg)
     ctx = D.setup(cfg.device)
+    clean = False
     try:
-        return _train(cfg, ctx, log if ctx.is_main else (lambda *a, **k: None), stop_after)
+        out = _train(cfg, ctx, log if ctx.is_main else (lambda *a, **k: None), stop_after)
+        clean = True
+        return out
     finally:
-        D.teardown(ctx)
+        D.teardown(ctx, clean)
 
 
 def _train(cfg, ctx, log, stop_after):
