@@ -10,7 +10,10 @@ whose contents this script writes from bench/results/*.json (never by hand):
 - ``headline``: per suite, op, direction and peer (with the peer's precision), the speedup (in the
   kernels suite the range over every dtype and shape measured, losers included; in the others each
   case), with the result file, machine, commit and date beside it;
-- ``table:STEM``: every case of bench/results/STEM.json with the machine line and the ceilings.
+- ``headline:STEM,STEM...``: the same for the suites named (the CUDA results, say);
+- ``table:STEM``: every case of bench/results/STEM.json with the machine line and the ceilings;
+- ``summary:STEM``: the end-to-end results that are not case tables (training, fine-tuning), rendered
+  by the benchmark script that wrote them (its ``render(results)``).
 
 ``--check`` renders without writing and exits with status 1 if a block differs from what the
 committed JSON gives (CI runs it, so a hand-edited or stale figure fails).
@@ -42,6 +45,8 @@ SLOW_PEERS = {
 }
 # Suites whose rows are summarized as ranges over shapes; in the others every case is its own row.
 RANGED_SUITES = {"kernels"}
+# summary:STEM blocks: the bench script whose render(results) writes the block
+SUMMARY_SCRIPTS = {"cpu-train-shakespeare": "train_shakespeare", "cpu-finetune-shakespeare": "finetune_shakespeare"}
 
 
 def load(stem):
@@ -64,20 +69,23 @@ def _range(vals):
     return f"{lo:.2f}x" if abs(hi - lo) < 0.005 else f"{lo:.2f}-{hi:.2f}x"
 
 
-def headline():
+def headline(stems=HEADLINE_STEMS):
     lines = ["| suite | op | direction | peer (its precision) | speedup | cases |", "|---|---|---|---|---|---|"]
     sources = []
-    for stem in HEADLINE_STEMS:
+    for stem in stems:
         if not os.path.exists(os.path.join(RESULTS, stem + ".json")):
             continue
         data = load(stem)
         sources.append(source_line(stem, data))
         suite = stem.split("-", 1)[1]
+        ranged = bool(RANGED_SUITES & set(suite.split("-")))  # cpu-kernels, cuda-h200-kernels-quick
+        if stem.startswith("cuda-"):
+            suite = "cuda " + ("kernels" if ranged else suite.split("-", 1)[-1])
         groups = OrderedDict()
         for r in data["results"]:
             # kernels: one row per op, direction and peer, the range over every dtype and shape;
             # the end-to-end suites: one row per case
-            key = (r["op"], r["direction"], r.get("peer", ""), r.get("note", "") if suite in RANGED_SUITES else
+            key = (r["op"], r["direction"], r.get("peer", ""), r.get("note", "") if ranged else
                    (r["dtype"], r["shape"]))
             groups.setdefault(key, []).append(r)
         for (op, direction, peer, _), rs in groups.items():
@@ -88,9 +96,9 @@ def headline():
                 cell += f" ({len(failed)} FAILED validation)"
             dtypes = list(OrderedDict.fromkeys(r["dtype"] for r in rs))
             peer_dtypes = list(OrderedDict.fromkeys(r.get("peer_dtype", r["dtype"]) for r in rs))
-            notes = [SLOW_PEERS[(op, d)] for d in dtypes if (op, d) in SLOW_PEERS]
+            notes = [SLOW_PEERS[(op, d)] for d in dtypes if (op, d) in SLOW_PEERS and stem.startswith("cpu-")]
             peer_cell = f"{peer} ({', '.join(peer_dtypes)})" + "".join(f"; {n}" for n in notes) if peer else ""
-            what = f"{len(rs)}: {', '.join(dtypes)}" if suite in RANGED_SUITES else f"{rs[0]['dtype']} {rs[0]['shape']}"
+            what = f"{len(rs)}: {', '.join(dtypes)}" if ranged else f"{rs[0]['dtype']} {rs[0]['shape']}"
             lines.append(f"| {suite} | {op} | {direction} | {peer_cell} | {cell} | {what} |")
     return "\n".join(lines + [""] + [f"Source: {s}" for s in sources]) + "\n"
 
@@ -105,11 +113,25 @@ def table(stem):
     ])
 
 
+def summary(stem):
+    import importlib
+
+    data = load(stem)
+    m = data["machine"]
+    m.setdefault("clean", None)
+    return source_line(stem, data) + "\n\n" + importlib.import_module(SUMMARY_SCRIPTS[stem]).render(data)
+
+
 def render(name):
     if name == "headline":
         return headline()
-    if name.startswith("table:"):
-        return table(name.split(":", 1)[1])
+    kind, _, arg = name.partition(":")
+    if kind == "headline":
+        return headline(arg.split(","))
+    if kind == "table":
+        return table(arg)
+    if kind == "summary":
+        return summary(arg)
     raise SystemExit(f"unknown report block {name!r}")
 
 
@@ -118,15 +140,21 @@ def documents():
         sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 
+def rendered(text):
+    """``text`` with every report block rewritten from the committed results."""
+    return BLOCK.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="exit 1 if a rendered block differs; write nothing")
+    ap.add_argument("documents", nargs="*", help="the files to render (default: README.md, bench/*.md, docs/*.md)")
     args = ap.parse_args(argv)
     stale = []
-    for path in documents():
+    for path in args.documents or documents():
         with open(path) as f:
             text = f.read()
-        new = BLOCK.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+        new = rendered(text)
         if new != text:
             stale.append(os.path.relpath(path, ROOT))
             if not args.check:

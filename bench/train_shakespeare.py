@@ -161,20 +161,27 @@ def main(argv=None):
     _ratios(runs)
     _save(results, args.out)
 
-    md = ["# baby GPT (char-level) on the Shakespeare plays", "",
-          ", ".join(f"{k}: {v}" for k, v in results["machine"].items()), "", results["note"], "",
-          f"| run | wall s ({cfg.steps} it.) | steps/s (without evals) | vs eager | final val loss |", "|---|---|---|---|---|"]
+    md = "\n".join(["# baby GPT (char-level) on the Shakespeare plays", "",
+                    ", ".join(f"{k}: {v}" for k, v in results["machine"].items()), "", render(results)])
+    with open(os.path.join(args.out, "cpu-train-shakespeare.md"), "w") as f:
+        f.write(md)
+    _plot(runs, os.path.join(args.out, "cpu-train-shakespeare.png"))
+    print(md)
+
+
+def render(results):
+    """The result's Markdown body (its tables and sample), from the JSON alone (bench/report.py uses it)."""
+    runs, tr, tc = results["loop"], results.get("torchrun", {}), results["train_command"]
+    md = [results["note"], "",
+          f"| run | wall s ({results['loop_steps']} it.) | steps/s (without evals) | vs eager | final val loss |",
+          "|---|---|---|---|---|"]
     for k, r in runs.items():
         md.append(f"| {k} | {r['wall_s']:.0f} | {r['steps_per_s']:.1f} | {r['step_rate_vs_eager']:.2f}x | "
                   f"{r['final_val_loss']:.3f} |")
-    tc = results["train_command"]
     md += ["", f"`train --preset shakespeare-char`: {tc['train_seconds']:.0f} s training, val loss {tc['val_loss']:.3f}",
            "", "torchrun: " + ", ".join(f"{k}: {v['steps_per_s']:.1f} steps/s" for k, v in tr.items()), "",
-           "Sample:", "", "```", tc["sample"], "```", ""]
-    with open(os.path.join(args.out, "cpu-train-shakespeare.md"), "w") as f:
-        f.write("\n".join(md))
-    _plot(runs, os.path.join(args.out, "cpu-train-shakespeare.png"))
-    print("\n".join(md))
+           "Sample:", "", "```", tc["sample"].rstrip("\n"), "```", ""]
+    return "\n".join(md)
 
 
 def _train_command(args, sh, work, results):
