@@ -6,7 +6,7 @@ time of each step, test counts, sanitizer results and the benchmark table, as Ma
 Reads from OUT whatever the steps left there (every input is optional; a missing one reads as
 "not run"): steps.tsv (step, exit code, seconds per line), info.txt (key: value lines),
 junit.xml (pytest), memcheck.log / racecheck.log (compute-sanitizer), cuda-kernels.md (bench).
-Writes OUT/summary.md and OUT/summary.json, and a copy of the Markdown to RESULTS/cuda-SLUG-summary.md.
+Writes OUT/summary.md and OUT/summary.json, and copies of both to RESULTS/cuda-SLUG-summary.{md,json}.
 """
 
 import argparse
@@ -127,7 +127,7 @@ def markdown(s):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", required=True, help="the GPU check's output folder")
-    ap.add_argument("--results", default=None, help="also write cuda-SLUG-summary.md here (bench/results)")
+    ap.add_argument("--results", default=None, help="also write cuda-SLUG-summary.{md,json} here (bench/results)")
     ap.add_argument("--slug", default="gpu", help="the GPU's name in file names (h200)")
     args = ap.parse_args(argv)
     s = build(args.dir)
@@ -141,6 +141,8 @@ def main(argv=None):
         os.makedirs(args.results, exist_ok=True)
         with open(os.path.join(args.results, f"cuda-{args.slug}-summary.md"), "w") as f:
             f.write(md)
+        with open(os.path.join(args.results, f"cuda-{args.slug}-summary.json"), "w") as f:
+            json.dump({k: v for k, v in s.items() if k != "bench_table"}, f, indent=1)
     print(md)
     return 0
 
