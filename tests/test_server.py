@@ -5,12 +5,8 @@ counts are right, concurrent requests give what they give alone, bad input is a 
 enforced, a full waiting queue answers 503, and SIGTERM lets the request in flight finish and exits 0."""
 
 import json
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,63 +18,14 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
+from _server import MODEL, Server  # noqa: E402
 from fusedformer.textgen import SHIPPED_MODEL  # noqa: E402
 from fusedformer.tokenizer import load_tokenizer  # noqa: E402
 
-MODEL = os.path.basename(SHIPPED_MODEL)
 KEY = "sk-test-key"
 PROMPTS = ["def main(", "import os\n", "class Parser:\n    def", "for i in range(", "return self.", "x = [",
            "with open(", "if __name__"]
 GREEDY = dict(temperature=0.0, extra_body={"ignore_eos": True})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, tmp_path, name, *args):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(tmp_path / f"{name}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fusedformer", "serve", "--port", str(self.port), *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise AssertionError(f"the server did not answer /health in time:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def client(self, api_key="none", **kw) -> "openai.OpenAI":
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120, **kw)
-
-    def metrics(self) -> dict:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
