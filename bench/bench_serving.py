@@ -3,7 +3,9 @@
 longest output, as a user would write it), on one workload of requests with prompt and output lengths
 drawn from [min_len, max_len] (fixed seed, EOS ignored). Only the tokens each request asked for count.
 
-Validates first (greedy output of both equal on the first requests), then times one run of each.
+Validates first (greedy output of both equal on the first requests), then times one run of each. Also
+reports how full the engine's KV blocks in use were in its run: tokens held / (blocks in use x block
+size) at the step with the most blocks in use (``kv_utilization_at_peak``) and the mean over steps.
 With --gpt2-small, the model is a GPT-2-small shape (12 layers, 768 wide, random weights) in --dtype,
 and HuggingFace ``generate`` in static batches of 8 on the same weights is timed too (its greedy
 tokens checked against ours first).
