@@ -10,7 +10,8 @@ whose contents this script writes from bench/results/*.json (never by hand):
 - ``headline``: per suite, op, direction and peer (with the peer's precision), the speedup (in the
   kernels suite the range over every dtype and shape measured, losers included; in the others each
   case), with the result file, machine, commit and date beside it;
-- ``table:STEM``: every case of bench/results/STEM.json with the machine line and the ceilings.
+- ``table:STEM``: every case of bench/results/STEM.json with the machine line and the ceilings (for the
+  serving load test, its rates, latencies, the rate held and the KV-cache figures).
 
 ``--check`` renders without writing and exits with status 1 if a block differs from what the
 committed JSON gives (CI runs it, so a hand-edited or stale figure fails).
@@ -97,6 +98,10 @@ def headline():
 
 def table(stem):
     data = load(stem)
+    if data.get("suite") == "serving-load":  # bench_serving_load.py: rates, latencies, the rate held
+        from bench_serving_load import load_table
+
+        return "\n".join([source_line(stem, data), "", load_table(data)])
     return "\n".join([
         source_line(stem, data), "",
         "Ceilings measured in the same run: " + describe_ceilings(data.get("ceilings", {})), "",
