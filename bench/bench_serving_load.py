@@ -19,7 +19,7 @@ and on average over the sweep.
 A rate runs max(--min-requests, rate x --duration) requests. Writes bench/results/cpu-serving-load.
 {json,md} (with --quick: build/bench-quick/, a short sweep that checks the whole path in under a minute).
 
-    python bench/bench_serving_load.py [--quick] [--rates 0.5,1,2,4,8] [--duration 40] [--min-requests 10]
+    python bench/bench_serving_load.py [--quick] [--rates 1,2,4,8,16] [--duration 40] [--min-requests 10]
         [--min-len 16] [--max-len 128] [--model DIR | --gpt2-small] [--dtype auto|float32|bfloat16]
         [--max-num-seqs N] [--max-num-batched-tokens N] [--kv-cache-memory BYTES] [--seed 0] [--out DIR]
 """
@@ -245,7 +245,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two short rates, short sequences (a smoke run)")
-    ap.add_argument("--rates", default=None, help="comma-separated request rates per second (default 0.5,1,2,4,8)")
+    ap.add_argument("--rates", default=None, help="comma-separated request rates per second (default 1,2,4,8,16)")
     ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate (default 40)")
     ap.add_argument("--min-requests", type=int, default=None, help="requests per rate at least (default 10)")
     ap.add_argument("--min-len", type=int, default=None, help="shortest prompt and output (default 16)")
@@ -263,7 +263,7 @@ def main(argv=None):
     ap.add_argument("--stem", default=STEM)
     args = ap.parse_args(argv)
     q = args.quick
-    rates = [float(x) for x in (args.rates or ("1,4" if q else "0.5,1,2,4,8")).split(",") if x.strip()]
+    rates = [float(x) for x in (args.rates or ("1,4" if q else "1,2,4,8,16")).split(",") if x.strip()]
     duration = args.duration if args.duration is not None else (4.0 if q else 40.0)
     min_requests = args.min_requests if args.min_requests is not None else (4 if q else 10)
     min_len = args.min_len if args.min_len is not None else (8 if q else 16)
