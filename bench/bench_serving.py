@@ -3,7 +3,9 @@
 longest output, as a user would write it), on one workload of requests with prompt and output lengths
 drawn from [min_len, max_len] (fixed seed, EOS ignored). Only the tokens each request asked for count.
 
-Validates first (greedy output of both equal on the first requests), then times one run of each.
+Validates first (greedy output of both equal on the first requests), then times one run of each. Also
+reports how full the engine's KV blocks in use were in its run: tokens held / (blocks in use x block
+size) at the step with the most blocks in use (``kv_utilization_at_peak``) and the mean over steps.
 With --gpt2-small, the model is a GPT-2-small shape (12 layers, 768 wide, random weights) in --dtype,
 and HuggingFace ``generate`` in static batches of 8 on the same weights is timed too (its greedy
 tokens checked against ours first).
@@ -24,6 +26,15 @@ from fusedformer.serving import LLM
 from fusedformer.serving.throughput import compare, hf_static_batches, random_workload, static_batches
 
 
+def gpt2_small_hf(dtype=torch.float32):
+    """A HuggingFace GPT-2 of GPT-2 small's shape (12 layers, 768 wide, 1024 positions) with random
+    weights (seed 0), in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_positions=1024)).eval().to(dtype)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=64)
@@ -38,12 +49,9 @@ def main():
     dtype = getattr(torch, args.dtype)
     hf = None
     if args.gpt2_small:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
         from fusedformer.models import GPT
 
-        torch.manual_seed(0)
-        hf = GPT2LMHeadModel(GPT2Config(n_positions=1024)).eval().to(dtype)
+        hf = gpt2_small_hf(dtype)
         model = GPT.from_hf(hf).to(dtype).eval()
         llm = LLM(model, max_num_seqs=64, max_num_batched_tokens=1024)
     else:

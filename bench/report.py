@@ -11,7 +11,8 @@ whose contents this script writes from bench/results/*.json (never by hand):
   kernels suite the range over every dtype and shape measured, losers included; in the others each
   case), with the result file, machine, commit and date beside it;
 - ``headline:STEM,STEM...``: the same for the suites named (the CUDA results, say);
-- ``table:STEM``: every case of bench/results/STEM.json with the machine line and the ceilings;
+- ``table:STEM``: every case of bench/results/STEM.json with the machine line and the ceilings (for the
+  serving load test, its rates, latencies, the rate held and the KV-cache figures);
 - ``summary:STEM``: the end-to-end results that are not case tables (training, fine-tuning), rendered
   by the benchmark script that wrote them (its ``render(results)``).
 
@@ -105,6 +106,10 @@ def headline(stems=HEADLINE_STEMS):
 
 def table(stem):
     data = load(stem)
+    if data.get("suite") == "serving-load":  # bench_serving_load.py: rates, latencies, the rate held
+        from bench_serving_load import load_table
+
+        return "\n".join([source_line(stem, data), "", load_table(data)])
     return "\n".join([
         source_line(stem, data), "",
         "Ceilings measured in the same run: " + describe_ceilings(data.get("ceilings", {})), "",

@@ -60,7 +60,9 @@ def test_health_models_playground_and_metrics(server):
     assert m["fusedformer_kv_blocks_total"] > 0 and m["fusedformer_kv_blocks_in_use"] == 0
     for name in ("fusedformer_requests_running", "fusedformer_requests_waiting", "fusedformer_prompt_tokens_total",
                  "fusedformer_generation_tokens_total", "fusedformer_time_to_first_token_seconds_count",
-                 "fusedformer_time_per_output_token_seconds_count"):
+                 "fusedformer_time_per_output_token_seconds_count", "fusedformer_kv_utilization",
+                 "fusedformer_kv_peak_blocks_in_use", "fusedformer_kv_utilization_at_peak",
+                 "fusedformer_kv_utilization_mean"):
         assert name in m, name
 
 
@@ -154,6 +156,10 @@ def test_32_concurrent_requests_match_the_same_requests_alone(server):
     m = server.metrics()
     assert m["fusedformer_requests_running"] == 0 and m["fusedformer_kv_blocks_in_use"] == 0
     assert m['fusedformer_requests_finished_total{finish_reason="length"}'] >= 64
+    # every request's prompt and output fit one block of 16, and several ran at once
+    assert 2 <= m["fusedformer_kv_peak_blocks_in_use"] <= 32
+    for name in ("fusedformer_kv_utilization_at_peak", "fusedformer_kv_utilization_mean"):
+        assert 0 < m[name] <= 1, (name, m[name])
 
 
 BAD = [

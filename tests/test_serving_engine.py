@@ -250,3 +250,51 @@ def test_random_workload_lengths_and_errors():
     for bad in ({"n": 0, "lo": 1, "hi": 2}, {"n": 2, "lo": 0, "hi": 2}, {"n": 2, "lo": 5, "hi": 4}):
         with pytest.raises(ValueError, match="random_workload"):
             random_workload(context=100, vocab=50, **bad)
+
+
+def kv_steps(llm, prompts, params):
+    """(blocks in use, tokens held) after every step of one generate call, and the engine's stats after it."""
+    seen = []
+    record = llm.engine.kv_usage.record
+
+    def spy(blocks, tokens):
+        seen.append((blocks, tokens))
+        record(blocks, tokens)
+
+    llm.engine.kv_usage.record = spy
+    llm.generate(prompts, params, use_tqdm=False)
+    return seen, llm.engine.stats()
+
+
+def test_kv_utilization_of_known_lengths():
+    # blocks of 4; prompts of 4 and 3 tokens with 6 and 2 output tokens, prefilled together. Tokens held
+    # after each step (the last sampled token is not yet in the cache):
+    #   step 1: 4 + 3 = 7 in 1 + 1 blocks; step 2: 5 + 4 = 9 in 2 + 1 (the second request ends);
+    #   steps 3-6: 6, 7, 8, 9 in 2, 2, 2, 3 blocks
+    llm = engine(tiny("gpt2"), block_size=4)
+    params = [SamplingParams(temperature=0.0, max_tokens=6), SamplingParams(temperature=0.0, max_tokens=2)]
+    seen, s = kv_steps(llm, prompts_of([4, 3]), params)
+    assert seen == [(2, 7), (3, 9), (2, 6), (2, 7), (2, 8), (3, 9)]
+    assert (s["kv_steps"], s["kv_peak_blocks_in_use"], s["kv_tokens_at_peak"]) == (6, 3, 9)
+    assert s["kv_utilization_at_peak"] == pytest.approx(9 / 12)  # the first step at the peak
+    assert s["kv_mean_utilization"] == pytest.approx((7 / 8 + 9 / 12 + 6 / 8 + 7 / 8 + 8 / 8 + 9 / 12) / 6)
+    assert s["kv_utilization"] == pytest.approx(9 / 12) and s["kv_block_size"] == 4
+    llm.engine.kv_usage.reset()
+    assert llm.engine.stats()["kv_steps"] == 0 and llm.engine.stats()["kv_utilization_at_peak"] == 0.0
+
+
+def test_kv_utilization_counts_shared_blocks_once():
+    # two samples of a 6-token prompt, blocks of 4: the prompt's two blocks are shared after the prefill;
+    # the first decode copies the half-full second block for one sample (copy-on-write), so the first
+    # block alone stays shared: 4 + 3 + 3 tokens in 3 blocks, then 4 + 4 + 4
+    llm = engine(tiny("llama"), block_size=4)
+    seen, s = kv_steps(llm, prompts_of([6]), SamplingParams(n=2, temperature=0.0, max_tokens=3))
+    assert seen == [(2, 6), (3, 10), (3, 12)]
+    assert s["kv_utilization_at_peak"] == pytest.approx(10 / 12)
+    assert s["kv_mean_utilization"] == pytest.approx((6 / 8 + 10 / 12 + 12 / 12) / 3)
+    # prefix-cache hits share full blocks too: two requests whose 9 tokens start with the 8 of a finished
+    # request take its two blocks back and each compute their last token into a block of their own
+    prompt = prompts_of([9], seed=4)[0]
+    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    seen, _ = kv_steps(llm, [prompt, prompt[:8] + [7]], SamplingParams(temperature=0.0, max_tokens=2))
+    assert seen == [(4, 8 + 1 + 1), (4, 8 + 2 + 2)]

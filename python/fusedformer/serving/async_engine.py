@@ -206,3 +206,8 @@ class AsyncEngine:
             m.waiting.set(waiting + pending)
             m.kv_blocks_used.set(self.engine.pool.num_used)
             m.kv_blocks_total.set(self.engine.pool.num_blocks)
+            kv = self.engine.kv_usage
+            m.kv_utilization.set(kv.utilization)
+            m.kv_peak_blocks.set(kv.peak_blocks_in_use)
+            m.kv_utilization_at_peak.set(kv.utilization_at_peak)
+            m.kv_utilization_mean.set(kv.mean_utilization)

@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Sequence as Seq, Union
 import torch
 
 from .block_pool import DEFAULT_BLOCK_SIZE, BlockPool, kv_block_bytes, num_blocks_for
+from .kv_usage import KVCacheUsage
 from .loader import load
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
@@ -64,6 +65,7 @@ class LLMEngine:
         self.pool = BlockPool(num_blocks, block_size)
         self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens, enable_prefix_caching)
         self.runner = ModelRunner(model, num_blocks, block_size)
+        self.kv_usage = KVCacheUsage(block_size)
         self.generator = torch.Generator(device=p.device).manual_seed(seed)
         self.requests: Dict[str, Request] = {}
         self._ids = itertools.count()
@@ -99,6 +101,14 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def stats(self) -> Dict[str, float]:
+        """The KV pool's size (``kv_blocks_total``), the preemptions and prefix-cache blocks taken back so
+        far, and how full the blocks in use are (:class:`KVCacheUsage`: the last step's utilization, the
+        one at the step with the most blocks in use, the mean over steps)."""
+        return {"kv_blocks_total": self.pool.num_blocks, "kv_block_size": self.pool.block_size,
+                "num_preemptions": self.scheduler.num_preemptions, "prefix_cache_hit_blocks": self.pool.hits,
+                **self.kv_usage.as_dict()}
+
     def step(self) -> List[RequestOutput]:
         """One model step; returns the requests that finished in it."""
         out = self.scheduler.schedule()
@@ -106,6 +116,7 @@ class LLMEngine:
             raise RuntimeError("LLMEngine: nothing could be scheduled (a request larger than the KV pool)")
         logits, seqs = self.runner.execute(out)
         self.scheduler.computed(out)
+        self.kv_usage.record(self.pool.num_used, self.scheduler.kv_tokens_held())
         rows, samplers = [], []
         for row, seq in enumerate(seqs):
             group = [seq] + self._fork(seq)

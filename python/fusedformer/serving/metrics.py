@@ -1,6 +1,7 @@
 """The server's Prometheus metrics, in a registry of its own (two servers in one process never mix their
-figures): requests running and waiting, KV blocks in use and in all, prompt and generated tokens,
-requests finished by finish reason, and the time to first token and per output token."""
+figures): requests running and waiting, KV blocks in use and in all, how full the blocks in use are,
+prompt and generated tokens, requests finished by finish reason, and the time to first token and per
+output token."""
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -19,6 +20,14 @@ class Metrics:
                              registry=r)
         self.kv_blocks_used = Gauge("fusedformer_kv_blocks_in_use", "KV-cache blocks held by requests", registry=r)
         self.kv_blocks_total = Gauge("fusedformer_kv_blocks_total", "KV-cache blocks in the pool", registry=r)
+        self.kv_utilization = Gauge("fusedformer_kv_utilization", "Tokens held in the KV cache / (blocks in use x "
+                                    "block size), at the last model step", registry=r)
+        self.kv_peak_blocks = Gauge("fusedformer_kv_peak_blocks_in_use", "The most KV-cache blocks in use at a "
+                                    "model step", registry=r)
+        self.kv_utilization_at_peak = Gauge("fusedformer_kv_utilization_at_peak", "Tokens held / (blocks in use x "
+                                            "block size) at the step with the most blocks in use", registry=r)
+        self.kv_utilization_mean = Gauge("fusedformer_kv_utilization_mean", "Tokens held / (blocks in use x "
+                                         "block size), the mean over model steps", registry=r)
         self.prompt_tokens = Counter("fusedformer_prompt_tokens", "Prompt tokens of the requests admitted",
                                      registry=r)
         self.generation_tokens = Counter("fusedformer_generation_tokens", "Output tokens generated", registry=r)

@@ -112,6 +112,23 @@ class Scheduler:
                 self.pool.cache(seq.block_table[b], seq.block_keys[b])
             seq.num_cached_blocks = max(seq.num_cached_blocks, full)
 
+    def kv_tokens_held(self) -> int:
+        """Tokens whose keys and values the blocks of the running sequences hold, a block shared by several
+        sequences (forked samples, prefix-cache hits) counted once: its holders have the same tokens in it,
+        since a holder copies a shared block before writing into it."""
+        total = sum(seq.num_computed for seq in self.running)
+        if sum(len(seq.block_table) for seq in self.running) == self.pool.num_used:
+            return total  # every block in use has one holder
+        bs, seen = self.pool.block_size, set()
+        for seq in self.running:
+            for i, b in enumerate(seq.block_table):
+                if self.pool.ref_counts[b] > 1:
+                    if b in seen:
+                        total -= max(0, min(bs, seq.num_computed - i * bs))
+                    else:
+                        seen.add(b)
+        return total
+
     def fork(self, parent: Sequence, child: Sequence):
         """``child`` starts as a copy of ``parent``'s state, holding the same blocks (copy-on-write)."""
         for b in parent.block_table:

@@ -74,17 +74,22 @@ def engine_outputs(llm, reqs: List[Request]) -> List[List[int]]:
 
 def compare(llm, reqs: List[Request], batch: int = 8, validate: int = 4) -> Dict[str, float]:
     """Checks that both give the same greedy tokens on the first ``validate`` requests, then times one
-    run of each over ``reqs``: output tokens/s of each and their ratio."""
+    run of each over ``reqs``: output tokens/s of each and their ratio, and how full the engine's KV
+    blocks in use were in its run (at the step with the most blocks in use, and the mean over steps)."""
     model = llm.engine.model
     check = reqs[:validate]
     if validate and engine_outputs(llm, check) != static_batches(model, check, batch):
         raise AssertionError("LLM.generate and fusedformer.generate gave different greedy tokens")
     tokens = sum(o for _, o in reqs)
+    llm.engine.kv_usage.reset()  # the KV figures of the timed run alone
     t0 = time.perf_counter()
     engine_outputs(llm, reqs)
     t_engine = time.perf_counter() - t0
+    kv = llm.engine.kv_usage
     t0 = time.perf_counter()
     static_batches(model, reqs, batch)
     t_static = time.perf_counter() - t0
     return {"requests": len(reqs), "output_tokens": tokens, "llm_generate_tok_s": tokens / t_engine,
-            f"static_batch{batch}_tok_s": tokens / t_static, "ratio": t_static / t_engine}
+            f"static_batch{batch}_tok_s": tokens / t_static, "ratio": t_static / t_engine,
+            "kv_peak_blocks_in_use": kv.peak_blocks_in_use, "kv_utilization_at_peak": kv.utilization_at_peak,
+            "kv_mean_utilization": kv.mean_utilization}
