@@ -11,19 +11,24 @@ and HuggingFace ``generate`` in static batches of 8 on the same weights is timed
 tokens checked against ours first).
 Usage: python bench/bench_serving.py [--requests 64] [--min-len 16] [--max-len 512] [--model DIR]
        [--gpt2-small --dtype float32|bfloat16] [--out FILE]
+Writes bench/results/cpu-serving[-gpt2-small]-DTYPE.json (machine, commit and tree state recorded);
+bench/report.py renders it with ``render``.
 (lengths are clipped so that prompt + output fit the model's context).
 """
 
 import argparse
 import json
 import os
-import platform
+import sys
 import time
 
 import torch
 
 from fusedformer.serving import LLM
 from fusedformer.serving.throughput import compare, hf_static_batches, random_workload, static_batches
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_info  # noqa: E402
 
 
 def gpt2_small_hf(dtype=torch.float32):
@@ -42,7 +47,7 @@ def main():
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped model)")
     ap.add_argument("--validate", type=int, default=4, help="requests checked for equal greedy output first")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serving.json"))
+    ap.add_argument("--out", default=None, help="result file (default bench/results/cpu-serving[-gpt2-small]-DTYPE.json)")
     ap.add_argument("--gpt2-small", action="store_true", help="a GPT-2-small shape with random weights, HF as a peer")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
@@ -75,14 +80,32 @@ def main():
                        "hf_same_greedy_tokens": f"{agree} of {len(check)}"})
     result.update({
         "model": "gpt2-small shape, random weights" if args.gpt2_small else (args.model or "shipped"),
-        "dtype": args.dtype, "min_len": args.min_len, "max_len": args.max_len, "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d"),
+        "dtype": args.dtype, "min_len": args.min_len, "max_len": args.max_len, "machine": machine_info("cpu"),
     })
     print(json.dumps(result, indent=1))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"cpu-serving{'-gpt2-small' if args.gpt2_small else ''}-{args.dtype}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
         json.dump(result, f, indent=1)
+    print(render(result))
+
+
+def render(r):
+    """The result as Markdown (bench/report.py's summary block)."""
+    lines = [f"{r['requests']} requests, prompt and output lengths drawn from {r['min_len']}-{r['max_len']} tokens "
+             f"(fixed seed, EOS ignored), {r['model']}, {r['dtype']}; {r['output_tokens']} output tokens.", "",
+             "| run | output tokens/s | LLM.generate against it |", "|---|---|---|",
+             f"| `LLM.generate` (continuous batching, paged KV cache) | {r['llm_generate_tok_s']:.1f} | |",
+             f"| `fusedformer.generate`, static batches of 8 | {r['static_batch8_tok_s']:.1f} | {r['ratio']:.2f}x |"]
+    if "hf_static_batch8_tok_s" in r:
+        lines.append(f"| HF `generate`, static batches of 8 | {r['hf_static_batch8_tok_s']:.1f} | {r['ratio_vs_hf']:.2f}x |")
+    lines += ["", f"KV cache: {r['kv_peak_blocks_in_use']} blocks in use at the peak, "
+              f"{100 * r['kv_utilization_at_peak']:.1f}% of their slots holding tokens there, "
+              f"{100 * r['kv_mean_utilization']:.1f}% on average over the steps."]
+    if "hf_same_greedy_tokens" in r:
+        lines.append(f"HF's greedy tokens equal ours on {r['hf_same_greedy_tokens']} requests checked.")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ SLOW_PEERS = {
 # Suites whose rows are summarized as ranges over shapes; in the others every case is its own row.
 RANGED_SUITES = {"kernels"}
 # summary:STEM blocks: the bench script whose render(results) writes the block
-SUMMARY_SCRIPTS = {"cpu-train-shakespeare": "train_shakespeare", "cpu-finetune-shakespeare": "finetune_shakespeare"}
+SUMMARY_SCRIPTS = {"cpu-train-shakespeare": "train_shakespeare", "cpu-finetune-shakespeare": "finetune_shakespeare",
+                   "cpu-serving-": "bench_serving"}  # a key ending in "-" names every stem it begins
 
 
 def load(stem):
@@ -124,7 +125,9 @@ def summary(stem):
     data = load(stem)
     m = data["machine"]
     m.setdefault("clean", None)
-    return source_line(stem, data) + "\n\n" + importlib.import_module(SUMMARY_SCRIPTS[stem]).render(data)
+    script = SUMMARY_SCRIPTS.get(stem) or next(v for k, v in SUMMARY_SCRIPTS.items() if k.endswith("-") and
+                                                stem.startswith(k))
+    return source_line(stem, data) + "\n\n" + importlib.import_module(script).render(data)
 
 
 def render(name):
