@@ -169,8 +169,12 @@ def test_minilm_sentence_embeddings_quantized():
         return fusedformer.patch(transformers.AutoModel.from_pretrained(path).eval())
 
     ref = embed(fresh())
-    # int4: issue 17 aims at 0.98; the symmetric group-32 scheme reaches 0.96-0.98 on these sentences
-    for scheme, group, bound in (("int8", None, 0.995), ("int8_dynamic", None, 0.995), ("int4", 32, 0.955)):
+    # int4 (group 32) reaches 0.965 with each group's scale of least squared weight error (within 1% of
+    # a brute-force search, so no data-free scale choice does much better): what is left is the 4-bit
+    # rounding itself, spread over the layers and largest in the last two (layer 4's
+    # intermediate.dense or layer 5's value quantized alone costs about 0.008); lowering it further
+    # takes activation-aware rounding, which needs calibration data
+    for scheme, group, bound in (("int8", None, 0.995), ("int8_dynamic", None, 0.995), ("int4", 32, 0.962)):
         model = fusedformer.quantize(fresh(), scheme, group_size=group)
         assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 37  # 6 layers x 6 and the pooler
         cos = torch.nn.functional.cosine_similarity(embed(model), ref)

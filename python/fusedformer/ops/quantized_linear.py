@@ -30,8 +30,11 @@ SCHEMES = ("int8", "int4", "int8_dynamic")
 # group sizes fusedformer.quantize offers for int4 (the op takes any multiple of 32)
 INT4_GROUP_SIZES = (32, 64, 128)
 _BLOCK = 32  # int4 values per packing block
-# int4: the group's largest magnitude maps to -c, for the c of least squared error among these
-_INT4_STEPS = (8.0, 7.5, 7.0, 6.5, 6.0, 5.5)
+# int4: the candidate steps of a group's scale search: its largest magnitude m maps to -c for c in
+# 6.5, 6.75, ..., 9.5 (c > 8 clips the extremes for a finer step), each rounding then refitted
+_INT4_STEPS = tuple(6.5 + 0.25 * i for i in range(13))
+_INT4_SEARCH_CHUNK = 1 << 18  # weights searched at a time
+_INT4_TINY = 2.0 ** -100  # groups whose largest magnitude is below quantize to zero (scale 0)
 
 
 def quantized_linear(input: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -50,9 +53,8 @@ def quantize_weight(weight: torch.Tensor, scheme: str, group_size: Optional[int]
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(qweight, scale) of a float weight (N, K) in ``scheme``'s format. int8: scale = max|w| / 127
     per output channel, q = round(w / scale). int4: per group of ``group_size`` (a multiple of 32
-    dividing K) the value of largest magnitude m maps to -c: scale = m / -c, q = clamp(round(w /
-    scale), -8, 7), with c the one of least squared error in the group among 8, 7.5, ..., 5.5 (8: the
-    full range; smaller: a finer step for the bulk, the extremes clipped)."""
+    dividing K) the scale of least squared error found by a search (``_int4_search``), q =
+    clamp(round(w / scale), -8, 7)."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantize_weight: scheme must be one of {SCHEMES}, got {scheme!r}")
     if weight.dim() != 2:
@@ -68,25 +70,37 @@ def quantize_weight(weight: torch.Tensor, scheme: str, group_size: Optional[int]
     if group_size is None or group_size % _BLOCK != 0 or group_size <= 0 or K % group_size != 0:
         raise ValueError(f"quantize_weight: group_size must be a positive multiple of {_BLOCK} dividing "
                          f"in_features ({K}), got {group_size}")
-    g = w.reshape(N, K // group_size, group_size)
-    idx = g.abs().argmax(dim=2, keepdim=True)
-    m = torch.gather(g, 2, idx).squeeze(2)
-    best_err = best_q = best_scale = None
-    # the scale of least squared error among a few around m / -8 (a smaller step rounds the bulk of
-    # the group finer at the cost of clipping its extremes)
+    groups = w.reshape(-1, group_size)
+    q = torch.empty(groups.shape, dtype=torch.int16, device=w.device)
+    scale = torch.empty(groups.shape[0], dtype=torch.float32, device=w.device)
+    step = max(1, _INT4_SEARCH_CHUNK // group_size)  # groups at a time, to work in the cache
+    for i in range(0, groups.shape[0], step):
+        q[i:i + step], scale[i:i + step] = _int4_search(groups[i:i + step])
+    return pack_int4(q.reshape(N, K)), scale.reshape(N, K // group_size)
+
+
+def _int4_search(g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(q int16, scale) of float32 groups g (n, group_size), all at once: for each step c of
+    ``_INT4_STEPS`` the groups rounded at scale m / -c (m a group's value of largest magnitude, which
+    so takes the -8 end), then the scale of least squared error for that rounding, <q, w> / <q, q>;
+    each group keeps the best over the steps and is rounded again to it (which cannot raise the
+    error)."""
+    m = torch.gather(g, 1, g.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    usable = m.abs() >= _INT4_TINY  # else q = 0, scale 0
+    zero = torch.zeros_like(m)
+    best_fit, best_scale = zero, zero
+    q, qg = torch.empty_like(g), torch.empty_like(g)
     for c in _INT4_STEPS:
-        scale = m / -c
-        inv = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
-        q = torch.round(g * inv[:, :, None]).clamp_(-8, 7)
-        err = ((q * scale[:, :, None] - g) ** 2).sum(dim=2)
-        if best_err is None:
-            best_err, best_q, best_scale = err, q, scale
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_q = torch.where(better[:, :, None], q, best_q)
-            best_scale = torch.where(better, scale, best_scale)
-    return pack_int4(best_q.to(torch.int16).reshape(N, K)), best_scale.contiguous()
+        torch.mul(g, torch.where(usable, -c / m, zero)[:, None], out=q).round_().clamp_(-8, 7)
+        qw = torch.mul(q, g, out=qg).sum(dim=1)
+        qq = q.square_().sum(dim=1).clamp_(min=1.0)  # 0 only where q is, and then qw is too
+        # the squared error at the fitted scale is |w|^2 - <q, w>^2 / <q, q>: keep the largest fit
+        fit = qw * qw / qq
+        better = fit > best_fit
+        best_fit = torch.where(better, fit, best_fit)
+        best_scale = torch.where(better, qw / qq, best_scale)
+    inv = torch.where(best_scale != 0, 1.0 / best_scale, zero)
+    return torch.mul(g, inv[:, None], out=q).round_().clamp_(-8, 7).to(torch.int16), best_scale
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """fusedformer.quantize: the linear layers of a model replaced, in place, by QuantizedLinear.
 
 Schemes: ``"int8"`` (weights int8 per output channel, computed in the input's float dtype),
-``"int4"`` (weights 4-bit in groups of ``group_size`` along the input features) and
-``"int8_dynamic"`` (int8 weights; activations quantized per row on the fly, int8 products summed in
-int32: for prefill and encoders). The LM head (a top-level ``head`` / ``lm_head``, or any layer whose
-weight is an embedding's, as GPT's tied head) stays float unless ``include_lm_head``.
+``"int4"`` (weights 4-bit in groups of ``group_size`` along the input features, each group's scale
+the one of least squared error) and ``"int8_dynamic"`` (int8 weights; activations quantized per row
+on the fly, int8 products summed in int32: for prefill and encoders). The LM head (a top-level
+``head`` / ``lm_head``, or any layer whose weight is an embedding's, as GPT's tied head) stays float
+unless ``include_lm_head``.
 """
 
 from typing import Iterable, Optional
