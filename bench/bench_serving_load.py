@@ -20,7 +20,7 @@ A rate runs rate x --duration requests, at least --min-requests and at most --ma
 the time an overloaded rate takes to drain). Writes bench/results/cpu-serving-load.
 {json,md} (with --quick: build/bench-quick/, a short sweep that checks the whole path in under a minute).
 
-    python bench/bench_serving_load.py [--quick] [--rates 1,2,4,8,16] [--duration 40] [--min-requests 10]
+    python bench/bench_serving_load.py [--quick] [--rates 2,4,8,16,32] [--duration 40] [--min-requests 10]
         [--max-requests 200] [--min-len 16] [--max-len 128] [--model DIR | --gpt2-small] [--dtype auto|float32|bfloat16]
         [--max-num-seqs N] [--max-num-batched-tokens N] [--kv-cache-memory BYTES] [--seed 0] [--out DIR]
 """
@@ -248,7 +248,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two short rates, short sequences (a smoke run)")
-    ap.add_argument("--rates", default=None, help="comma-separated request rates per second (default 1,2,4,8,16)")
+    ap.add_argument("--rates", default=None, help="comma-separated request rates per second (default 2,4,8,16,32)")
     ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate (default 40)")
     ap.add_argument("--min-requests", type=int, default=None, help="requests per rate at least (default 10)")
     ap.add_argument("--max-requests", type=int, default=None, help="requests per rate at most (default 200)")
@@ -267,7 +267,7 @@ def main(argv=None):
     ap.add_argument("--stem", default=STEM)
     args = ap.parse_args(argv)
     q = args.quick
-    rates = [float(x) for x in (args.rates or ("1,4" if q else "1,2,4,8,16")).split(",") if x.strip()]
+    rates = [float(x) for x in (args.rates or ("1,4" if q else "2,4,8,16,32")).split(",") if x.strip()]
     duration = args.duration if args.duration is not None else (4.0 if q else 40.0)
     min_requests = args.min_requests if args.min_requests is not None else (4 if q else 10)
     max_requests = args.max_requests if args.max_requests is not None else (16 if q else 200)
