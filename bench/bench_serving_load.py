@@ -16,11 +16,12 @@ TTFT is under --slo-ttft seconds (2). Last, the server's KV-cache figures from /
 blocks in use at a step and how full they were (tokens held / slots of the blocks in use) at that step
 and on average over the sweep.
 
-A rate runs max(--min-requests, rate x --duration) requests. Writes bench/results/cpu-serving-load.
+A rate runs rate x --duration requests, at least --min-requests and at most --max-requests (which bounds
+the time an overloaded rate takes to drain). Writes bench/results/cpu-serving-load.
 {json,md} (with --quick: build/bench-quick/, a short sweep that checks the whole path in under a minute).
 
-    python bench/bench_serving_load.py [--quick] [--rates 1,2,4,8,16] [--duration 40] [--min-requests 10]
-        [--min-len 16] [--max-len 128] [--model DIR | --gpt2-small] [--dtype auto|float32|bfloat16]
+    python bench/bench_serving_load.py [--quick] [--rates 2,4,8,16,32] [--duration 40] [--min-requests 10]
+        [--max-requests 200] [--min-len 16] [--max-len 128] [--model DIR | --gpt2-small] [--dtype auto|float32|bfloat16]
         [--max-num-seqs N] [--max-num-batched-tokens N] [--kv-cache-memory BYTES] [--seed 0] [--out DIR]
 """
 
@@ -161,7 +162,8 @@ def check(records):
             problems.append(f"request {i}: {r['output_tokens']} tokens of {r['max_tokens']}, finish reason "
                             f"{r['finish_reason']!r}")
         elif r["usage_prompt_tokens"] != r["prompt_tokens"]:
-            problems.append(f"request {i}: usage counts {r['usage_prompt_tokens']} prompt tokens of {r['prompt_tokens']}")
+            problems.append(f"request {i}: usage counts {r['usage_prompt_tokens']} prompt tokens of "
+                            f"{r['prompt_tokens']}")
     return problems
 
 
@@ -208,10 +210,11 @@ def load_table(data):
     lines = [f"Model: {c['model']} ({c['dtype']}), server options: {c['server_args'] or 'the defaults'}. "
              f"Prompt and output lengths uniform in [{c['min_len']}, {c['max_len']}] tokens (clipped to the "
              f"context of {c['context']}), greedy, EOS ignored; Poisson arrivals, seed {c['seed']}; a rate runs "
-             f"max({c['min_requests']}, rate x {c['duration_s']:g} s) requests. TTFT from sending a request to its "
-             "first streamed token; TPOT from the first token to the last, per token after the first; p99 over "
-             "fewer than 100 requests interpolates between the slowest two. Output tok/s: a rate's output "
-             "tokens over the time from its first request to its last answer.", "",
+             f"rate x {c['duration_s']:g} s requests, at least {c['min_requests']} and at most "
+             f"{c['max_requests']}. TTFT from sending a request to its first streamed token; TPOT from the "
+             "first token to the last, per token after the first; p99 over fewer than 100 requests "
+             "interpolates between the slowest two. Output tok/s: a rate's output tokens over the time from "
+             "its first request to its last answer.", "",
              f"| rate (req/s) | requests | TTFT p50 (s) | TTFT p99 (s) | TPOT p50 (ms) | TPOT p99 (ms) | "
              f"output tok/s | achieved req/s | p99 TTFT < {slo:g} s |", "|" + "---|" * 9]
     for r in data["results"]:
@@ -245,9 +248,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two short rates, short sequences (a smoke run)")
-    ap.add_argument("--rates", default=None, help="comma-separated request rates per second (default 1,2,4,8,16)")
+    ap.add_argument("--rates", default=None, help="comma-separated request rates per second (default 2,4,8,16,32)")
     ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate (default 40)")
     ap.add_argument("--min-requests", type=int, default=None, help="requests per rate at least (default 10)")
+    ap.add_argument("--max-requests", type=int, default=None, help="requests per rate at most (default 200)")
     ap.add_argument("--min-len", type=int, default=None, help="shortest prompt and output (default 16)")
     ap.add_argument("--max-len", type=int, default=None, help="longest prompt and output (default 128)")
     ap.add_argument("--slo-ttft", type=float, default=2.0, help="the p99 TTFT a rate must stay under to be held")
@@ -263,15 +267,17 @@ def main(argv=None):
     ap.add_argument("--stem", default=STEM)
     args = ap.parse_args(argv)
     q = args.quick
-    rates = [float(x) for x in (args.rates or ("1,4" if q else "1,2,4,8,16")).split(",") if x.strip()]
+    rates = [float(x) for x in (args.rates or ("1,4" if q else "2,4,8,16,32")).split(",") if x.strip()]
     duration = args.duration if args.duration is not None else (4.0 if q else 40.0)
     min_requests = args.min_requests if args.min_requests is not None else (4 if q else 10)
+    max_requests = args.max_requests if args.max_requests is not None else (16 if q else 200)
     min_len = args.min_len if args.min_len is not None else (8 if q else 16)
     max_len = args.max_len if args.max_len is not None else (32 if q else 128)
     if not rates or any(r <= 0 for r in rates):
         ap.error(f"--rates: positive request rates needed, got {args.rates!r}")
-    if duration <= 0 or min_requests < 1 or not 1 <= min_len <= max_len or args.slo_ttft <= 0:
-        ap.error("--duration and --slo-ttft must be positive, --min-requests at least 1, 1 <= --min-len <= --max-len")
+    if duration <= 0 or not 1 <= min_requests <= max_requests or not 1 <= min_len <= max_len or args.slo_ttft <= 0:
+        ap.error("--duration and --slo-ttft must be positive, 1 <= --min-requests <= --max-requests, "
+                 "1 <= --min-len <= --max-len")
     if args.gpt2_small and args.model:
         ap.error("--gpt2-small and --model name two models; give one")
 
@@ -307,7 +313,7 @@ def main(argv=None):
                 raise SystemExit("the warm-up requests failed: " + "; ".join(problems[:3]))
             rows = []
             for k, rate in enumerate(rates):
-                n = max(min_requests, round(rate * duration))
+                n = min(max_requests, max(min_requests, round(rate * duration)))
                 reqs = random_workload(n, min_len, max_len, context, vocab, seed=args.seed + k)
                 records = asyncio.run(run_rate(server.url, served["id"], reqs, rate, args.seed + k))
                 row = summarize(rate, records, args.slo_ttft)
@@ -323,7 +329,8 @@ def main(argv=None):
             server.stop()
     config = {"model": description, "dtype": args.dtype, "server_args": " ".join(server_args[4:]),
               "context": context, "min_len": min_len, "max_len": max_len, "rates": rates, "duration_s": duration,
-              "min_requests": min_requests, "seed": args.seed, "slo_ttft_s": args.slo_ttft, "quick": q}
+              "min_requests": min_requests, "max_requests": max_requests, "seed": args.seed,
+              "slo_ttft_s": args.slo_ttft, "quick": q}
     data = {"title": "Serving under load: Poisson arrivals against `python -m fusedformer serve`", "suite": SUITE,
             "machine": info, "config": config, "results": rows, "held_rate": held_rate(rows), "kv": kv}
     table = load_table(data)
