@@ -12,7 +12,8 @@ whose contents this script writes from bench/results/*.json (never by hand):
   case), with the result file, machine, commit and date beside it;
 - ``headline:STEM,STEM...``: the same for the suites named (the CUDA results, say);
 - ``table:STEM``: every case of bench/results/STEM.json with the machine line and the ceilings;
-- ``summary:STEM``: the end-to-end results that are not case tables (training, fine-tuning), rendered
+- ``summary:STEM``: the end-to-end results that are not case tables (training, fine-tuning, the
+  quantized engines side by side), rendered
   by the benchmark script that wrote them (its ``render(results)``).
 
 ``--check`` renders without writing and exits with status 1 if a block differs from what the
@@ -46,7 +47,8 @@ SLOW_PEERS = {
 # Suites whose rows are summarized as ranges over shapes; in the others every case is its own row.
 RANGED_SUITES = {"kernels"}
 # summary:STEM blocks: the bench script whose render(results) writes the block
-SUMMARY_SCRIPTS = {"cpu-train-shakespeare": "train_shakespeare", "cpu-finetune-shakespeare": "finetune_shakespeare"}
+SUMMARY_SCRIPTS = {"cpu-train-shakespeare": "train_shakespeare", "cpu-finetune-shakespeare": "finetune_shakespeare",
+                   "cpu-quantized-peers": "bench_quantized_peers"}
 
 
 def load(stem):
