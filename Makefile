@@ -19,7 +19,7 @@ BUILD_STAMP := $(VENV)/.build-stamp
 BROWSER_STAMP := $(VENV)/.browser-stamp
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: all demo test bench bench-quick build deps browser clean cuda-check sanitize fuzz
+.PHONY: all demo test bench bench-quick bench-peers build deps browser clean cuda-check sanitize fuzz
 
 all: build
 
@@ -68,6 +68,14 @@ bench: build
 
 bench-quick: build
 	$(PY) bench/run.py --quick
+
+# Quantized inference against CTranslate2 and ONNX Runtime (installed here, not by `make test`; pyproject's
+# bench-peers extra); llama.cpp too with LLAMA_CPP_SRC=<a llama.cpp source tree> and llama-cpp-python.
+PEER_DEPS := ctranslate2 onnxruntime onnx
+BENCH_PEERS_ARGS ?=
+bench-peers: build
+	$(PY) -m pip install -q $(PEER_DEPS)
+	$(PY) bench/bench_quantized_peers.py $(BENCH_PEERS_ARGS)
 
 # CUDA compile check (no GPU needed): builds the extension with its CUDA kernels against a CUDA
 # build of torch, in its own virtual environment and build folder, and imports it. CUDA_ROOT is

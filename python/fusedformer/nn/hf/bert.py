@@ -22,11 +22,11 @@ from torch import Tensor
 from transformers.activations import GELUActivation
 from transformers.models.bert import modeling_bert as mb
 
-from ...ops import attention_varlen, linear
+from ...ops import attention_varlen
 from ..functional import merge_heads, split_heads
 from ..linear import call_linear
 from ..residual import post_norm_add
-from .common import attend, capturing_outputs, native_masks, packed_linear, take_cache
+from .common import attend, capturing_outputs, native_masks, packed_projection, take_cache
 
 
 class FusedBertSelfAttention(mb.BertSelfAttention):
@@ -40,8 +40,8 @@ class FusedBertSelfAttention(mb.BertSelfAttention):
         cache = take_cache(cache, kwargs)
         if cache is not None or kwargs.get("output_attentions") or native_masks(self):
             return super().forward(hidden_states, attention_mask, cache, **kwargs)
-        w, b = packed_linear(self, (self.query, self.key, self.value))
-        q, k, v = linear(hidden_states, w, b).split(self.all_head_size, dim=-1)
+        q, k, v = packed_projection(self, (self.query, self.key, self.value), hidden_states).split(
+            self.all_head_size, dim=-1)
         h = self.num_attention_heads
         q, k, v = (split_heads(t, h, True) for t in (q, k, v))
         out = attend(self, q, k, v, attention_mask, self.dropout.p if self.training else 0.0, self.scaling,
@@ -125,8 +125,7 @@ def _intermediate(inter: torch.nn.Module, h: Tensor) -> Tensor:
 def _unpadded_layer(layer: mb.BertLayer, x: Tensor, keep4: Tensor, tokens: _Tokens) -> Tensor:
     """One BertLayer over the real tokens ``x`` (T, D); attention on the packed tokens (CPU) or the padded layout."""
     sa = layer.attention.self
-    w, b = packed_linear(sa, (sa.query, sa.key, sa.value))
-    qkv = linear(x, w, b)
+    qkv = packed_projection(sa, (sa.query, sa.key, sa.value), x)
     if tokens.cu is not None:
         q, k, v = (t.unflatten(-1, (sa.num_attention_heads, -1)) for t in qkv.split(sa.all_head_size, dim=-1))
         out = attention_varlen(q, k, v, tokens.cu, scale=sa.scaling).flatten(1)

@@ -8,7 +8,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ...ops import attention
+from ...ops import attention, linear
+from ...ops.quantized_linear import quantized_linear
+from ..quantized import QuantizedLinear
 
 # transformers 5.24 renamed the KV-cache parameter of the modules' forwards from ``past_key_values`` to
 # ``cache`` (at the same position; the old name stays as a deprecated keyword). The twins take it under
@@ -46,15 +48,59 @@ def packed_linear(owner: torch.nn.Module, linears: Sequence[torch.nn.Linear]) ->
     has_bias = all(b is not None for b in bs)
     if torch.is_grad_enabled() and any(w.requires_grad for w in ws) or torch.compiler.is_compiling():
         return torch.cat(ws), (torch.cat(bs) if has_bias else None)
-    key = tuple((t.data_ptr(), t._version, t.dtype) for t in ws + (bs if has_bias else []))
+    key = _cache_key(ws + (bs if has_bias else []))
     hit = _PACKED.get(owner)
-    if hit is not None and hit[0] == key:
+    if key is not None and hit is not None and hit[0] == key:
         return hit[1], hit[2]
     with torch.no_grad():
         w = torch.cat(ws)
         b = torch.cat(bs) if has_bias else None
-    _PACKED[owner] = (key, w, b)
+    if key is not None:
+        _PACKED[owner] = (key, w, b)
     return w, b
+
+
+def _cache_key(tensors) -> Optional[tuple]:
+    """What identifies the contents of ``tensors``: their storage and version counters; None when
+    one of them has no version counter (an inference tensor, e.g. a weight computed on the fly under
+    ``torch.inference_mode``), which is then never cached."""
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+
+
+# module -> (key, packed qweight, scale, bias, scheme) of its quantized projections
+_PACKED_QUANTIZED = weakref.WeakKeyDictionary()
+
+
+def packed_projection(owner: torch.nn.Module, linears: Sequence[torch.nn.Module], x: Tensor) -> Tensor:
+    """The outputs of ``linears`` on ``x`` concatenated along the features, in one product: float
+    layers by their packed weights (:func:`packed_linear`); ``QuantizedLinear`` layers of one scheme
+    (``fusedformer.quantize``) by their packed quantized weights and scales, so that a quantized
+    model's q/k/v projections stay quantized (an int8 row is quantized once for the three). The
+    packed quantized weights are cached per module as :func:`packed_linear` caches float ones."""
+    if not all(type(m) is QuantizedLinear for m in linears) or \
+            len({(m.scheme, m.group_size) for m in linears}) != 1 or \
+            any(m._forward_hooks or m._forward_pre_hooks for m in linears):
+        return linear(x, *packed_linear(owner, linears))
+    has_bias = any(m.bias is not None for m in linears)
+    parts = [t for m in linears for t in (m.qweight, m.scale) + ((m.bias,) if m.bias is not None else ())]
+    key = _cache_key(parts)
+    hit = _PACKED_QUANTIZED.get(owner)
+    if key is not None and hit is not None and hit[0] == key:
+        q, s, b, scheme = hit[1:]
+    else:
+        with torch.no_grad():
+            q = torch.cat([m.qweight for m in linears])
+            s = torch.cat([m.scale for m in linears])
+            b = torch.cat([m.bias if m.bias is not None else m.scale.new_zeros(m.out_features)
+                           for m in linears]) if has_bias else None
+        scheme = linears[0].scheme
+        if key is not None:
+            _PACKED_QUANTIZED[owner] = (key, q, s, b, scheme)
+    if b is not None and b.dtype != x.dtype:
+        b = b.to(x.dtype)
+    return quantized_linear(x, q, s, b, scheme)
 
 
 def causal_for(module: torch.nn.Module, q_len: int, mask: Optional[Tensor], is_causal: Optional[bool]) -> bool:

@@ -11,11 +11,11 @@ from typing import Optional
 from torch import Tensor
 from transformers.models.llama import modeling_llama as ml
 
-from ...ops import linear, rms_norm
+from ...ops import rms_norm
 from ..functional import merge_heads, split_heads
 from ..linear import call_linear
 from ..residual import pre_norm_add
-from .common import attend, cache_arg, native_masks, packed_linear, take_cache
+from .common import attend, cache_arg, native_masks, packed_projection, take_cache
 
 
 class FusedLlamaRMSNorm(ml.LlamaRMSNorm):
@@ -37,9 +37,8 @@ class FusedLlamaAttention(ml.LlamaAttention):
         cache = take_cache(cache, kwargs)
         if kwargs.get("output_attentions") or native_masks(self):
             return super().forward(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
-        w, b = packed_linear(self, (self.q_proj, self.k_proj, self.v_proj))
         sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
-        q, k, v = linear(hidden_states, w, b).split(sizes, dim=-1)
+        q, k, v = packed_projection(self, (self.q_proj, self.k_proj, self.v_proj), hidden_states).split(sizes, dim=-1)
         q, k, v = (split_heads(t, t.size(-1) // self.head_dim, True) for t in (q, k, v))
         cos, sin = position_embeddings
         q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
