@@ -78,6 +78,13 @@ class Server:
         self.log = open(self.log_path, "w+")
         cmd = [sys.executable, "-m", "fusedformer", "serve", "--port", "0", *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready(httpx)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, httpx):
         deadline, self.url = time.monotonic() + 300, None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -92,7 +99,6 @@ class Server:
                 except httpx.HTTPError:
                     pass
             time.sleep(0.2)
-        self.stop()
         raise RuntimeError(f"the server did not answer /health in time:\n{self.output()}")
 
     def output(self):
@@ -110,14 +116,17 @@ class Server:
         return values
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # the server's graceful shutdown
-            try:
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)  # the server's graceful shutdown
                 self.proc.wait(60)
-            except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:
+            pass
+        finally:  # also when the wait is interrupted (Ctrl-C, SIGTERM)
+            if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait(30)
-        self.log.close()
+            self.log.close()
 
 
 async def one_request(client, model, prompt, n_out, send_at, t0):
@@ -300,6 +309,8 @@ def main(argv=None):
         for flag in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
             if getattr(args, flag) is not None:
                 server_args += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+        # SIGTERM (a timeout, a CI runner) unwinds like Ctrl-C, so that the server is stopped too
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         server = Server(server_args, tmp)
         try:
             import httpx
