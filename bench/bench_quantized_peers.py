@@ -60,7 +60,6 @@ sys.path.insert(0, HERE)
 from common import interleaved_ms, machine_info  # noqa: E402
 
 STEM = "cpu-quantized-peers"
-THREADS_NOTE = "every engine on torch's thread count"
 
 
 def _optional(module, skipped, what):
@@ -429,7 +428,6 @@ def gpt2(quick, work, skipped, llama_src):
     dequantized = {k: _dequantized(ours[k]) for k in ("int8", "int4")}
     hf_path, vocab = _hf_folder(hf, work)
     ct2 = _optional("ctranslate2", skipped, "CTranslate2 (GPT-2)")
-    ct2_int8 = ct2_f32 = None
     if ct2 is not None:
         ct2_f32 = _CT2(ct2, hf_path, work, vocab, threads, None)
         ct2_int8 = _CT2(ct2, hf_path, work, vocab, threads, "int8")
@@ -461,9 +459,9 @@ def gpt2(quick, work, skipped, llama_src):
                 with torch.no_grad():
                     got, deq, ref = ours[k](ids).float(), dequantized[k](ids), base(ids)
                 # the quantized products compute the model whose weights are the dequantized ones
-                err = (got - deq).abs().max().item()
-                if err > 1e-4 * deq.abs().max().item():
-                    raise AssertionError(f"logits differ from the dequantized float model's by {err:.3g}")
+                diff = (got - deq).abs().max().item()
+                if diff > 1e-4 * deq.abs().max().item():
+                    raise AssertionError(f"logits differ from the dequantized float model's by {diff:.3g}")
                 cos = torch.nn.functional.cosine_similarity(got[:, -1], ref[:, -1], dim=-1).min().item()
                 seq = runs[k]()
                 # a greedy choice of the same quantized model without the KV cache, at every step

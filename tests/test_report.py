@@ -26,7 +26,7 @@ def test_committed_documents_match_the_results():
 
 
 @pytest.mark.parametrize("name", ["headline", "table:cpu-prune", "summary:cpu-finetune-shakespeare",
-                                  "headline:cuda-h200-kernels-quick"])
+                                  "summary:cpu-quantized-peers", "headline:cuda-h200-kernels-quick"])
 def test_a_hand_edited_figure_fails_the_check(tmp_path, name):
     doc = tmp_path / "doc.md"
     doc.write_text("intro\n\n" + _a_block(name))
