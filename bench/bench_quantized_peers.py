@@ -57,7 +57,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import interleaved_ms, machine_info  # noqa: E402
+from common import interleaved_ms, machine_info, near_greedy  # noqa: E402
 
 STEM = "cpu-quantized-peers"
 
@@ -300,19 +300,6 @@ def _logits_error(model, base, ids):
         return (model(ids).float() - base(ids)).abs().max().item()
 
 
-def _near_greedy(base, seq, prompt, tol, what):
-    """Every token of ``seq`` after the prompt has a logit within ``tol`` of the best under ``base``
-    (float32, run over the whole sequence without a KV cache)."""
-    with torch.no_grad():
-        full = base(seq).float()
-    for b in range(seq.shape[0]):
-        for pos in range(prompt, seq.shape[1]):
-            row = full[b, pos - 1]
-            if row[seq[b, pos]] < row.max() - tol:
-                raise AssertionError(f"{what}: token at ({b}, {pos}) has logit {row[seq[b, pos]]:.4f}, "
-                                     f"the best is {row.max():.4f} (tolerance {tol:.4f})")
-
-
 def _same_tokens(got, want, what):
     if got.shape != want.shape:
         raise AssertionError(f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
@@ -485,7 +472,7 @@ def gpt2(quick, work, skipped, llama_src):
             def check():
                 _same_tokens(reference_run(), want, what + " float32")
                 seq = run()
-                _near_greedy(base, seq, prompt, tol, what)
+                near_greedy(base, seq, prompt, tol, what)
                 return {"leading_tokens_equal_fp32": _leading_equal(seq, want, prompt), "tolerance": tol}
             return check
 

@@ -97,6 +97,19 @@ def check_vs_peer(got, peer, want, atol: float, what: str = "output") -> None:
         raise AssertionError(f"{what}: error {ours_err:.3e} > 2 x the peer's {peer_err:.3e} + {atol:g}")
 
 
+def near_greedy(model, seq, prompt: int, tol: float, what: str) -> None:
+    """Every token of ``seq`` (B, T) after the first ``prompt`` has a logit within ``tol`` of the best
+    that ``model`` (run over the whole sequence, without a KV cache) gives at its position."""
+    with torch.no_grad():
+        full = model(seq).float()
+    for b in range(seq.shape[0]):
+        for pos in range(prompt, seq.shape[1]):
+            row = full[b, pos - 1]
+            if row[seq[b, pos]] < row.max() - tol:
+                raise AssertionError(f"{what}: token at ({b}, {pos}) has logit {row[seq[b, pos]]:.4f}, "
+                                     f"the best is {row.max():.4f} (tolerance {tol:.4f})")
+
+
 def check_result(got, peer, want, dtype: torch.dtype, tol: float = 1e-4, atol: float = 1e-2,
                  what: str = "output") -> None:
     """float32 / float64: ``got`` within ``tol`` of the float64 reference ``want``; lower precision:
