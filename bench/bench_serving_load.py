@@ -213,7 +213,7 @@ def held_rate(rows):
     return max(held) if held else None
 
 
-def load_table(data):
+def render(data):
     """The Markdown of a result: the workload, one row per rate, the rate held and the KV-cache figures."""
     c, slo = data["config"], data["config"]["slo_ttft_s"]
     lines = [f"Model: {c['model']} ({c['dtype']}), server options: {c['server_args'] or 'the defaults'}. "
@@ -344,7 +344,7 @@ def main(argv=None):
               "slo_ttft_s": args.slo_ttft, "quick": q}
     data = {"title": "Serving under load: Poisson arrivals against `python -m fusedformer serve`", "suite": SUITE,
             "machine": info, "config": config, "results": rows, "held_rate": held_rate(rows), "kv": kv}
-    table = load_table(data)
+    table = render(data)
     print("\n" + table)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, args.stem + ".json"), "w") as f:

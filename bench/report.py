@@ -11,10 +11,9 @@ whose contents this script writes from bench/results/*.json (never by hand):
   kernels suite the range over every dtype and shape measured, losers included; in the others each
   case), with the result file, machine, commit and date beside it;
 - ``headline:STEM,STEM...``: the same for the suites named (the CUDA results, say);
-- ``table:STEM``: every case of bench/results/STEM.json with the machine line and the ceilings (for the
-  serving load test, its rates, latencies, the rate held and the KV-cache figures);
-- ``summary:STEM``: the end-to-end results that are not case tables (training, fine-tuning, serving,
-  the quantized engines side by side), rendered
+- ``table:STEM``: every case of bench/results/STEM.json with the machine line and the ceilings;
+- ``summary:STEM``: the end-to-end results that are not case tables (training, fine-tuning, serving
+  throughput and load, the quantized engines side by side), rendered
   by the benchmark script that wrote them (its ``render(results)``).
 
 ``--check`` renders without writing and exits with status 1 if a block differs from what the
@@ -49,6 +48,7 @@ SLOW_PEERS = {
 RANGED_SUITES = {"kernels"}
 # summary:STEM blocks: the bench script whose render(results) writes the block
 SUMMARY_SCRIPTS = {"cpu-train-shakespeare": "train_shakespeare", "cpu-finetune-shakespeare": "finetune_shakespeare",
+                   "cpu-serving-load": "bench_serving_load",
                    "cpu-serving-": "bench_serving",  # a key ending in "-" names every stem it begins
                    "cpu-quantized-peers": "bench_quantized_peers"}
 
@@ -109,10 +109,6 @@ def headline(stems=HEADLINE_STEMS):
 
 def table(stem):
     data = load(stem)
-    if data.get("suite") == "serving-load":  # bench_serving_load.py: rates, latencies, the rate held
-        from bench_serving_load import load_table
-
-        return "\n".join([source_line(stem, data), "", load_table(data)])
     return "\n".join([
         source_line(stem, data), "",
         "Ceilings measured in the same run: " + describe_ceilings(data.get("ceilings", {})), "",
