@@ -493,8 +493,10 @@ def gpt2(quick, work, skipped, llama_src):
         _timed(engines, quick, "tokens_per_s", new * batch)
         workloads.append({"batch": batch, "prompt": prompt, "new_tokens": new, "engines": engines})
     cfg = hf.config
+    head = {k: type(m.head).__name__ == "QuantizedLinear" for k, m in ours.items() if k in ("int8", "int4")}
     return {"model": f"GPT-2 {cfg.n_layer} x {cfg.n_embd}, {cfg.n_head} heads, vocab {cfg.vocab_size}, random weights",
-            "threads": threads, "workloads": workloads, "gguf_tensor_types": gguf_types}
+            "threads": threads, "workloads": workloads, "gguf_tensor_types": gguf_types,
+            "lm_head_quantized": all(head.values())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,6 +508,24 @@ def _ms(e):
 
 def _status(e):
     return "" if e["validated"] else "FAILED validation: " + e["failed"].replace("|", "/")
+
+
+def _decode_goals(workloads):
+    """The issue's decode goals, met or not, from the timed engines."""
+    def rate(batch, engine, precision):
+        for w in workloads:
+            for e in w["engines"] if w["batch"] == batch else ():
+                if e["engine"].startswith(engine) and e["precision"] == precision and e.get("tokens_per_s"):
+                    return e["tokens_per_s"]
+        return None
+
+    goals = [("int8 >= 1.1x our bf16 at batch 1", rate(1, "fusedformer", "int8"), rate(1, "fusedformer", "bf16"), 1.1),
+             ("int8 ahead of llama.cpp Q8_0 at batch 1", rate(1, "fusedformer", "int8"), rate(1, "llama.cpp", "Q8_0"), 1.0),
+             ("int4 ahead of llama.cpp Q4_0 at batch 1", rate(1, "fusedformer", "int4 (group 32)"),
+              rate(1, "llama.cpp", "Q4_0"), 1.0),
+             ("bf16 at least as fast as fp32 at batch 8", rate(8, "fusedformer", "bf16"), rate(8, "fusedformer", "fp32"), 1.0)]
+    lines = [f"- {what}: {a / b:.2f}x, {'met' if a >= need * b else 'MISSED'}" for what, a, b, need in goals if a and b]
+    return ["", "Goals (tokens/s ratios):", *lines] if lines else []
 
 
 def render(res):
@@ -541,8 +561,12 @@ def render(res):
     g = res.get("gpt2")
     if g:
         lines += [f"**{g['model']}**, greedy decode, {g['threads']} threads; "
-                  "tokens/s = new tokens x batch / time; ours quantized keep the LM head (tied to the embedding) "
-                  "in float32, CTranslate2 int8 quantizes its output projection too; leading equal: new tokens "
+                  "tokens/s = new tokens x batch / time; "
+                  + ("ours quantized quantize the LM head (tied to the embedding) with their scheme, as "
+                     "CTranslate2 int8 and llama.cpp do theirs" if g.get("lm_head_quantized") else
+                     "ours quantized keep the LM head (tied to the embedding) in float32, CTranslate2 int8 "
+                     "quantizes its output projection too")
+                  + "; leading equal: new tokens "
                   "equal to ours in float32 before the first difference (least over the batch); logits cosine: "
                   "of our quantized model's last-position logits on the prompt to float32's (least over the batch)", "",
                   "| engine | precision | batch | prompt + new | tokens/s | ms | vs ours fp32 | leading equal | "
@@ -556,6 +580,7 @@ def render(res):
                 cos = f"{e['logits_cos_fp32']:.4f}" if "logits_cos_fp32" in e else ""
                 lines.append(f"| {e['engine']} | {e['precision']} | {w['batch']} | {w['prompt']} + {w['new_tokens']} | "
                              f"{rate} | {_ms(e)} | {vs} | {lead} | {cos} | {_status(e)} |")
+        lines += _decode_goals(g["workloads"])
         types = g.get("gguf_tensor_types", {})
         if types:
             lines += ["", "llama.cpp GGUF tensor types (llama_model_quantize's default mixture): " + "; ".join(

@@ -338,7 +338,7 @@ def _add_generate(sub):
     p.add_argument("--seed", type=NON_NEGATIVE, default=None, help="seed of the sampling generator (reproducible output)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype (default float32)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4", "int8_dynamic"],
-                   help="quantize the linear layers (the LM head stays float) before generating (default: none)")
+                   help="quantize the linear layers, the LM head included, before generating (default: none)")
     p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
                    help="int4 group size along the input features (default 32)")
     p.set_defaults(func=_generate)

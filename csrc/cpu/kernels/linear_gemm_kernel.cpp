@@ -50,6 +50,19 @@ void pack_b(const GemmArgs& g, int64_t p0, int64_t kc, int64_t j0, int64_t n1, i
     const int64_t jb = j0 + q * NR;
     const int nr = int(std::min<int64_t>(NR, n1 - jb));
     float* dst = bp + q * kc * NR;
+    if (g.b_column) {
+      // the panel's columns into a column-major buffer, then written across the panel row by row
+      alignas(64) float cols[NR][KC];
+      for (int j = 0; j < NR; ++j) {
+        if (j < nr)
+          g.b_column(g.b_ctx, jb + j, p0, kc, cols[j]);
+        else
+          std::fill(cols[j], cols[j] + kc, 0.f);
+      }
+      for (int64_t k = 0; k < kc; ++k)
+        for (int j = 0; j < NR; ++j) dst[k * NR + j] = cols[j][k];
+      continue;
+    }
     const float* src = g.b + p0 * g.rsb + jb * g.csb;
     if (g.csb == 1 && nr == NR) {
       for (int64_t k = 0; k < kc; ++k) {

@@ -6,9 +6,9 @@
 // scaled in registers: a register tile of MR rows of x by NR rows of W, the W rows blocked so that a
 // block stays in L2 while the row groups of x pass over it (as the float kernel, linear_kernel.cpp).
 //
-// Many rows (prefill): panels of W are dequantized into a float buffer and multiplied by the blocked
-// float32 product of linear_gemm_kernel.cpp (gemm), so that the arithmetic runs at its speed; the
-// dequantization costs one pass over the packed weights per call, small against M x N x K.
+// Many rows (prefill): the blocked float32 product of linear_gemm_kernel.cpp (gemm), which copies W
+// into panels anyway: it dequantizes as it copies (GemmArgs::b_column), so the arithmetic runs at the
+// float product's speed and the weights are read once per call, in their packed bytes.
 //
 // int8_dynamic: each row of x is quantized to int8 (scale max|x| / 127, round to nearest) and the
 // products are int8 x int8 summed in int32 (exact), scaled by the row and channel scales at the end.
@@ -30,11 +30,16 @@ namespace {
 
 // Rows up to which the weights are streamed; above, dequantized panels go through the float product.
 constexpr int64_t kFewRows = 16;
-#if defined(__AVX512F__) || defined(__AVX2__)
-constexpr int kMR = 4, kNR = 3;
+#if defined(__AVX512F__)
+constexpr int kMR = 4, kNR = 3, kNR1 = 8;
+#elif defined(__AVX2__)
+constexpr int kMR = 4, kNR = 3, kNR1 = 6;
 #else
-constexpr int kMR = 2, kNR = 2;
+constexpr int kMR = 2, kNR = 2, kNR1 = 4;
 #endif
+// kNR1: the tile's W rows when x has one row (decoding at batch 1): with no rows of x to share a
+// widened W vector, more independent sums keep the FMA units busy (the widening is the cost)
+constexpr int kNRMax = kNR1 > kNR ? kNR1 : kNR;
 // Bytes of packed W per block (kept in L2 while the row groups of x pass over it).
 constexpr int64_t kBlockBytes = 160 << 10;
 // Tiles ahead whose W rows are prefetched.
@@ -81,29 +86,34 @@ FF_INLINE vf load4(const uint8_t* p, int s) {
   return __builtin_convertvector(__builtin_convertvector(q, vi) - 8, vf);
 }
 
-// Row n of W dequantized into dst (K floats).
-void dequant_row(const QuantLinearArgs& a, int64_t n, float* dst) {
-  const int64_t K = a.K;
+// Elements k0 .. k0 + kc - 1 of row n of W dequantized into dst: the many-rows product's column
+// source (GemmArgs::b_column, ctx the QuantLinearArgs).
+void dequant_segment(const void* ctx, int64_t n, int64_t k0, int64_t kc, float* dst) {
+  const QuantLinearArgs& a = *static_cast<const QuantLinearArgs*>(ctx);
+  const int64_t K = a.K, k1 = k0 + kc;
   if (a.scheme == QuantScheme::Int4) {
     const uint8_t* row = static_cast<const uint8_t*>(a.qw) + n * (K / 2);
     const float* s = a.scale + n * (K / a.group_size);
-    for (int64_t k0 = 0; k0 < K; k0 += kBlock4) {
-      const vf sv = vset1(s[k0 / a.group_size]);
-      for (int s4 = 0; s4 < kBlock4 / W; ++s4) vstore(dst + k0 + s4 * W, load4(row + k0 / 2, s4) * sv);
+    // whole 32-value blocks, the ones the segment cuts through the first and last
+    for (int64_t b = k0 - k0 % kBlock4; b < k1; b += kBlock4) {
+      const vf sv = vset1(s[b / a.group_size]);
+      alignas(64) float v[kBlock4];
+      for (int s4 = 0; s4 < kBlock4 / W; ++s4) vstore(v + s4 * W, load4(row + b / 2, s4) * sv);
+      for (int64_t k = std::max(b, k0); k < std::min(b + kBlock4, k1); ++k) dst[k - k0] = v[k - b];
     }
-  } else {
-    const int8_t* row = static_cast<const int8_t*>(a.qw) + n * K;
-    const float s = a.scale[n];
-    const vf sv = vset1(s);
-    int64_t k = 0;
-    for (; k + W <= K; k += W) vstore(dst + k, load8(row + k) * sv);
-    for (; k < K; ++k) dst[k] = float(row[k]) * s;
+    return;
   }
+  const int8_t* row = static_cast<const int8_t*>(a.qw) + n * K;
+  const float s = a.scale[n];
+  const vf sv = vset1(s);
+  int64_t k = k0;
+  for (; k + W <= k1; k += W) vstore(dst + k - k0, load8(row + k) * sv);
+  for (; k < k1; ++k) dst[k - k0] = float(row[k]) * s;
 }
 
 // out[i][j] = x_i . dequant(w_{n+j}) for MR rows x_i (float, contiguous K) and NR rows of W.
 template <QuantScheme S, int MR, int NR>
-FF_INLINE void tile(const QuantLinearArgs& a, const float* const* x, int64_t n, float (*out)[kNR]) {
+FF_INLINE void tile(const QuantLinearArgs& a, const float* const* x, int64_t n, float (*out)[kNRMax]) {
   const int64_t K = a.K;
   vf acc[MR][NR];
   for (int i = 0; i < MR; ++i)
@@ -117,6 +127,29 @@ FF_INLINE void tile(const QuantLinearArgs& a, const float* const* x, int64_t n, 
       w[j] = static_cast<const uint8_t*>(a.qw) + (n + j) * (K / 2);
       next[j] = static_cast<const uint8_t*>(a.qw) + (ahead + j) * (K / 2);
     }
+#if defined(__AVX512F__)
+    // the 16 levels q - 8 times the group's scale, one table per W row; a nibble picks its value
+    // with one permute (vpermps reads the low 4 bits of each lane), so unpacking costs a widening
+    // of the 16 bytes, one shift and two permutes per 32 values
+    const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    __m512 table[NR];
+    for (int64_t k0 = 0; k0 < K; k0 += kBlock4) {
+      if (k0 % a.group_size == 0)
+        for (int j = 0; j < NR; ++j)
+          table[j] = _mm512_mul_ps(levels, _mm512_set1_ps(a.scale[(n + j) * G + k0 / a.group_size]));
+      if (k0 % 128 == 0)
+        for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + k0 / 2, 0, 2);
+      for (int j = 0; j < NR; ++j) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[j] + k0 / 2)));
+        const vf lo = vf(_mm512_permutexvar_ps(b, table[j]));
+        const vf hi = vf(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table[j]));
+        for (int i = 0; i < MR; ++i) {
+          acc[i][j] += vload(x[i] + k0) * lo;
+          acc[i][j] += vload(x[i] + k0 + W) * hi;
+        }
+      }
+    }
+#else
     vf sv[NR] = {};
     for (int64_t k0 = 0; k0 < K; k0 += kBlock4) {
       if (k0 % a.group_size == 0)
@@ -133,6 +166,7 @@ FF_INLINE void tile(const QuantLinearArgs& a, const float* const* x, int64_t n, 
         }
       }
     }
+#endif
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NR; ++j) out[i][j] = hsum(acc[i][j]);
   } else {
@@ -167,7 +201,7 @@ template <typename T, QuantScheme S, int MR, int NR>
 void tile_store(const QuantLinearArgs& a, const float* xc, int64_t m, int64_t n) {
   const float* xr[MR];
   for (int i = 0; i < MR; ++i) xr[i] = xc + (m + i) * a.K;
-  float out[kMR][kNR];
+  float out[kMR][kNRMax];
   tile<S, MR, NR>(a, xr, n, out);
   T* y = static_cast<T*>(a.y);
   const T* b = static_cast<const T*>(a.bias);
@@ -204,25 +238,25 @@ const float* rows_as_float(const QuantLinearArgs& a, std::unique_ptr<float[]>& b
   return dst;
 }
 
-// W rows per block: a multiple of kNR within kBlockBytes, and enough blocks for every thread.
-int64_t block_rows(const QuantLinearArgs& a) {
-  int64_t nb = std::max<int64_t>(kNR, kBlockBytes / std::max<int64_t>(row_bytes(a), 1) / kNR * kNR);
+// W rows per block: a multiple of nr within kBlockBytes, and enough blocks for every thread.
+int64_t block_rows(const QuantLinearArgs& a, int64_t nr) {
+  int64_t nb = std::max<int64_t>(nr, kBlockBytes / std::max<int64_t>(row_bytes(a), 1) / nr * nr);
   const int64_t threads = num_threads();
-  if (threads > 1) nb = std::min(nb, std::max<int64_t>(kNR, (a.N + 4 * threads - 1) / (4 * threads) / kNR * kNR));
+  if (threads > 1) nb = std::min(nb, std::max<int64_t>(nr, (a.N + 4 * threads - 1) / (4 * threads) / nr * nr));
   return nb;
 }
 
-// tile(mr, nr, m, n) over the whole output: threads take blocks of W rows, and each block is run
-// against every group of kMR rows of x while it sits in L2
-template <typename F>
+// tile(mr, nr, m, n) over the whole output, tiles of kMR rows of x by NR rows of W: threads take
+// blocks of W rows, and each block is run against every group of kMR rows of x while it sits in L2
+template <int NR = kNR, typename F>
 void for_each_tile(const QuantLinearArgs& a, const F& tile) {
-  const int64_t nb = block_rows(a);
+  const int64_t nb = block_rows(a, NR);
   parallel_for(0, (a.N + nb - 1) / nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * nb, n1 = std::min(a.N, n0 + nb);
       for (int64_t m = 0; m < a.M; m += kMR) {
         const int mr = int(std::min<int64_t>(kMR, a.M - m));
-        for (int64_t n = n0; n < n1; n += kNR) tile(mr, int(std::min<int64_t>(kNR, n1 - n)), m, n);
+        for (int64_t n = n0; n < n1; n += NR) tile(mr, int(std::min<int64_t>(NR, n1 - n)), m, n);
       }
     }
   });
@@ -232,10 +266,13 @@ template <typename T, QuantScheme S>
 void run_stream(const QuantLinearArgs& a) {
   std::unique_ptr<float[]> xbuf;
   const float* xc = rows_as_float<T>(a, xbuf);
-  for_each_tile(a, [&](int mr, int nr, int64_t m, int64_t n) { run_tile<T, S>(mr, nr, a, xc, m, n); });
+  if (a.M == 1)
+    for_each_tile<kNR1>(a, [&](int, int nr, int64_t m, int64_t n) { run_tile<T, S, 1, kNR1>(1, nr, a, xc, m, n); });
+  else
+    for_each_tile(a, [&](int mr, int nr, int64_t m, int64_t n) { run_tile<T, S>(mr, nr, a, xc, m, n); });
 }
 
-// Many rows: panels of W dequantized to float, times x through the blocked float product.
+// Many rows: the blocked float32 product, its copies of W dequantized from the packed weights.
 template <typename T>
 void run_panels(const QuantLinearArgs& a) {
   const int64_t M = a.M, N = a.N, K = a.K;
@@ -258,26 +295,13 @@ void run_panels(const QuantLinearArgs& a) {
     }
   }
   g.csa = 1;
-  g.K = K;
   g.M = M;
+  g.N = N;
+  g.K = K;
   g.ldc = N;
-  // about 4 MB of dequantized weights per panel (the product's B block is of that order)
-  const int64_t np = std::clamp<int64_t>((int64_t(1) << 20) / std::max<int64_t>(K, 1), 64, 4096) / 64 * 64;
-  std::unique_ptr<float[]> panel(new float[std::min(np, N) * K]);
-  for (int64_t n0 = 0; n0 < N; n0 += np) {
-    const int64_t nn = std::min(np, N - n0);
-    parallel_for(0, nn, 8, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) dequant_row(a, n0 + r, panel.get() + r * K);
-    });
-    GemmArgs p = g;
-    p.b = panel.get();  // B = panel^T: B(k, j) = panel(j, k)
-    p.rsb = 1;
-    p.csb = K;
-    p.N = nn;
-    p.c = g.c + n0;
-    p.bias = g.bias ? g.bias + n0 : nullptr;
-    gemm(p);
-  }
+  g.b_column = &dequant_segment;
+  g.b_ctx = &a;
+  gemm(g);
   if constexpr (!std::is_same_v<T, float>) {
     T* y = static_cast<T*>(a.y);
     const float* yf = ybuf.get();

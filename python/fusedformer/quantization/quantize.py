@@ -4,8 +4,10 @@ Schemes: ``"int8"`` (weights int8 per output channel, computed in the input's fl
 ``"int4"`` (weights 4-bit in groups of ``group_size`` along the input features, each group's scale
 the one of least squared error) and ``"int8_dynamic"`` (int8 weights; activations quantized per row
 on the fly, int8 products summed in int32: for prefill and encoders). The LM head (a top-level
-``head`` / ``lm_head``, or any layer whose weight is an embedding's, as GPT's tied head) stays float
-unless ``include_lm_head``.
+``head`` / ``lm_head``, or any layer whose weight is an embedding's, as GPT's tied head) is quantized
+too unless ``include_lm_head=False``: in decoding it is the largest single read (GPT-2's tied head is
+a third of the model's weights), so a float head would hold quantized decoding at float speed. A
+tied head gets its own packed copy; the embedding keeps its float table for the lookups.
 """
 
 from typing import Iterable, Optional
@@ -33,12 +35,13 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
 
 
 def quantize(model: torch.nn.Module, scheme: str, *, group_size: Optional[int] = None, skip: Iterable[str] = (),
-             include_lm_head: bool = False) -> torch.nn.Module:
+             include_lm_head: bool = True) -> torch.nn.Module:
     """Replaces every ``torch.nn.Linear`` / ``fusedformer.nn.Linear`` of ``model`` (a fusedformer model,
     a ``fusedformer.nn`` model or a patched HF model) by a :class:`QuantizedLinear` of ``scheme``, in
     place, and returns ``model``. ``group_size``: 32, 64 or 128 for ``"int4"`` (every quantized
     layer's in_features divisible by it), None otherwise. ``skip``: qualified module names (as
-    ``named_modules`` gives them) left float, with their submodules. Everything is checked before the
+    ``named_modules`` gives them) left float, with their submodules. ``include_lm_head=False`` keeps
+    the LM head float (see the module's docstring). Everything is checked before the
     first layer is replaced, so that an error leaves the model as it was: a model already quantized,
     a bad scheme or group size, a skip name that names no module, or a Linear subclass whose owner
     reads its weight itself (e.g. ``nn.MultiheadAttention.out_proj``) among the layers to replace."""

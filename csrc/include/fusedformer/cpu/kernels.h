@@ -28,7 +28,9 @@ struct LinearArgs {
 
 // C = A B + bias (float32): A (M, K) with element (i, k) at a[i * rsa + k * csa], B (K, N) with
 // element (k, j) at b[k * rsb + j * csb] (any strides: transposed views need no copy), bias (N)
-// nullable, C (M, N) rows ldc elements apart.
+// nullable, C (M, N) rows ldc elements apart. Or B from b_column instead of b: it writes elements
+// k0 .. k0 + kc - 1 of column j of B into dst (the quantized linear's weights, dequantized as the
+// product copies them into its panels).
 struct GemmArgs {
   const float* a;
   const float* b;
@@ -36,6 +38,8 @@ struct GemmArgs {
   float* c;
   int64_t M, N, K;
   int64_t rsa, csa, rsb, csb, ldc;
+  void (*b_column)(const void* ctx, int64_t j, int64_t k0, int64_t kc, float* dst);
+  const void* b_ctx;
 };
 
 // GELU over n contiguous elements, as torch.nn.functional.gelu: the exact x * Phi(x) (Phi the
