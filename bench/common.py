@@ -172,36 +172,46 @@ def time_ms(fn: Callable[[], object], device: str, quick: bool) -> Tuple[float, 
 
 
 def _stream_rates(nbytes: int, device: str, quick: bool) -> Dict[str, float]:
-    """GB/s of three streaming methods moving ``nbytes`` per call: a copy (half read, half written),
-    a fill (written only: glibc's memset, non-temporal stores at these sizes) and a sum (read only)."""
+    """GB/s of four streaming methods moving ``nbytes`` per call: a copy (half read, half written),
+    a fill (written only: glibc's memset, non-temporal stores at these sizes), a sum (read only) and
+    an add (c = a + b: two thirds read, one third written, STREAM's add, the traffic of a backward
+    that reads two tensors and writes a third; three buffers, so that its working set is the bytes it
+    moves, as for the other methods and the cases)."""
     n = max(1, nbytes // 8)  # floats per buffer of the copy: n read + n written
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     big = torch.randn(2 * n, device=device)  # the fill and the sum touch 2n floats, as many bytes
+    n3 = max(1, nbytes // 12)  # the add: 2 x n3 floats read, n3 written
+    a, b, c = (torch.randn(n3, device=device) for _ in range(3))
     rates = {}
-    for name, fn in (("copy", lambda: dst.copy_(src)), ("fill", lambda: big.fill_(1.0)), ("sum", lambda: big.sum())):
+    for name, fn, moved in (("copy", lambda: dst.copy_(src), 8 * n), ("fill", lambda: big.fill_(1.0), 8 * n),
+                            ("sum", lambda: big.sum(), 8 * n), ("add", lambda: torch.add(a, b, out=c), 12 * n3)):
         ms, _ = time_ms(fn, device, quick)
-        rates[name] = 8 * n / ms / 1e6
+        rates[name] = moved / ms / 1e6
     return rates
 
 
 def measure_ceilings(device: str, quick: bool) -> Dict[str, object]:
     """The fp32 / bf16 matmul rate on this machine, now: the best of torch's product and the op's
-    own blocked product (which beats a BLAS that takes a generic path on this CPU) at two sizes, so
+    own blocked product (which beats a BLAS that takes a generic path on this CPU) at a few shapes, so
     that no product measured against it can exceed it. The streaming ceilings are measured per
     working-set size as cases need them (:func:`stream_ceiling`)."""
     out: Dict[str, object] = {"stream": {}}
-    sizes = (1024, 2048) if device == "cpu" else (8192,)
+    # squares, and on the CPU the rectangle of a transformer MLP's product (4096 rows, 3072 x 768),
+    # the shape of the linear cases, which blocks differently from a square
+    sizes = ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 3072, 768)) if device == "cpu" else ((8192, 8192, 8192),)
     for dt in (torch.float32, torch.bfloat16):
         rates = {}
-        for m in sizes:
-            a = torch.randn(m, m, device=device, dtype=dt)
-            b = torch.randn(m, m, device=device, dtype=dt)
+        for m, k, n in sizes:
+            a = torch.randn(m, k, device=device, dtype=dt)
+            b = torch.randn(k, n, device=device, dtype=dt)
+            bt = b.t()  # the op's weight layout: (n, k), B read through its strides
             methods = [("torch.matmul", lambda: a @ b)]
             if dt == torch.float32:  # the op's blocked product is float32
-                methods.append(("fusedformer.linear", lambda: torch.ops.fusedformer.linear(a, b, None)))
+                methods.append(("fusedformer.linear", lambda: torch.ops.fusedformer.linear(a, bt, None)))
+            shape = f"{m}^3" if m == k == n else f"{m}x{k}x{n}"
             for name, f in methods:
-                rates[f"{name} {m}^3"] = 2 * m**3 / time_ms(f, device, quick)[0] / 1e6
+                rates[f"{name} {shape}"] = 2 * m * k * n / time_ms(f, device, quick)[0] / 1e6
         best = max(rates, key=rates.get)
         key = str(dt).split(".")[-1]
         out[f"matmul_{key}_GFLOPs"] = rates[best]
@@ -211,8 +221,8 @@ def measure_ceilings(device: str, quick: bool) -> Dict[str, object]:
 
 def stream_ceiling(ceilings: Dict[str, object], nbytes: int, device: str, quick: bool) -> Tuple[float, str]:
     """The streaming ceiling for a working set of ``nbytes`` (rounded to the MB), measured the first
-    time a case of that size asks for it: the best of a copy, a fill and a read-only sum moving as
-    many bytes. A working set that fits a cache streams faster than one that does not, and the same
+    time a case of that size asks for it: the best of a copy, a fill, a read-only sum and an add
+    moving as many bytes. A working set that fits a cache streams faster than one that does not, and the same
     size sees the same caches. Returns (GB/s, 'method at N MB')."""
     mb = str(max(1, round(nbytes / 2**20)))
     stream = ceilings["stream"]
@@ -442,10 +452,11 @@ def describe_ceilings(ceilings: Dict[str, object]) -> str:
 
 
 TABLE_NOTE = ("Medians, ± half the interquartile range of the timings; speedup = peer time / our time (higher is "
-              "better). % of ceiling: GB/s against the best streaming method (copy, fill or read-only sum) "
+              "better). % of ceiling: GB/s against the best streaming method ({methods}) "
               "moving as many bytes as the case, measured in the same run, or GFLOP/s against the best "
               "matmul measured in the same run. Calls of 20 ms or more are timed in interleaved rounds, ours "
               "and the peers alternating.")
+_STREAM_WORDS = {"copy": "copy", "fill": "fill", "sum": "read-only sum", "add": "add (c = a + b)"}
 
 
 CUDA_NOTE = (" On the GPU each function (and each ceiling) is timed as replays of a CUDA graph of its calls: the "
@@ -456,13 +467,18 @@ CUDA_LAUNCHED_NOTE = (" On the GPU each function is timed as launched (triton's 
                       "the device-to-device copy of as many bytes.")
 
 
-def table_note(info, results) -> str:
+def table_note(info, results, ceilings=None) -> str:
     """The note above a table: how it was timed (on the GPU: graph replays, or as launched by
-    results that predate graph timing)."""
+    results that predate graph timing) and the streaming methods its ceilings were measured with."""
+    methods = []
+    for c in ((ceilings or {}).get("stream") or {}).values():
+        methods += [m for m in c.get("all", {}) if m not in methods]
+    words = [_STREAM_WORDS.get(m, m) for m in methods or ("copy", "fill", "sum")]
+    note = TABLE_NOTE.format(methods=", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0])
     if "gpu" not in info:
-        return TABLE_NOTE
+        return note
     graphs = any(r.get("timing") in ("graph", "launched") or "/" in r.get("timing", "") for r in results)
-    return TABLE_NOTE + (CUDA_NOTE if graphs else CUDA_LAUNCHED_NOTE)
+    return note + (CUDA_NOTE if graphs else CUDA_LAUNCHED_NOTE)
 
 
 def write_results(results, ceilings, info, out_dir: str, stem: str, title: str):
@@ -472,7 +488,7 @@ def write_results(results, ceilings, info, out_dir: str, stem: str, title: str):
         json.dump(payload, f, indent=1)
     md = [f"# {title}", "", ", ".join(f"{k}: {v}" for k, v in info.items()), "",
           "Ceilings measured in the same run: " + describe_ceilings(ceilings), "",
-          table_note(info, results), "",
+          table_note(info, results, ceilings), "",
           format_table(results), ""]
     with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
         f.write("\n".join(md))

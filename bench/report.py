@@ -112,7 +112,7 @@ def table(stem):
     return "\n".join([
         source_line(stem, data), "",
         "Ceilings measured in the same run: " + describe_ceilings(data.get("ceilings", {})), "",
-        table_note(data.get("machine", {}), data["results"]), "",
+        table_note(data.get("machine", {}), data["results"], data.get("ceilings")), "",
         format_table(data["results"]), "",
     ])
 
