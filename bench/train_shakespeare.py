@@ -194,7 +194,9 @@ def _train_command(args, sh, work, results):
     results["train_command"] = {"train_seconds": m["summary"]["train_seconds"],
                                 "total_seconds": m["summary"]["total_seconds"],
                                 "steps_per_s": m["summary"]["steps_per_s"], "val_loss": m["summary"]["heldout_loss"],
-                                "val_curve": m["history"]["val"], "sample": sample, "log": stdout.splitlines()[-12:]}
+                                "val_curve": m["history"]["val"], "sample": sample,
+                                # the run's temporary folder named as $WORK, not as this machine's path
+                                "log": [line.replace(work, "$WORK") for line in stdout.splitlines()[-12:]]}
     import shutil
 
     os.makedirs(args.out, exist_ok=True)
