@@ -191,45 +191,84 @@ def _stream_rates(nbytes: int, device: str, quick: bool) -> Dict[str, float]:
     return rates
 
 
+def _matmul_rates(dt, device: str, quick: bool) -> Dict[str, float]:
+    """GFLOP/s of torch's product (and, in float32, the op's own blocked product) on squares and, on
+    the CPU, the rectangle of a transformer MLP's product (4096 rows, 3072 x 768), the shape of the
+    linear cases, which blocks differently from a square."""
+    import fusedformer  # noqa: F401  (registers torch.ops.fusedformer)
+
+    sizes = ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 3072, 768)) if device == "cpu" else ((8192, 8192, 8192),)
+    rates = {}
+    for m, k, n in sizes:
+        a = torch.randn(m, k, device=device, dtype=dt)
+        b = torch.randn(k, n, device=device, dtype=dt)
+        bt = b.t()  # the op's weight layout: (n, k), B read through its strides
+        methods = [("torch.matmul", lambda: a @ b)]
+        if dt == torch.float32:  # the op's blocked product is float32
+            methods.append(("fusedformer.linear", lambda: torch.ops.fusedformer.linear(a, bt, None)))
+        shape = f"{m}^3" if m == k == n else f"{m}x{k}x{n}"
+        for name, f in methods:
+            rates[f"{name} {shape}"] = 2 * m * k * n / time_ms(f, device, quick)[0] / 1e6
+    return rates
+
+
+def _set_matmul_ceiling(out: Dict[str, object], key: str, rates: Dict[str, float]):
+    """Record the best of ``rates`` under ``matmul_KEY_*``, keeping a better earlier measurement."""
+    best = max(rates, key=rates.get)
+    if rates[best] > out.get(f"matmul_{key}_GFLOPs", 0.0):
+        out[f"matmul_{key}_GFLOPs"] = rates[best]
+        out[f"matmul_{key}_method"] = best
+
+
 def measure_ceilings(device: str, quick: bool) -> Dict[str, object]:
     """The fp32 / bf16 matmul rate on this machine, now: the best of torch's product and the op's
     own blocked product (which beats a BLAS that takes a generic path on this CPU) at a few shapes, so
-    that no product measured against it can exceed it. The streaming ceilings are measured per
-    working-set size as cases need them (:func:`stream_ceiling`)."""
+    that no product measured against it can exceed it (a case that does has it measured again, see
+    :func:`matmul_ceiling`). The streaming ceilings are measured per working-set size as cases need
+    them (:func:`stream_ceiling`)."""
     out: Dict[str, object] = {"stream": {}}
-    # squares, and on the CPU the rectangle of a transformer MLP's product (4096 rows, 3072 x 768),
-    # the shape of the linear cases, which blocks differently from a square
-    sizes = ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 3072, 768)) if device == "cpu" else ((8192, 8192, 8192),)
     for dt in (torch.float32, torch.bfloat16):
-        rates = {}
-        for m, k, n in sizes:
-            a = torch.randn(m, k, device=device, dtype=dt)
-            b = torch.randn(k, n, device=device, dtype=dt)
-            bt = b.t()  # the op's weight layout: (n, k), B read through its strides
-            methods = [("torch.matmul", lambda: a @ b)]
-            if dt == torch.float32:  # the op's blocked product is float32
-                methods.append(("fusedformer.linear", lambda: torch.ops.fusedformer.linear(a, bt, None)))
-            shape = f"{m}^3" if m == k == n else f"{m}x{k}x{n}"
-            for name, f in methods:
-                rates[f"{name} {shape}"] = 2 * m * k * n / time_ms(f, device, quick)[0] / 1e6
-        best = max(rates, key=rates.get)
-        key = str(dt).split(".")[-1]
-        out[f"matmul_{key}_GFLOPs"] = rates[best]
-        out[f"matmul_{key}_method"] = best
+        _set_matmul_ceiling(out, str(dt).split(".")[-1], _matmul_rates(dt, device, quick))
     return out
 
 
-def stream_ceiling(ceilings: Dict[str, object], nbytes: int, device: str, quick: bool) -> Tuple[float, str]:
+# Times a ceiling is measured again, at most, when a case beats it: a shared machine's speed drifts,
+# and a ceiling caught in a slow moment is no ceiling. The best measurement counts.
+_REMEASURE = 2
+
+
+def matmul_ceiling(ceilings: Dict[str, object], dtype: str, gflops: float, device: str, quick: bool) -> Tuple[float, str]:
+    """The matmul ceiling for a case of ``dtype`` ("fp32" or "bf16") that reached ``gflops``:
+    measured again (up to twice) while the case is above it. Returns (GFLOP/s, method)."""
+    key = "float32" if dtype == "fp32" else "bfloat16"
+    for _ in range(_REMEASURE):
+        if gflops <= ceilings[f"matmul_{key}_GFLOPs"]:
+            break
+        _set_matmul_ceiling(ceilings, key, _matmul_rates(getattr(torch, key), device, quick))
+        ceilings[f"matmul_{key}_measurements"] = ceilings.get(f"matmul_{key}_measurements", 1) + 1
+    return ceilings[f"matmul_{key}_GFLOPs"], ceilings.get(f"matmul_{key}_method", key + " matmul")
+
+
+def stream_ceiling(ceilings: Dict[str, object], nbytes: int, device: str, quick: bool,
+                   gbps: float = 0.0) -> Tuple[float, str]:
     """The streaming ceiling for a working set of ``nbytes`` (rounded to the MB), measured the first
     time a case of that size asks for it: the best of a copy, a fill, a read-only sum and an add
-    moving as many bytes. A working set that fits a cache streams faster than one that does not, and the same
-    size sees the same caches. Returns (GB/s, 'method at N MB')."""
+    moving as many bytes. A working set that fits a cache streams faster than one that does not, and
+    the same size sees the same caches. A case that reached ``gbps`` above it has it measured again
+    (up to twice; each method keeps its best). Returns (GB/s, 'method at N MB')."""
     mb = str(max(1, round(nbytes / 2**20)))
     stream = ceilings["stream"]
     if mb not in stream:
         rates = _stream_rates(int(mb) << 20, device, quick)
         best = max(rates, key=rates.get)
         stream[mb] = {"GBps": rates[best], "method": best, "all": rates}
+    for _ in range(_REMEASURE):
+        if gbps <= stream[mb]["GBps"]:
+            break
+        old = stream[mb]
+        rates = {k: max(v, old["all"].get(k, 0.0)) for k, v in _stream_rates(int(mb) << 20, device, quick).items()}
+        best = max(rates, key=rates.get)
+        stream[mb] = {"GBps": rates[best], "method": best, "all": rates, "measurements": old.get("measurements", 1) + 1}
     c = stream[mb]
     return c["GBps"], f"{c['method']} {mb} MB"
 
@@ -373,14 +412,13 @@ def run_case(case: Case, device: str, quick: bool, ceilings: Dict[str, object]) 
         res["speedup"] = res["peers_ms"][first] / res["ours_ms"]
     if case.bytes:
         res["GBps"] = case.bytes / res["ours_ms"] / 1e6
-        ceiling, which = stream_ceiling(ceilings, case.bytes, device, quick)
+        ceiling, which = stream_ceiling(ceilings, case.bytes, device, quick, res["GBps"])
         res["frac_ceiling"], res["ceiling"] = res["GBps"] / ceiling, which
         res["frac_copy"] = res["GBps"] / ceilings["stream"][which.split()[-2]]["all"]["copy"]
     if case.flops:
         res["GFLOPs"] = case.flops / res["ours_ms"] / 1e6
-        key = "matmul_float32_GFLOPs" if case.dtype == "fp32" else "matmul_bfloat16_GFLOPs"
-        res["frac_ceiling"] = res["GFLOPs"] / ceilings[key]
-        res["ceiling"] = ceilings.get(key.replace("GFLOPs", "method"), key.split("_")[1] + " matmul")
+        ceiling, which = matmul_ceiling(ceilings, case.dtype, res["GFLOPs"], device, quick)
+        res["frac_ceiling"], res["ceiling"] = res["GFLOPs"] / ceiling, which
     if case.target is not None and "speedup" in res:
         res["meets_target"] = res["speedup"] >= case.target
     if case.copy_target is not None and "frac_copy" in res:
@@ -481,8 +519,27 @@ def table_note(info, results, ceilings=None) -> str:
     return note + (CUDA_NOTE if graphs else CUDA_LAUNCHED_NOTE)
 
 
+def refresh_fractions(results, ceilings):
+    """Every case's fraction of its ceiling against the ceiling's final value: a ceiling measured
+    again for a later case (see :func:`stream_ceiling`) holds for the earlier cases of its size too."""
+    for r in results:
+        if r.get("GBps") and r.get("ceiling", "").endswith(" MB"):
+            mb = r["ceiling"].split()[-2]
+            c = ceilings["stream"][mb]
+            r["frac_ceiling"], r["ceiling"] = r["GBps"] / c["GBps"], f"{c['method']} {mb} MB"
+            r["frac_copy"] = r["GBps"] / c["all"]["copy"]
+            if r.get("copy_target") is not None:
+                r["meets_target"] = r.get("speedup", 0) >= (r["target"] or 0) and r["frac_copy"] >= r["copy_target"]
+        elif r.get("GFLOPs") and r.get("frac_ceiling") is not None:
+            key = "float32" if r["dtype"] == "fp32" else "bfloat16"
+            if f"matmul_{key}_GFLOPs" in ceilings:
+                r["frac_ceiling"] = r["GFLOPs"] / ceilings[f"matmul_{key}_GFLOPs"]
+                r["ceiling"] = ceilings.get(f"matmul_{key}_method", r.get("ceiling"))
+
+
 def write_results(results, ceilings, info, out_dir: str, stem: str, title: str):
     os.makedirs(out_dir, exist_ok=True)
+    refresh_fractions(results, ceilings)
     payload = {"title": title, "machine": info, "ceilings": ceilings, "results": results}
     with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
         json.dump(payload, f, indent=1)
