@@ -316,8 +316,10 @@ def machine_info(device: str) -> Dict[str, str]:
         return info
     try:
         info["commit"] = _git("rev-parse", "--short", "HEAD")
-        # tracked files only: a result is reproducible from its commit when nothing tracked differs
-        info["clean"] = "yes" if not _git("status", "--porcelain", "--untracked-files=no") else "no"
+        # tracked files only: a result is reproducible from its commit when nothing tracked differs but
+        # the results themselves (a suite run before this one rewrites bench/results/)
+        info["clean"] = "yes" if not _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                          ":(top,exclude)bench/results") else "no"
     except Exception:
         pass
     return info
