@@ -237,16 +237,34 @@ def measure_ceilings(device: str, quick: bool) -> Dict[str, object]:
 _REMEASURE = 2
 
 
+def _remeasure(beaten: Callable[[], bool], measure: Callable[[], None]) -> None:
+    """``measure()`` a ceiling again while ``beaten()`` (a case is above it), at most ``_REMEASURE``
+    times."""
+    for _ in range(_REMEASURE):
+        if not beaten():
+            break
+        measure()
+
+
+def _matmul_key(dtype: str) -> str:
+    return "float32" if dtype == "fp32" else "bfloat16"
+
+
 def matmul_ceiling(ceilings: Dict[str, object], dtype: str, gflops: float, device: str, quick: bool) -> Tuple[float, str]:
     """The matmul ceiling for a case of ``dtype`` ("fp32" or "bf16") that reached ``gflops``:
     measured again (up to twice) while the case is above it. Returns (GFLOP/s, method)."""
-    key = "float32" if dtype == "fp32" else "bfloat16"
-    for _ in range(_REMEASURE):
-        if gflops <= ceilings[f"matmul_{key}_GFLOPs"]:
-            break
+    key = _matmul_key(dtype)
+
+    def measure():
         _set_matmul_ceiling(ceilings, key, _matmul_rates(getattr(torch, key), device, quick))
         ceilings[f"matmul_{key}_measurements"] = ceilings.get(f"matmul_{key}_measurements", 1) + 1
+
+    _remeasure(lambda: gflops > ceilings[f"matmul_{key}_GFLOPs"], measure)
     return ceilings[f"matmul_{key}_GFLOPs"], ceilings.get(f"matmul_{key}_method", key + " matmul")
+
+
+def _stream_mb(nbytes: int) -> str:
+    return str(max(1, round(nbytes / 2**20)))
 
 
 def stream_ceiling(ceilings: Dict[str, object], nbytes: int, device: str, quick: bool,
@@ -256,21 +274,45 @@ def stream_ceiling(ceilings: Dict[str, object], nbytes: int, device: str, quick:
     moving as many bytes. A working set that fits a cache streams faster than one that does not, and
     the same size sees the same caches. A case that reached ``gbps`` above it has it measured again
     (up to twice; each method keeps its best). Returns (GB/s, 'method at N MB')."""
-    mb = str(max(1, round(nbytes / 2**20)))
+    mb = _stream_mb(nbytes)
     stream = ceilings["stream"]
-    if mb not in stream:
-        rates = _stream_rates(int(mb) << 20, device, quick)
-        best = max(rates, key=rates.get)
-        stream[mb] = {"GBps": rates[best], "method": best, "all": rates}
-    for _ in range(_REMEASURE):
-        if gbps <= stream[mb]["GBps"]:
-            break
-        old = stream[mb]
+
+    def measure():
+        old = stream.get(mb, {"all": {}})
         rates = {k: max(v, old["all"].get(k, 0.0)) for k, v in _stream_rates(int(mb) << 20, device, quick).items()}
         best = max(rates, key=rates.get)
-        stream[mb] = {"GBps": rates[best], "method": best, "all": rates, "measurements": old.get("measurements", 1) + 1}
+        stream[mb] = {"GBps": rates[best], "method": best, "all": rates}
+        if "GBps" in old:
+            stream[mb]["measurements"] = old.get("measurements", 1) + 1
+
+    if mb not in stream:
+        measure()
+    _remeasure(lambda: gbps > stream[mb]["GBps"], measure)
     c = stream[mb]
     return c["GBps"], f"{c['method']} {mb} MB"
+
+
+def apply_ceilings(r: Dict[str, object], ceilings: Dict[str, object]) -> None:
+    """A result's fractions against the ceilings' current values: of its working set's streaming
+    ceiling and of the copy there (``frac_copy``) for a case that moves bytes, of the matmul ceiling
+    of its dtype for one that computes products (which then names the ceiling), and whether it meets
+    its targets (speedup over the peer, fraction of the copy)."""
+    mb = r.get("stream_mb")
+    if r.get("GBps") is not None and mb in ceilings.get("stream", {}):
+        c = ceilings["stream"][mb]
+        r["frac_ceiling"], r["ceiling"] = r["GBps"] / c["GBps"], f"{c['method']} {mb} MB"
+        r["frac_copy"] = r["GBps"] / c["all"]["copy"]
+    key = _matmul_key(r.get("dtype"))
+    if r.get("GFLOPs") is not None and f"matmul_{key}_GFLOPs" in ceilings:
+        r["frac_ceiling"] = r["GFLOPs"] / ceilings[f"matmul_{key}_GFLOPs"]
+        r["ceiling"] = ceilings.get(f"matmul_{key}_method", key + " matmul")
+    meets = []
+    if r.get("target") is not None and "speedup" in r:
+        meets.append(r["speedup"] >= r["target"])
+    if r.get("copy_target") is not None and "frac_copy" in r:
+        meets.append(r["frac_copy"] >= r["copy_target"])
+    if meets:
+        r["meets_target"] = all(meets)
 
 
 def _git(*args) -> str:
@@ -413,19 +455,14 @@ def run_case(case: Case, device: str, quick: bool, ceilings: Dict[str, object]) 
         res["peer"] = first
         res["speedup"] = res["peers_ms"][first] / res["ours_ms"]
     if case.bytes:
-        res["GBps"] = case.bytes / res["ours_ms"] / 1e6
-        ceiling, which = stream_ceiling(ceilings, case.bytes, device, quick, res["GBps"])
-        res["frac_ceiling"], res["ceiling"] = res["GBps"] / ceiling, which
-        res["frac_copy"] = res["GBps"] / ceilings["stream"][which.split()[-2]]["all"]["copy"]
+        res["GBps"], res["stream_mb"] = case.bytes / res["ours_ms"] / 1e6, _stream_mb(case.bytes)
+        stream_ceiling(ceilings, case.bytes, device, quick, res["GBps"])
+        if case.copy_target is not None:
+            res["copy_target"] = case.copy_target
     if case.flops:
         res["GFLOPs"] = case.flops / res["ours_ms"] / 1e6
-        ceiling, which = matmul_ceiling(ceilings, case.dtype, res["GFLOPs"], device, quick)
-        res["frac_ceiling"], res["ceiling"] = res["GFLOPs"] / ceiling, which
-    if case.target is not None and "speedup" in res:
-        res["meets_target"] = res["speedup"] >= case.target
-    if case.copy_target is not None and "frac_copy" in res:
-        res["copy_target"] = case.copy_target
-        res["meets_target"] = res.get("meets_target", True) and res["frac_copy"] >= case.copy_target
+        matmul_ceiling(ceilings, case.dtype, res["GFLOPs"], device, quick)
+    apply_ceilings(res, ceilings)
     return res
 
 
@@ -521,27 +558,10 @@ def table_note(info, results, ceilings=None) -> str:
     return note + (CUDA_NOTE if graphs else CUDA_LAUNCHED_NOTE)
 
 
-def refresh_fractions(results, ceilings):
-    """Every case's fraction of its ceiling against the ceiling's final value: a ceiling measured
-    again for a later case (see :func:`stream_ceiling`) holds for the earlier cases of its size too."""
-    for r in results:
-        if r.get("GBps") and r.get("ceiling", "").endswith(" MB"):
-            mb = r["ceiling"].split()[-2]
-            c = ceilings["stream"][mb]
-            r["frac_ceiling"], r["ceiling"] = r["GBps"] / c["GBps"], f"{c['method']} {mb} MB"
-            r["frac_copy"] = r["GBps"] / c["all"]["copy"]
-            if r.get("copy_target") is not None:
-                r["meets_target"] = r.get("speedup", 0) >= (r["target"] or 0) and r["frac_copy"] >= r["copy_target"]
-        elif r.get("GFLOPs") and r.get("frac_ceiling") is not None:
-            key = "float32" if r["dtype"] == "fp32" else "bfloat16"
-            if f"matmul_{key}_GFLOPs" in ceilings:
-                r["frac_ceiling"] = r["GFLOPs"] / ceilings[f"matmul_{key}_GFLOPs"]
-                r["ceiling"] = ceilings.get(f"matmul_{key}_method", r.get("ceiling"))
-
-
 def write_results(results, ceilings, info, out_dir: str, stem: str, title: str):
     os.makedirs(out_dir, exist_ok=True)
-    refresh_fractions(results, ceilings)
+    for r in results:  # a ceiling measured again for a later case holds for the earlier ones too
+        apply_ceilings(r, ceilings)
     payload = {"title": title, "machine": info, "ceilings": ceilings, "results": results}
     with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
         json.dump(payload, f, indent=1)

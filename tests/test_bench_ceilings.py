@@ -31,16 +31,22 @@ def test_stream_ceiling_is_measured_again_when_a_case_beats_it():
 def test_fractions_use_the_final_ceilings():
     ceilings = {"stream": {"4": {"GBps": 100.0, "method": "add", "all": {"copy": 80.0, "add": 100.0}}},
                 "matmul_float32_GFLOPs": 200.0, "matmul_float32_method": "fusedformer.linear 4096x3072x768"}
-    results = [{"dtype": "fp32", "GBps": 90.0, "frac_ceiling": 1.2, "ceiling": "copy 4 MB", "frac_copy": 1.2,
-                "speedup": 2.0, "target": None, "copy_target": 0.8},
-               {"dtype": "fp32", "GFLOPs": 190.0, "frac_ceiling": 1.01, "ceiling": "fusedformer.linear 2048^3"},
-               {"dtype": "fp32", "validated": False}]
-    common.refresh_fractions(results, ceilings)
+    results = [{"dtype": "fp32", "GBps": 90.0, "stream_mb": "4", "frac_ceiling": 1.2, "ceiling": "copy 4 MB",
+                "frac_copy": 1.2, "speedup": 2.0, "target": None, "copy_target": 0.8},
+               {"dtype": "fp32", "GFLOPs": 190.0, "frac_ceiling": 1.01, "ceiling": "fusedformer.linear 2048^3",
+                "speedup": 0.9, "target": 1.0},
+               {"dtype": "fp32", "validated": False},
+               {"dtype": "fp32", "GBps": 60.0, "stream_mb": "4", "speedup": 1.5, "target": 1.2, "copy_target": 0.8}]
+    for r in results:
+        common.apply_ceilings(r, ceilings)
     assert results[0]["frac_ceiling"] == pytest.approx(0.9) and results[0]["ceiling"] == "add 4 MB"
     assert results[0]["frac_copy"] == pytest.approx(90 / 80) and results[0]["meets_target"] is True
     assert results[1]["frac_ceiling"] == pytest.approx(0.95)
     assert results[1]["ceiling"] == "fusedformer.linear 4096x3072x768"
-    assert "frac_ceiling" not in results[2]
+    assert results[1]["meets_target"] is False  # 0.9x against its 1.0x target
+    assert "frac_ceiling" not in results[2] and "meets_target" not in results[2]
+    # both targets count: 1.5x >= 1.2x, but 60 GB/s is 75% of the copy, under 80%
+    assert results[3]["frac_copy"] == pytest.approx(0.75) and results[3]["meets_target"] is False
 
 
 def test_matmul_ceiling_is_measured_again_when_a_case_beats_it():
