@@ -267,7 +267,7 @@ def _vocab_tokenizer(vocab_size):
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=eos, eos_token=eos, unk_token=eos)
 
 
-def _hf_folder(hf, work):
+def hf_folder(hf, work):
     path = os.path.join(work, "gpt2-hf")
     # the key openai-community/gpt2's config.json carries and llama.cpp's converter reads
     hf.config.n_ctx = hf.config.n_positions
@@ -338,21 +338,29 @@ class _CT2:
         return run
 
 
-def _llama_cpp_models(llama_cpp, src, hf_path, work, threads, skipped):
-    """{"f32" | "Q8_0" | "Q4_0": GGUF path}: the f32 GGUF written by the source tree's
-    convert_hf_to_gguf.py, quantized by llama_model_quantize (llama.cpp's default mixture for each
-    type), and {name: {tensor type: count}} read back by the tree's gguf-py."""
-    f32 = os.path.join(work, "gpt2-f32.gguf")
+def llama_cpp_f32_gguf(src, hf_path, out):
+    """Writes the HF checkpoint folder ``hf_path`` as an f32 GGUF at ``out`` with the llama.cpp source
+    tree ``src``'s convert_hf_to_gguf.py; None on success, else the converter's last line."""
     # the made-up vocabulary has no known pre-tokenizer fingerprint; it is declared GPT-2's (no text
     # is ever tokenized here: every engine is given ids)
     script = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); import conversion.base as b; "
               "b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'; "
               "sys.argv = [sys.argv[2]] + sys.argv[3:]; runpy.run_path(sys.argv[0], run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", script, src, os.path.join(src, "convert_hf_to_gguf.py"), hf_path,
-                        "--outtype", "f32", "--outfile", f32], capture_output=True, text=True)
-    if r.returncode != 0 or not os.path.exists(f32):
-        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-        skipped.append(f"llama.cpp: convert_hf_to_gguf.py failed ({tail[0][:200]}), skipped")
+                        "--outtype", "f32", "--outfile", out], capture_output=True, text=True)
+    if r.returncode != 0 or not os.path.exists(out):
+        return ((r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"])[0][:200]
+    return None
+
+
+def _llama_cpp_models(llama_cpp, src, hf_path, work, threads, skipped):
+    """{"f32" | "Q8_0" | "Q4_0": GGUF path}: the f32 GGUF written by the source tree's
+    convert_hf_to_gguf.py, quantized by llama_model_quantize (llama.cpp's default mixture for each
+    type), and {name: {tensor type: count}} read back by the tree's gguf-py."""
+    f32 = os.path.join(work, "gpt2-f32.gguf")
+    error = llama_cpp_f32_gguf(src, hf_path, f32)
+    if error is not None:
+        skipped.append(f"llama.cpp: convert_hf_to_gguf.py failed ({error}), skipped")
         print("note: " + skipped[-1])
         return {}, {}
     out = {"f32": f32}
@@ -413,7 +421,7 @@ def gpt2(quick, work, skipped, llama_src):
             "int8": fusedformer.quantize(copy.deepcopy(base), "int8"),
             "int4": fusedformer.quantize(copy.deepcopy(base), "int4", group_size=32)}
     dequantized = {k: _dequantized(ours[k]) for k in ("int8", "int4")}
-    hf_path, vocab = _hf_folder(hf, work)
+    hf_path, vocab = hf_folder(hf, work)
     ct2 = _optional("ctranslate2", skipped, "CTranslate2 (GPT-2)")
     if ct2 is not None:
         ct2_f32 = _CT2(ct2, hf_path, work, vocab, threads, None)

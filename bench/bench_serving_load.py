@@ -17,12 +17,22 @@ blocks in use at a step and how full they were (tokens held / slots of the block
 and on average over the sweep.
 
 A rate runs rate x --duration requests, at least --min-requests and at most --max-requests (which bounds
-the time an overloaded rate takes to drain). Writes bench/results/cpu-serving-load.
-{json,md} (with --quick: build/bench-quick/, a short sweep that checks the whole path in under a minute).
+the time an overloaded rate takes to drain).
+
+With --gpt2-small and --llama-cpp-src (the llama.cpp tree vendored in the llama-cpp-python sdist), the
+same sweep (the same requests: the same seeds) then runs against llama.cpp's own ``llama-server``,
+built from that tree with CMake, on the same weights converted by its convert_hf_to_gguf.py to an f32
+GGUF, with --llama-slots parallel slots sharing one KV buffer and continuous batching; each rate is
+checked the same way, and the two servers are set side by side (output tokens/s, p99 TTFT). Where it
+cannot be built or converted, the peer is skipped with a note.
+
+Writes bench/results/cpu-serving-load.{json,md} (--gpt2-small: cpu-serving-load-gpt2-small; with
+--quick: build/bench-quick/, a short sweep that checks the whole path in under a minute).
 
     python bench/bench_serving_load.py [--quick] [--rates 2,4,8,16,32] [--duration 40] [--min-requests 10]
         [--max-requests 200] [--min-len 16] [--max-len 128] [--model DIR | --gpt2-small] [--dtype auto|float32|bfloat16]
         [--max-num-seqs N] [--max-num-batched-tokens N] [--kv-cache-memory BYTES] [--seed 0] [--out DIR]
+        [--llama-cpp-src DIR] [--llama-slots 32]
 """
 
 import argparse
@@ -31,7 +41,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -45,7 +54,6 @@ from common import machine_info  # noqa: E402
 
 SUITE = "serving-load"
 STEM = "cpu-serving-load"
-URL_LINE = re.compile(r"serving \S+ at (http://\S+)")
 GAUGES = ("fusedformer_kv_blocks_total", "fusedformer_kv_peak_blocks_in_use", "fusedformer_kv_utilization_at_peak",
           "fusedformer_kv_utilization_mean")
 
@@ -67,66 +75,51 @@ def poisson_arrivals(n, rate, seed):
     return out
 
 
-class Server:
-    """``python -m fusedformer serve --port 0 ARGS`` in a subprocess, its output in a log file; ready once
-    it printed its URL and /health answers."""
+def gauges(url):
+    """The server's KV-cache gauges from /metrics (fusedformer's own server only)."""
+    import httpx
 
-    def __init__(self, args, log_dir):
-        import httpx
+    values = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in GAUGES:
+            values[name.removeprefix("fusedformer_")] = float(value)
+    return values
 
-        self.log_path = os.path.join(log_dir, "server.log")
-        self.log = open(self.log_path, "w+")
-        cmd = [sys.executable, "-m", "fusedformer", "serve", "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            self._wait_ready(httpx)
-        except BaseException:
-            self.stop()
-            raise
 
-    def _wait_ready(self, httpx):
-        deadline, self.url = time.monotonic() + 300, None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with status {self.proc.returncode}:\n{self.output()}")
-            if self.url is None:
-                m = URL_LINE.search(self.output())
-                self.url = m.group(1) if m else None
-            if self.url is not None:
-                try:
-                    if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the server did not answer /health in time:\n{self.output()}")
+def llama_server_binary(src, build_dir):
+    """llama.cpp's ``llama-server`` built with CMake from the source tree ``src`` into ``build_dir``
+    (an existing build is brought up to date, which takes seconds): its path, or why it could not be
+    built."""
+    import shutil
 
-    def output(self):
-        with open(self.log_path) as f:
-            return f.read()
+    cmake = os.path.join(os.path.dirname(sys.executable), "cmake")
+    cmake = cmake if os.path.exists(cmake) else shutil.which("cmake")
+    if cmake is None:
+        return None, "no cmake"
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON",
+             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_UI=OFF",
+             "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON"]
+    for cmd in ([cmake, "-S", src, "-B", build_dir, *flags],
+                [cmake, "--build", build_dir, "--target", "llama-server", "-j", str(os.cpu_count() or 1)]):
+        print("$ " + " ".join(cmd), flush=True)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            return None, ((r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"])[0][:200]
+    path = os.path.join(build_dir, "bin", "llama-server")
+    return (path, None) if os.path.exists(path) else (None, f"no {path} after the build")
 
-    def gauges(self):
-        import httpx
 
-        values = {}
-        for line in httpx.get(self.url + "/metrics", timeout=30).text.splitlines():
-            name, _, value = line.partition(" ")
-            if name in GAUGES:
-                values[name.removeprefix("fusedformer_")] = float(value)
-        return values
+def start_llama_server(binary, gguf, slots, context, log_path):
+    """``llama-server`` on the GGUF with ``slots`` parallel slots sharing one KV buffer of ``slots`` x
+    ``context`` tokens (continuous batching is its default), all cores for decoding and prefill."""
+    from fusedformer.serving.process import ServerProcess, free_port
 
-    def stop(self):
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)  # the server's graceful shutdown
-                self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:  # also when the wait is interrupted (Ctrl-C, SIGTERM)
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(30)
-            self.log.close()
+    port, threads = free_port(), str(os.cpu_count() or 1)
+    options = ["--parallel", str(slots), "--kv-unified", "--ctx-size", str(slots * context), "--threads", threads,
+               "--threads-batch", threads, "--cont-batching"]
+    cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "--no-webui", *options]
+    return ServerProcess(cmd, f"http://127.0.0.1:{port}", log_path, timeout=300), " ".join(options)
 
 
 async def one_request(client, model, prompt, n_out, send_at, t0):
@@ -213,8 +206,73 @@ def held_rate(rows):
     return max(held) if held else None
 
 
+def sweep(url, model, context, vocab, rates, opts):
+    """Warm-up requests, then every rate of the sweep against the server at ``url``: the rows."""
+    from fusedformer.serving.throughput import random_workload
+
+    warm = random_workload(4, opts.min_len, opts.max_len, context, vocab, seed=opts.seed + 1000)
+    problems = check(asyncio.run(run_rate(url, model, warm, 100.0, 0)))
+    if problems:
+        raise SystemExit("the warm-up requests failed: " + "; ".join(problems[:3]))
+    rows = []
+    for k, rate in enumerate(rates):
+        n = min(opts.max_requests, max(opts.min_requests, round(rate * opts.duration)))
+        reqs = random_workload(n, opts.min_len, opts.max_len, context, vocab, seed=opts.seed + k)
+        row = summarize(rate, asyncio.run(run_rate(url, model, reqs, rate, opts.seed + k)), opts.slo_ttft)
+        rows.append(row)
+        if row.get("failed"):
+            print(f"rate {rate:g}: FAILED validation: {row['failed']}", flush=True)
+        else:
+            print(f"rate {rate:g} req/s, {n} requests: TTFT p50 {row['ttft_p50_s']:.3f} s p99 "
+                  f"{row['ttft_p99_s']:.3f} s, TPOT p50 {row['tpot_p50_ms']:.1f} ms p99 "
+                  f"{row['tpot_p99_ms']:.1f} ms, {row['output_tok_s']:.1f} output tok/s", flush=True)
+    return rows
+
+
+def _rate_rows(results, slo):
+    lines = [f"| rate (req/s) | requests | TTFT p50 (s) | TTFT p99 (s) | TPOT p50 (ms) | TPOT p99 (ms) | "
+             f"output tok/s | achieved req/s | p99 TTFT < {slo:g} s |", "|" + "---|" * 9]
+    for r in results:
+        if r.get("failed"):
+            lines.append(f"| {r['rate']:g} | {r['requests']} | FAILED validation: {r['failed'].replace('|', '/')} "
+                         "|  |  |  |  |  |  |")
+            continue
+        lines.append(f"| {r['rate']:g} | {r['requests']} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | "
+                     f"{r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} | {r['output_tok_s']:.1f} | "
+                     f"{r['achieved_req_s']:.2f} | {'yes' if r['holds'] else 'no'} |")
+    return lines
+
+
+def _held_line(results, held, slo):
+    top = held is not None and held == max(r["rate"] for r in results)
+    return (f"Rate held (the highest of the sweep with p99 TTFT < {slo:g} s): "
+            + (f"{held:g} req/s" + (", the top of the sweep: the limit lies higher." if top else ".")
+               if held is not None else "none of the sweep."))
+
+
+def _side_by_side(ours, peer, name):
+    """Per rate: output tok/s and p99 TTFT of both servers, and whether ours is ahead in both."""
+    lines = [f"| rate (req/s) | output tok/s: ours | {name} | ratio | p99 TTFT (s): ours | {name} | ratio | "
+             "ahead in both |", "|" + "---|" * 8]
+    theirs = {r["rate"]: r for r in peer}
+    ahead = []
+    for r in ours:
+        p = theirs.get(r["rate"])
+        if p is None or r.get("failed") or p.get("failed"):
+            continue
+        tok, ttft = r["output_tok_s"] / p["output_tok_s"], p["ttft_p99_s"] / r["ttft_p99_s"]
+        ahead.append(tok >= 1.0 and ttft >= 1.0)
+        lines.append(f"| {r['rate']:g} | {r['output_tok_s']:.1f} | {p['output_tok_s']:.1f} | {tok:.2f}x | "
+                     f"{r['ttft_p99_s']:.3f} | {p['ttft_p99_s']:.3f} | {ttft:.2f}x | {'yes' if ahead[-1] else 'no'} |")
+    lines += ["", f"Ratios: ours over {name} in output tok/s, {name}'s p99 TTFT over ours (above 1: ours ahead). "
+              f"Goal: ahead in both at every rate: {'met' if ahead and all(ahead) else 'MISSED'} "
+              f"({sum(ahead)} of {len(ahead)} rates)."]
+    return lines
+
+
 def render(data):
-    """The Markdown of a result: the workload, one row per rate, the rate held and the KV-cache figures."""
+    """The Markdown of a result: the workload, one row per rate, the rate held and the KV-cache figures;
+    with a peer server, its rows and the two side by side."""
     c, slo = data["config"], data["config"]["slo_ttft_s"]
     lines = [f"Model: {c['model']} ({c['dtype']}), server options: {c['server_args'] or 'the defaults'}. "
              f"Prompt and output lengths uniform in [{c['min_len']}, {c['max_len']}] tokens (clipped to the "
@@ -223,28 +281,23 @@ def render(data):
              f"{c['max_requests']}. TTFT from sending a request to its first streamed token; TPOT from the "
              "first token to the last, per token after the first; p99 over fewer than 100 requests "
              "interpolates between the slowest two. Output tok/s: a rate's output tokens over the time from "
-             "its first request to its last answer.", "",
-             f"| rate (req/s) | requests | TTFT p50 (s) | TTFT p99 (s) | TPOT p50 (ms) | TPOT p99 (ms) | "
-             f"output tok/s | achieved req/s | p99 TTFT < {slo:g} s |", "|" + "---|" * 9]
-    for r in data["results"]:
-        if r.get("failed"):
-            lines.append(f"| {r['rate']:g} | {r['requests']} | FAILED validation: {r['failed'].replace('|', '/')} "
-                         "|  |  |  |  |  |  |")
-            continue
-        lines.append(f"| {r['rate']:g} | {r['requests']} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | "
-                     f"{r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} | {r['output_tok_s']:.1f} | "
-                     f"{r['achieved_req_s']:.2f} | {'yes' if r['holds'] else 'no'} |")
-    held = data.get("held_rate")
-    top = held is not None and held == max(r["rate"] for r in data["results"])
-    lines += ["", f"Rate held (the highest of the sweep with p99 TTFT < {slo:g} s): "
-              + (f"{held:g} req/s" + (", the top of the sweep: the limit lies higher." if top else ".")
-                 if held is not None else "none of the sweep.")]
+             "its first request to its last answer.", ""]
+    lines += _rate_rows(data["results"], slo)
+    lines += ["", _held_line(data["results"], data.get("held_rate"), slo)]
     kv = data.get("kv")
     if kv:
         lines.append(f"KV cache over the sweep: at most {kv['kv_peak_blocks_in_use']:.0f} of "
                      f"{kv['kv_blocks_total']:.0f} blocks in use at a step, holding "
                      f"{100 * kv['kv_utilization_at_peak']:.1f}% of their token slots at that step; "
                      f"{100 * kv['kv_utilization_mean']:.1f}% on average over the steps.")
+    for name, peer in data.get("peers", {}).items():
+        lines += ["", f"**{name}**, the same requests (same seeds), run after ours on the same weights, "
+                  f"options: {peer['server_args']}.", ""]
+        lines += _rate_rows(peer["results"], slo)
+        lines += ["", _held_line(peer["results"], peer.get("held_rate"), slo), ""]
+        lines += _side_by_side(data["results"], peer["results"], name)
+    for note in data.get("skipped", []):
+        lines += ["", f"Skipped: {note}."]
     return "\n".join(lines) + "\n"
 
 
@@ -272,91 +325,120 @@ def main(argv=None):
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--kv-cache-memory", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--llama-cpp-src", default=None,
+                    help="a llama.cpp source tree (vendor/llama.cpp of the llama-cpp-python sdist): with --gpt2-small, "
+                         "the same sweep against its llama-server, built with CMake, on the same weights in f32")
+    ap.add_argument("--llama-slots", type=int, default=32, help="llama-server's parallel slots (default 32)")
     ap.add_argument("--out", default=None, help="output folder (default bench/results, or build/bench-quick)")
-    ap.add_argument("--stem", default=STEM)
+    ap.add_argument("--stem", default=None, help="file name of the result (default cpu-serving-load, with "
+                                                  "--gpt2-small cpu-serving-load-gpt2-small)")
     args = ap.parse_args(argv)
     q = args.quick
     rates = [float(x) for x in (args.rates or ("1,4" if q else "2,4,8,16,32")).split(",") if x.strip()]
-    duration = args.duration if args.duration is not None else (4.0 if q else 40.0)
-    min_requests = args.min_requests if args.min_requests is not None else (4 if q else 10)
-    max_requests = args.max_requests if args.max_requests is not None else (16 if q else 200)
-    min_len = args.min_len if args.min_len is not None else (8 if q else 16)
-    max_len = args.max_len if args.max_len is not None else (32 if q else 128)
+    args.duration = args.duration if args.duration is not None else (4.0 if q else 40.0)
+    args.min_requests = args.min_requests if args.min_requests is not None else (4 if q else 10)
+    args.max_requests = args.max_requests if args.max_requests is not None else (16 if q else 200)
+    args.min_len = args.min_len if args.min_len is not None else (8 if q else 16)
+    args.max_len = args.max_len if args.max_len is not None else (32 if q else 128)
     if not rates or any(r <= 0 for r in rates):
         ap.error(f"--rates: positive request rates needed, got {args.rates!r}")
-    if duration <= 0 or not 1 <= min_requests <= max_requests or not 1 <= min_len <= max_len or args.slo_ttft <= 0:
+    if args.duration <= 0 or not 1 <= args.min_requests <= args.max_requests or \
+            not 1 <= args.min_len <= args.max_len or args.slo_ttft <= 0:
         ap.error("--duration and --slo-ttft must be positive, 1 <= --min-requests <= --max-requests, "
                  "1 <= --min-len <= --max-len")
     if args.gpt2_small and args.model:
         ap.error("--gpt2-small and --model name two models; give one")
+    if args.llama_cpp_src and not args.gpt2_small:
+        ap.error("--llama-cpp-src: the llama-server peer runs on the --gpt2-small weights; add --gpt2-small")
+    if args.llama_cpp_src and not os.path.exists(os.path.join(args.llama_cpp_src, "convert_hf_to_gguf.py")):
+        ap.error(f"--llama-cpp-src: {args.llama_cpp_src} holds no convert_hf_to_gguf.py (give the llama.cpp tree)")
+    if args.llama_slots < 1:
+        ap.error(f"--llama-slots must be at least 1, got {args.llama_slots}")
+    stem = args.stem or (STEM + "-gpt2-small" if args.gpt2_small else STEM)
 
-    from fusedformer.serving.throughput import random_workload
+    from fusedformer.serving.process import start_server
     from fusedformer.textgen import SHIPPED_MODEL
 
     out = args.out or (os.path.join(HERE, "..", "build", "bench-quick") if q else os.path.join(HERE, "results"))
     info = machine_info("cpu")
     print(", ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+    peers, skipped = {}, []
+    # SIGTERM (a timeout, a CI runner) unwinds like Ctrl-C, so that a server is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or SHIPPED_MODEL
         description = args.model or "the shipped model"
         if args.gpt2_small:
+            from bench_quantized_peers import hf_folder
             from bench_serving import gpt2_small_hf
 
-            model_dir = os.path.join(tmp, "gpt2-small-random")
-            gpt2_small_hf().save_pretrained(model_dir)
+            model_dir, _ = hf_folder(gpt2_small_hf(), tmp)  # with a tokenizer, which the GGUF converter reads
             description = "GPT-2-small shape, random weights"
         server_args = ["--model", model_dir, "--dtype", args.dtype]
         for flag in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
             if getattr(args, flag) is not None:
                 server_args += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-        # SIGTERM (a timeout, a CI runner) unwinds like Ctrl-C, so that the server is stopped too
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        server = Server(server_args, tmp)
+        server = start_server(server_args, os.path.join(tmp, "server.log"))
         try:
             import httpx
 
             (served,) = httpx.get(server.url + "/v1/models", timeout=30).json()["data"]
             context, vocab = served["max_model_len"], _vocab_size(model_dir)
             print(f"server at {server.url}: {served['id']}, context {context}", flush=True)
-            warm = random_workload(4, min_len, max_len, context, vocab, seed=args.seed + 1000)
-            problems = check(asyncio.run(run_rate(server.url, served["id"], warm, 100.0, 0)))
-            if problems:
-                raise SystemExit("the warm-up requests failed: " + "; ".join(problems[:3]))
-            rows = []
-            for k, rate in enumerate(rates):
-                n = min(max_requests, max(min_requests, round(rate * duration)))
-                reqs = random_workload(n, min_len, max_len, context, vocab, seed=args.seed + k)
-                records = asyncio.run(run_rate(server.url, served["id"], reqs, rate, args.seed + k))
-                row = summarize(rate, records, args.slo_ttft)
-                rows.append(row)
-                if row.get("failed"):
-                    print(f"rate {rate:g}: FAILED validation: {row['failed']}", flush=True)
-                else:
-                    print(f"rate {rate:g} req/s, {n} requests: TTFT p50 {row['ttft_p50_s']:.3f} s p99 "
-                          f"{row['ttft_p99_s']:.3f} s, TPOT p50 {row['tpot_p50_ms']:.1f} ms p99 "
-                          f"{row['tpot_p99_ms']:.1f} ms, {row['output_tok_s']:.1f} output tok/s", flush=True)
-            kv = server.gauges()
+            rows = sweep(server.url, served["id"], context, vocab, rates, args)
+            kv = gauges(server.url)
         finally:
             server.stop()
+        if args.llama_cpp_src:
+            peer = _llama_server_sweep(args, model_dir, tmp, context, vocab, rates, skipped)
+            if peer is not None:
+                peers["llama.cpp llama-server (f32)"] = peer
     config = {"model": description, "dtype": args.dtype, "server_args": " ".join(server_args[4:]),
-              "context": context, "min_len": min_len, "max_len": max_len, "rates": rates, "duration_s": duration,
-              "min_requests": min_requests, "max_requests": max_requests, "seed": args.seed,
-              "slo_ttft_s": args.slo_ttft, "quick": q}
+              "context": context, "min_len": args.min_len, "max_len": args.max_len, "rates": rates,
+              "duration_s": args.duration, "min_requests": args.min_requests, "max_requests": args.max_requests,
+              "seed": args.seed, "slo_ttft_s": args.slo_ttft, "quick": q}
     data = {"title": "Serving under load: Poisson arrivals against `python -m fusedformer serve`", "suite": SUITE,
             "machine": info, "config": config, "results": rows, "held_rate": held_rate(rows), "kv": kv}
+    if peers or skipped:
+        data.update(peers=peers, skipped=skipped)
     table = render(data)
     print("\n" + table)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, args.stem + ".json"), "w") as f:
+    with open(os.path.join(out, stem + ".json"), "w") as f:
         json.dump(data, f, indent=1)
-    with open(os.path.join(out, args.stem + ".md"), "w") as f:
+    with open(os.path.join(out, stem + ".md"), "w") as f:
         f.write(f"# {data['title']}\n\n" + ", ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n" + table)
-    print(f"wrote {os.path.normpath(out)}/{args.stem}.json and .md")
-    failed = [r for r in rows if r.get("failed")]
+    print(f"wrote {os.path.normpath(out)}/{stem}.json and .md")
+    failed = [r for r in rows + [r for p in peers.values() for r in p["results"]] if r.get("failed")]
     if failed:
         print(f"{len(failed)} rate(s) failed validation and were not reported")
         return 1
     return 0
+
+
+def _llama_server_sweep(args, model_dir, tmp, context, vocab, rates, skipped):
+    """The sweep against llama-server on ``model_dir``'s weights in an f32 GGUF: {"server_args",
+    "results", "held_rate"}, or None with the reason in ``skipped``."""
+    from bench_quantized_peers import llama_cpp_f32_gguf
+
+    binary, error = llama_server_binary(args.llama_cpp_src, os.path.join(HERE, "..", "build", "llama-server"))
+    if binary is None:
+        skipped.append(f"llama.cpp llama-server: the CMake build failed ({error})")
+        print("note: " + skipped[-1], flush=True)
+        return None
+    gguf = os.path.join(tmp, "gpt2-small-f32.gguf")
+    error = llama_cpp_f32_gguf(args.llama_cpp_src, model_dir, gguf)
+    if error is not None:
+        skipped.append(f"llama.cpp llama-server: convert_hf_to_gguf.py failed ({error})")
+        print("note: " + skipped[-1], flush=True)
+        return None
+    server, options = start_llama_server(binary, gguf, args.llama_slots, context, os.path.join(tmp, "llama.log"))
+    try:
+        print(f"llama-server at {server.url}: {options}", flush=True)
+        rows = sweep(server.url, "gpt2-small", context, vocab, rates, args)
+    finally:
+        server.stop()
+    return {"server_args": options, "results": rows, "held_rate": held_rate(rows)}
 
 
 if __name__ == "__main__":

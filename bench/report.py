@@ -48,7 +48,7 @@ SLOW_PEERS = {
 RANGED_SUITES = {"kernels"}
 # summary:STEM blocks: the bench script whose render(results) writes the block
 SUMMARY_SCRIPTS = {"cpu-train-shakespeare": "train_shakespeare", "cpu-finetune-shakespeare": "finetune_shakespeare",
-                   "cpu-serving-load": "bench_serving_load",
+                   "cpu-serving-load": "bench_serving_load", "cpu-serving-load-": "bench_serving_load",
                    "cpu-serving-": "bench_serving",  # a key ending in "-" names every stem it begins
                    "cpu-quantized-peers": "bench_quantized_peers"}
 

@@ -289,3 +289,21 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(strict):
     assert chunks[-1].usage.completion_tokens == 200
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
     assert re.search(r"serving \S+ at http://127\.0\.0\.1:\d+", strict.output())
+
+
+def test_start_server_reports_a_server_that_cannot_start(tmp_path):
+    """start_server raises with the server's own error line when it exits before serving, and a
+    process that never answers /health is stopped after the timeout, the wait reported."""
+    import sys
+
+    from fusedformer.serving.process import ServerProcess, start_server
+
+    with pytest.raises(RuntimeError, match=r"(?s)exited with status 2.*error: .*missing"):
+        start_server(["--model", str(tmp_path / "missing")], tmp_path / "bad.log", timeout=120)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"did not answer http://127\.0\.0\.1:9/health within 1 s"):
+        ServerProcess([sys.executable, "-c", "import time; time.sleep(120)"], "http://127.0.0.1:9",
+                      tmp_path / "silent.log", timeout=1)
+    assert time.monotonic() - t0 < 60  # stopped, not waited for
+    with pytest.raises(ValueError, match="timeout must be positive"):
+        ServerProcess(["true"], "http://127.0.0.1:9", tmp_path / "x.log", timeout=0)
