@@ -243,22 +243,27 @@ def minilm(quick, work, skipped):
 # GPT-2-small shape, greedy decode
 
 def _vocab_tokenizer(vocab_size):
-    """A byte-level BPE tokenizer with ``vocab_size`` tokens: the 256 byte symbols, then merges of
-    pairs of them, the last id ``<|endoftext|>``. The random-weights model has no real vocabulary;
-    the converters read one from the model's folder (CTranslate2 maps ids to these strings,
-    llama.cpp's GGUF needs BPE merges), and every engine is given token ids."""
+    """A byte-level BPE tokenizer with ``vocab_size`` tokens, every one of them printable ASCII text:
+    the 94 visible characters, then their pairs, then pairs followed by a character, each longer token
+    the merge of two shorter ones, the last id ``<|endoftext|>``. The random-weights model has no real
+    vocabulary; the converters read one from the model's folder (CTranslate2 maps ids to these strings,
+    llama.cpp's GGUF needs BPE merges), and every engine is given token ids. Whole characters only:
+    a server streams a token's text as soon as it is sampled, where a token ending inside a UTF-8
+    character (a lone byte of byte-level BPE) would be held back until the character completes, and
+    a streamed answer's timings would then measure the vocabulary rather than the server."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {s: i for i, s in enumerate(symbols)}
+    chars = [chr(c) for c in range(0x21, 0x7F)]  # byte-level BPE writes these bytes as themselves
+    vocab = {c: i for i, c in enumerate(chars)}
     merges = []
-    for a in symbols:
-        for b in symbols:
-            if len(vocab) >= vocab_size - 1:
-                break
-            vocab[a + b] = len(vocab)
-            merges.append((a, b))
+    for firsts in (chars, [a + b for a in chars for b in chars]):
+        for a in firsts:
+            for b in chars:
+                if len(vocab) >= vocab_size - 1:
+                    break
+                vocab[a + b] = len(vocab)
+                merges.append((a, b))
     eos = "<|endoftext|>"
     vocab[eos] = len(vocab)
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
