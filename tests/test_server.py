@@ -87,6 +87,34 @@ def test_completion_streamed_equals_plain_and_usage_counts(server, tok):
     assert again.choices[0].text == choice.text
 
 
+def test_completion_of_a_batch_of_prompts(server, tok):
+    """A list of prompts runs as one request per prompt, side by side: prompt p's sample j is choice
+    p * n + j, each choice what the prompt gives alone, usage summed; the same when streamed."""
+    c = server.client()
+    prompts = [PROMPTS[0], tok.encode(PROMPTS[4]).ids, PROMPTS[6]]
+    alone = [c.completions.create(model=MODEL, prompt=p, max_tokens=8, **GREEDY).choices[0].text for p in prompts]
+    texts = [PROMPTS[0], PROMPTS[6]]
+    as_ids = [tok.encode(p).ids for p in (PROMPTS[0], PROMPTS[4], PROMPTS[6])]
+    r = c.completions.create(model=MODEL, prompt=as_ids, max_tokens=8, n=2, **GREEDY)
+    assert [ch.index for ch in r.choices] == list(range(6))
+    assert [ch.text for ch in r.choices] == [t for t in alone for _ in range(2)]
+    n_prompt = sum(map(len, as_ids))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 48, n_prompt + 48)
+    r = c.completions.create(model=MODEL, prompt=texts, max_tokens=8, **GREEDY)
+    assert [ch.text for ch in r.choices] == [alone[0], alone[2]]
+    got, reasons = {}, {}
+    chunks = list(c.completions.create(model=MODEL, prompt=texts, max_tokens=8, stream=True,
+                                       stream_options={"include_usage": True}, **GREEDY))
+    for ch in chunks:
+        for choice in ch.choices:
+            got[choice.index] = got.get(choice.index, "") + choice.text
+            reasons[choice.index] = choice.finish_reason or reasons.get(choice.index)
+    assert got == {0: alone[0], 1: alone[2]} and reasons == {0: "length", 1: "length"}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    assert chunks[-1].usage.prompt_tokens == sum(len(tok.encode(t).ids) for t in texts)
+    assert server.metrics()["fusedformer_kv_blocks_in_use"] == 0
+
+
 def test_completion_logprobs_stop_and_n(server):
     c = server.client()
     r = c.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, logprobs=2, **GREEDY)
@@ -173,7 +201,10 @@ BAD = [
     (dict(presence_penalty=5.0), "presence_penalty"),
     (dict(prompt="x " * 2000), "prompt"),
     (dict(prompt=[1, 2, 999999]), "prompt"),
-    (dict(prompt=["a", "b"]), "prompt"),
+    (dict(prompt=["def f(", ""]), "prompt"),  # prompt[1]: no token
+    (dict(prompt=[[1, 2], [3, 999999]]), "prompt"),
+    (dict(prompt=["a", [1, 2]]), "prompt"),  # strings and token ids mixed
+    (dict(prompt=["a", "x " * 2000]), "prompt"),  # one prompt of a batch too long: nothing runs
     (dict(prompt=[]), "prompt"),
     (dict(prompt=None), "prompt"),
 ]
@@ -211,10 +242,12 @@ def test_other_bad_requests_and_the_server_keeps_serving(server):
     assert c.completions.create(model=MODEL, prompt="ok", max_tokens=2).usage.completion_tokens >= 1
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_blocks(server):
+@pytest.mark.parametrize("prompts", [1, 3])
+def test_a_client_that_leaves_mid_stream_frees_its_blocks(server, prompts):
+    """Every request of the stream (one per prompt of a batch) is aborted and its blocks freed."""
     before = server.metrics().get('fusedformer_requests_finished_total{finish_reason="abort"}', 0.0)
-    body = {"model": MODEL, "prompt": PROMPTS[4], "max_tokens": 200, "stream": True, "ignore_eos": True,
-            "temperature": 0.0}
+    body = {"model": MODEL, "prompt": PROMPTS[4] if prompts == 1 else PROMPTS[4:4 + prompts], "max_tokens": 200,
+            "stream": True, "ignore_eos": True, "temperature": 0.0}
     with httpx.Client(timeout=60) as h:
         with h.stream("POST", server.url + "/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -230,7 +263,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_blocks(server):
             break
         time.sleep(0.1)
     assert done, m
-    assert m['fusedformer_requests_finished_total{finish_reason="abort"}'] == before + 1
+    assert m['fusedformer_requests_finished_total{finish_reason="abort"}'] == before + prompts
 
 
 def test_api_key_is_required_when_set(strict):

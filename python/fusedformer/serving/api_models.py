@@ -55,7 +55,8 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    """POST /v1/completions. ``prompt``: a string or a list of token ids (or a list holding one of them);
+    """POST /v1/completions. ``prompt``: a string or a list of token ids, or a list of strings or of token-id
+    lists (a batch: one request per prompt, prompt p's sample j answered as choice p * n + j);
     ``logprobs``: the number of top log-probabilities per output token. ``max_tokens`` defaults to 16."""
 
     prompt: Union[str, List[int], List[str], List[List[int]]]

@@ -65,27 +65,31 @@ class _Server:
                            "model", "model_not_found")
 
     def encode(self, text: str, param: str) -> List[int]:
+        name = param.split("[")[0]  # the body's field, for the error object
         if self.tokenizer is None:
-            raise APIError(400, f"{param}: the model has no tokenizer; give the prompt as token ids", param)
+            raise APIError(400, f"{param}: the model has no tokenizer; give the prompt as token ids", name)
         ids = self.tokenizer.encode(text)
         if not ids:
-            raise APIError(400, f"{param}: the text has no token", param)
+            raise APIError(400, f"{param}: the text has no token", name)
         return ids
 
-    def completion_prompt(self, prompt) -> List[int]:
+    def completion_prompts(self, prompt) -> List[List[int]]:
+        """The token ids of each prompt of a /v1/completions body: a string or a list of token ids (one
+        prompt), or a list of strings or of token-id lists (a batch, each prompt its own request)."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, f"prompt: a list of {len(prompt)} prompts; this server takes one prompt per "
-                                    "request", "prompt")
-            prompt = prompt[0]
+            return [self._prompt_ids(p, f"prompt[{i}]" if len(prompt) > 1 else "prompt")
+                    for i, p in enumerate(prompt)]
+        return [self._prompt_ids(prompt, "prompt")]
+
+    def _prompt_ids(self, prompt, param: str) -> List[int]:
         if isinstance(prompt, str):
-            return self.encode(prompt, "prompt")
+            return self.encode(prompt, param)
         if not prompt:
-            raise APIError(400, "prompt: an empty list of token ids", "prompt")
+            raise APIError(400, f"{param}: an empty list of token ids", "prompt")
         vocab = self.engine.model.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
-            raise APIError(400, f"prompt: token id {bad[0]} is not in [0, {vocab})", "prompt")
+            raise APIError(400, f"{param}: token id {bad[0]} is not in [0, {vocab})", "prompt")
         return list(prompt)
 
     def chat_prompt(self, messages) -> List[int]:
@@ -139,6 +143,18 @@ class _Server:
             raise APIError(event[1], event[2], event[3])
         return q
 
+    async def start_all(self, request_ids: List[str], prompts: List[List[int]], params, stream: bool):
+        """Queue one request per prompt; if one is refused, the ones queued before it are aborted."""
+        queues = []
+        try:
+            for rid, ids in zip(request_ids, prompts):
+                queues.append(await self.start(rid, ids, params, stream))
+        except BaseException:
+            for rid in request_ids[:len(queues)]:
+                self.core.abort(rid)
+            raise
+        return queues
+
     async def result(self, request: Request, request_id: str, q) -> RequestOutput:
         """The finished output of a non-streamed request; aborts it if its client goes away."""
         getter = None
@@ -167,6 +183,11 @@ class _Server:
 def _usage(prompt_len: int, outputs: List[CompletionOutput]) -> Dict[str, int]:
     n = sum(len(c.token_ids) for c in outputs)
     return {"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n}
+
+
+def _reindexed(choice: dict, index: int) -> dict:
+    choice["index"] = index
+    return choice
 
 
 def _token_text(token_id: int, lp) -> str:
@@ -310,9 +331,10 @@ def create_app(engine_or_llm, model_name: Optional[str] = None, api_key: Optiona
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         srv.check_model(body.model)
-        prompt_ids = srv.completion_prompt(body.prompt)
-        params = srv.sampling_params(body, len(prompt_ids), 16 if body.max_tokens is None else body.max_tokens,
-                                     body.logprobs, "prompt")
+        prompts = srv.completion_prompts(body.prompt)
+        # every prompt is checked before any is queued (the longest decides the limits)
+        params = srv.sampling_params(body, max(map(len, prompts)), 16 if body.max_tokens is None
+                                     else body.max_tokens, body.logprobs, "prompt")
 
         def final(c: CompletionOutput):
             return {"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
@@ -322,7 +344,7 @@ def create_app(engine_or_llm, model_name: Optional[str] = None, api_key: Optiona
             return {"index": i, "text": text, "finish_reason": reason,
                     "logprobs": _completion_logprobs(ids, lps, offset)}
 
-        return await _respond(srv, request, body, prompt_ids, params, "cmpl", ("text_completion", "text_completion"),
+        return await _respond(srv, request, body, prompts, params, "cmpl", ("text_completion", "text_completion"),
                               final, delta)
 
     @v1.post("/chat/completions")
@@ -344,7 +366,7 @@ def create_app(engine_or_llm, model_name: Optional[str] = None, api_key: Optiona
 
         first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
                  for i in range(params.n)]
-        return await _respond(srv, request, body, prompt_ids, params, "chatcmpl",
+        return await _respond(srv, request, body, [prompt_ids], params, "chatcmpl",
                               ("chat.completion", "chat.completion.chunk"), final, delta, first)
 
     app.include_router(v1)
@@ -365,49 +387,73 @@ def create_app(engine_or_llm, model_name: Optional[str] = None, api_key: Optiona
     return app
 
 
-async def _respond(srv: _Server, request: Request, body: SamplingRequest, prompt_ids, params, prefix: str,
-                   objects, final, delta, first=None):
+async def _respond(srv: _Server, request: Request, body: SamplingRequest, prompts: List[List[int]], params,
+                   prefix: str, objects, final, delta, first=None):
     """Run a request: the whole answer as JSON, or (``body.stream``) server-sent events, starting with
-    ``first`` choices if given. ``objects``: the object names of the answer and of a stream's chunks;
-    ``final(CompletionOutput)`` and ``delta(index, text, token ids, logprobs, text offset, finish_reason)``
-    make one choice of each."""
+    ``first`` choices if given. ``prompts``: one engine request each, run side by side; prompt ``p``'s
+    sample ``j`` is choice ``p * n + j`` (as OpenAI numbers a batch of prompts), and usage sums them all.
+    ``objects``: the object names of the answer and of a stream's chunks; ``final(CompletionOutput)`` and
+    ``delta(index, text, token ids, logprobs, text offset, finish_reason)`` make one choice of each."""
     rid = f"{prefix}-{uuid.uuid4().hex}"
-    created, model = int(time.time()), srv.model_name
-    q = await srv.start(rid, prompt_ids, params, body.stream)
+    rids = [rid] if len(prompts) == 1 else [f"{rid}-{p}" for p in range(len(prompts))]
+    created, model, n = int(time.time()), srv.model_name, params.n
+    queues = await srv.start_all(rids, prompts, params, body.stream)
+
+    def usage(outs):
+        u = [_usage(len(ids), out.outputs) for ids, out in zip(prompts, outs) if out is not None]
+        return {k: sum(x[k] for x in u) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
     if not body.stream:
-        out = await srv.result(request, rid, q)
+        tasks = [asyncio.ensure_future(srv.result(request, r, q)) for r, q in zip(rids, queues)]
+        try:
+            outs = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # one failed: the others end too (a cancelled one aborts its request)
+                task.cancel()
+            raise
         return {"id": rid, "object": objects[0], "created": created, "model": model,
-                "choices": [final(c) for c in out.outputs], "usage": _usage(len(prompt_ids), out.outputs)}
+                "choices": [_reindexed(final(c), p * n + c.index) for p, out in enumerate(outs) for c in out.outputs],
+                "usage": usage(outs)}
 
     def chunk(choices, usage=None):
         return _sse({"id": rid, "object": objects[1], "created": created, "model": model, "choices": choices,
                      "usage": usage})
 
-    state = _StreamState(srv.tokenizer, params)
+    states = [_StreamState(srv.tokenizer, params) for _ in prompts]
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(p, q):  # prompt p's events into the merged queue, until its last
+        while True:
+            event = await q.get()
+            await merged.put((p, event))
+            if event[0] == "error" or event[1].finished:
+                return
 
     async def events():
-        finished = False
+        pumps = [asyncio.ensure_future(pump(p, q)) for p, q in enumerate(queues)]
+        last, done = [None] * len(prompts), set()
         try:
             if first is not None:
                 yield chunk(first)
-            last = None
-            while not finished:
-                event = await q.get()
-                if event[0] == "error":
-                    finished = True
+            while len(done) < len(prompts):
+                p, event = await merged.get()
+                done.update([p] if event[0] == "error" or event[1].finished else [])
+                if event[0] == "error":  # the stream ends here; the other prompts are aborted below
                     yield _error_event(event)
                     break
-                last = event[1]
-                finished = last.finished
-                news = [delta(*d) for d in state.deltas(last)]
+                last[p] = event[1]
+                news = [_reindexed(delta(*d), p * n + d[0]) for d in states[p].deltas(last[p])]
                 if news:
                     yield chunk(news)
-            if body.include_usage and last is not None:
-                yield chunk([], _usage(len(prompt_ids), last.outputs))
+            if body.include_usage and any(out is not None for out in last):
+                yield chunk([], usage(last))
             yield "data: [DONE]\n\n"
         finally:
-            if not finished:  # the client went away: end the request and free its blocks
-                srv.core.abort(rid)
+            for task in pumps:
+                task.cancel()
+            for p, r in enumerate(rids):
+                if p not in done:  # the client went away, or another prompt failed: free its blocks
+                    srv.core.abort(r)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
