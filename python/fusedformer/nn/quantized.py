@@ -2,7 +2,7 @@
 int4 in groups) and multiplied by ``fusedformer.ops.quantized_linear``; for inference (made from a
 trained ``torch.nn.Linear`` by :meth:`QuantizedLinear.from_linear` or ``fusedformer.quantize``)."""
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -46,12 +46,18 @@ class QuantizedLinear(torch.nn.Module):
                      if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, scheme: str, group_size: Optional[int] = None) -> "QuantizedLinear":
-        """The quantized twin of ``linear`` (its weight quantized, its bias kept in its dtype)."""
+    def from_linear(cls, linear: torch.nn.Linear, scheme: str, group_size: Optional[int] = None, *,
+                    quantized: Optional[Tuple[Tensor, Tensor]] = None) -> "QuantizedLinear":
+        """The quantized twin of ``linear`` (its weight quantized, its bias kept in its dtype);
+        ``quantized``: its (qweight, scale) computed already (e.g. by calibrated rounding), in
+        ``quantize_weight``'s format, instead of rounding to nearest."""
         w = linear.weight
         m = cls(linear.in_features, linear.out_features, scheme, group_size=group_size,
                 bias=linear.bias is not None, device=w.device, dtype=w.dtype)
-        q, s = quantize_weight(w, scheme, group_size)
+        q, s = quantized if quantized is not None else quantize_weight(w, scheme, group_size)
+        if q.shape != m.qweight.shape or s.shape != m.scale.shape:
+            raise ValueError(f"QuantizedLinear.from_linear: quantized weight {tuple(q.shape)} and scale "
+                             f"{tuple(s.shape)}, expected {tuple(m.qweight.shape)} and {tuple(m.scale.shape)}")
         m.qweight.copy_(q)
         m.scale.copy_(s)
         if linear.bias is not None:

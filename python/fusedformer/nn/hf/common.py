@@ -78,10 +78,11 @@ def packed_projection(owner: torch.nn.Module, linears: Sequence[torch.nn.Module]
     layers by their packed weights (:func:`packed_linear`); ``QuantizedLinear`` layers of one scheme
     (``fusedformer.quantize``) by their packed quantized weights and scales, so that a quantized
     model's q/k/v projections stay quantized (an int8 row is quantized once for the three). The
-    packed quantized weights are cached per module as :func:`packed_linear` caches float ones."""
-    if not all(type(m) is QuantizedLinear for m in linears) or \
-            len({(m.scheme, m.group_size) for m in linears}) != 1 or \
-            any(m._forward_hooks or m._forward_pre_hooks for m in linears):
+    packed quantized weights are cached per module as :func:`packed_linear` caches float ones. Layers
+    with forward hooks are each called instead, so that the hooks see their inputs and outputs."""
+    if any(m._forward_hooks or m._forward_pre_hooks for m in linears):
+        return torch.cat([m(x) for m in linears], dim=-1)  # each layer called, so that its hooks run
+    if not all(type(m) is QuantizedLinear for m in linears) or len({(m.scheme, m.group_size) for m in linears}) != 1:
         return linear(x, *packed_linear(owner, linears))
     has_bias = any(m.bias is not None for m in linears)
     parts = [t for m in linears for t in (m.qweight, m.scale) + ((m.bias,) if m.bias is not None else ())]
