@@ -77,14 +77,35 @@ FF_INLINE vf load8(const int8_t* p) {
   return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
 #endif
 }
-// the W values from element s * W of the 32-value int4 block at p (16 bytes), as floats
-FF_INLINE vf load4(const uint8_t* p, int s) {
-  constexpr int per_half = 16 / W;  // vectors per 16 elements
-  vb b;
-  __builtin_memcpy(&b, p + (s % per_half) * W, sizeof(b));
-  const vb q = s / per_half ? vb(b >> 4) : vb(b & 15);
-  return __builtin_convertvector(__builtin_convertvector(q, vi) - 8, vf);
-}
+// One W row's int4 values, dequantized: set_scale() at each group, then part(p, s) is the s-th vector
+// (elements s * W .. s * W + W - 1) of the 32-value block at p (16 bytes) times the group's scale,
+// for s < kBlock4 / W. With AVX-512 the group's 16 levels (q - 8) x scale sit in one register and a
+// nibble picks its value with one permute (vpermps reads the low 4 bits of each lane): a widening of
+// the 16 bytes, one shift and two permutes per 32 values. Elsewhere the nibbles are widened, offset
+// and converted, then scaled.
+struct Int4Row {
+#if defined(__AVX512F__)
+  static_assert(W == 16, "one 512-bit vector holds 16 floats");
+  __m512 table;
+  FF_INLINE void set_scale(float s) {
+    table = _mm512_mul_ps(_mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_ps(s));
+  }
+  FF_INLINE vf part(const uint8_t* p, int s) const {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return vf(_mm512_permutexvar_ps(s ? _mm512_srli_epi32(b, 4) : b, table));
+  }
+#else
+  vf scale;
+  FF_INLINE void set_scale(float s) { scale = vset1(s); }
+  FF_INLINE vf part(const uint8_t* p, int s) const {
+    constexpr int per_half = 16 / W;  // vectors per 16 elements
+    vb b;
+    __builtin_memcpy(&b, p + (s % per_half) * W, sizeof(b));
+    const vb q = s / per_half ? vb(b >> 4) : vb(b & 15);
+    return __builtin_convertvector(__builtin_convertvector(q, vi) - 8, vf) * scale;
+  }
+#endif
+};
 
 // Elements k0 .. k0 + kc - 1 of row n of W dequantized into dst: the many-rows product's column
 // source (GemmArgs::b_column, ctx the QuantLinearArgs).
@@ -95,10 +116,11 @@ void dequant_segment(const void* ctx, int64_t n, int64_t k0, int64_t kc, float* 
     const uint8_t* row = static_cast<const uint8_t*>(a.qw) + n * (K / 2);
     const float* s = a.scale + n * (K / a.group_size);
     // whole 32-value blocks, the ones the segment cuts through the first and last
+    Int4Row r;
     for (int64_t b = k0 - k0 % kBlock4; b < k1; b += kBlock4) {
-      const vf sv = vset1(s[b / a.group_size]);
+      if (b == k0 - k0 % kBlock4 || b % a.group_size == 0) r.set_scale(s[b / a.group_size]);
       alignas(64) float v[kBlock4];
-      for (int s4 = 0; s4 < kBlock4 / W; ++s4) vstore(v + s4 * W, load4(row + b / 2, s4) * sv);
+      for (int s4 = 0; s4 < kBlock4 / W; ++s4) vstore(v + s4 * W, r.part(row + b / 2, s4));
       for (int64_t k = std::max(b, k0); k < std::min(b + kBlock4, k1); ++k) dst[k - k0] = v[k - b];
     }
     return;
@@ -127,46 +149,33 @@ FF_INLINE void tile(const QuantLinearArgs& a, const float* const* x, int64_t n, 
       w[j] = static_cast<const uint8_t*>(a.qw) + (n + j) * (K / 2);
       next[j] = static_cast<const uint8_t*>(a.qw) + (ahead + j) * (K / 2);
     }
-#if defined(__AVX512F__)
-    // the 16 levels q - 8 times the group's scale, one table per W row; a nibble picks its value
-    // with one permute (vpermps reads the low 4 bits of each lane), so unpacking costs a widening
-    // of the 16 bytes, one shift and two permutes per 32 values
-    const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    __m512 table[NR];
+    Int4Row r[NR];
     for (int64_t k0 = 0; k0 < K; k0 += kBlock4) {
       if (k0 % a.group_size == 0)
-        for (int j = 0; j < NR; ++j)
-          table[j] = _mm512_mul_ps(levels, _mm512_set1_ps(a.scale[(n + j) * G + k0 / a.group_size]));
+        for (int j = 0; j < NR; ++j) r[j].set_scale(a.scale[(n + j) * G + k0 / a.group_size]);
+      // the W rows of a tile ahead stream in while this one computes (into L2, see linear_kernel.cpp)
       if (k0 % 128 == 0)
         for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + k0 / 2, 0, 2);
+#if defined(__AVX512F__)
+      // a W row's two vectors at a time, used at once: the tile's rows each keep a table register
       for (int j = 0; j < NR; ++j) {
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[j] + k0 / 2)));
-        const vf lo = vf(_mm512_permutexvar_ps(b, table[j]));
-        const vf hi = vf(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table[j]));
+        const vf lo = r[j].part(w[j] + k0 / 2, 0), hi = r[j].part(w[j] + k0 / 2, 1);
         for (int i = 0; i < MR; ++i) {
           acc[i][j] += vload(x[i] + k0) * lo;
           acc[i][j] += vload(x[i] + k0 + W) * hi;
         }
       }
-    }
 #else
-    vf sv[NR] = {};
-    for (int64_t k0 = 0; k0 < K; k0 += kBlock4) {
-      if (k0 % a.group_size == 0)
-        for (int j = 0; j < NR; ++j) sv[j] = vset1(a.scale[(n + j) * G + k0 / a.group_size]);
-      // the W rows of a tile ahead stream in while this one computes (into L2, see linear_kernel.cpp)
-      if (k0 % 128 == 0)
-        for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + k0 / 2, 0, 2);
       for (int s4 = 0; s4 < kBlock4 / W; ++s4) {
         vf wv[NR];
-        for (int j = 0; j < NR; ++j) wv[j] = load4(w[j] + k0 / 2, s4) * sv[j];
+        for (int j = 0; j < NR; ++j) wv[j] = r[j].part(w[j] + k0 / 2, s4);
         for (int i = 0; i < MR; ++i) {
           const vf xv = vload(x[i] + k0 + s4 * W);
           for (int j = 0; j < NR; ++j) acc[i][j] += xv * wv[j];
         }
       }
-    }
 #endif
+    }
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NR; ++j) out[i][j] = hsum(acc[i][j]);
   } else {
