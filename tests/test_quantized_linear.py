@@ -53,6 +53,16 @@ def _check(M, N, K, dtype, scheme, group_size=None, *, bias=True, noncontig=Fals
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_int8_dynamic_many_rows_odd_shapes(isa):
+    """Many rows of int8_dynamic (with AVX512-VNNI: W packed in 64-channel blocks of 4-byte groups):
+    input features not a multiple of 4 and channels not a multiple of 16 or 64 are zero padded."""
+    with cpu_isa(isa):
+        for M, N, K in ((17, 1, 5), (40, 70, 37), (101, 129, 258), (23, 64, 4)):
+            for dtype in (torch.float32, torch.bfloat16):
+                _check(M, N, K, dtype, "int8_dynamic", bias=N % 2 == 1, seed=M + N + K)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("scheme", ["int8", "int4", "int8_dynamic"])
 def test_against_reference(isa, dtype, scheme):

@@ -455,6 +455,112 @@ bool use_vnni() {
 }
 #endif
 
+#if defined(__AVX512F__)
+// Many rows with AVX512-VNNI: the dot-product tiles above end every output with a horizontal sum,
+// which at a few hundred input features costs as much as the products. Here W is repacked for the
+// call, per block of kNC = 64 output channels, into vpdpbusd's layout: for each 4 consecutive k, the
+// 64 channels' 4 bytes (four 64-byte vectors); x's int8 rows are shifted to unsigned bytes (x + 128)
+// so that 4 of them can be broadcast against a W vector. A micro-tile of kMRv rows x 64 channels holds
+// 4 kMRv int32 accumulators: per 4 k, 4 W loads, kMRv broadcasts and 4 kMRv vpdpbusd, no reduction.
+// (x + 128) . w = x . w + 128 sum_k w: each channel's 128 sum_k w is subtracted at the end, so the
+// int32 sums are the exact ones of the tiles above.
+constexpr int kMRv = 6;             // rows per micro-tile
+constexpr int kNC = 64;             // channels per packed block
+constexpr int64_t kRowsPerTask = 48;  // rows a task runs against one packed block (in L2 with it)
+constexpr int64_t kMaxVnniK = 65536;  // 255 x 127 x K stays below 2^31
+
+FF_INLINE __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+
+// W rows n0 .. n0 + 63 (zero past N; k zero past K) into dst[(k / 4) * 256 + c * 4 + k % 4], and
+// off[c] = 128 * sum_k w[n0 + c][k].
+void pack_vnni(const int8_t* qw, int64_t N, int64_t K, int64_t K4, int64_t n0, int8_t* dst, int32_t* off) {
+  for (int c = 0; c < kNC; ++c) {
+    const int64_t n = n0 + c;
+    int32_t sum = 0;
+    for (int64_t k = 0; k < 4 * K4; ++k) {
+      const int8_t v = n < N && k < K ? qw[n * K + k] : int8_t(0);
+      dst[(k / 4) * (4 * kNC) + c * 4 + k % 4] = v;
+      sum += v;
+    }
+    off[c] = 128 * sum;
+  }
+}
+
+// y rows m .. m + MR - 1, channels n0 .. n0 + 63 (those below N): x rows xu (unsigned, ldu bytes
+// apart, 4 K4 of them used), the packed block wp.
+template <int MR>
+FF_INLINE void vnni_tile(const QuantLinearArgs& a, const uint8_t* xu, int64_t ldu, const int8_t* wp, const int32_t* off,
+                         int64_t K4, const float* xs, const float* bias, float* y, int64_t m, int64_t n0) {
+  __m512i acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_si512();
+  const uint8_t* xr = xu + m * ldu;
+  for (int64_t k4 = 0; k4 < K4; ++k4) {
+    const int8_t* w = wp + k4 * (4 * kNC);
+    __m512i b[4];
+    for (int v = 0; v < 4; ++v) b[v] = _mm512_loadu_si512(w + v * 64);
+    for (int i = 0; i < MR; ++i) {
+      int32_t four;
+      __builtin_memcpy(&four, xr + i * ldu + 4 * k4, 4);
+      const __m512i xb = _mm512_set1_epi32(four);
+      for (int v = 0; v < 4; ++v) acc[i][v] = dpbusd(acc[i][v], xb, b[v]);
+    }
+  }
+  for (int v = 0; v < 4; ++v) {
+    const int64_t c0 = n0 + 16 * v;
+    if (c0 >= a.N) break;
+    const __mmask16 mask = a.N - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (a.N - c0)) - 1);
+    const __m512i o = _mm512_loadu_si512(off + 16 * v);
+    const __m512 sc = _mm512_maskz_loadu_ps(mask, a.scale + c0);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + c0) : _mm512_setzero_ps();
+    for (int i = 0; i < MR; ++i) {
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][v], o));
+      const __m512 r = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(xs[m + i])), sc, bv);
+      _mm512_mask_storeu_ps(y + (m + i) * a.N + c0, mask, r);
+    }
+  }
+}
+
+template <int MR = kMRv>
+FF_INLINE void run_vnni_tile(int mr, const QuantLinearArgs& a, const uint8_t* xu, int64_t ldu, const int8_t* wp,
+                             const int32_t* off, int64_t K4, const float* xs, const float* bias, float* y, int64_t m,
+                             int64_t n0) {
+  if constexpr (MR > 1)
+    if (mr < MR) return run_vnni_tile<MR - 1>(mr, a, xu, ldu, wp, off, K4, xs, bias, y, m, n0);
+  vnni_tile<MR>(a, xu, ldu, wp, off, K4, xs, bias, y, m, n0);
+}
+
+// The many-rows int8_dynamic product with vpdpbusd on packed W (see above); xq the quantized rows.
+void run_dynamic_vnni(const QuantLinearArgs& a, const int8_t* xq, int64_t ldq, const float* xs, const float* bias,
+                      float* y) {
+  const int64_t M = a.M, N = a.N, K = a.K, K4 = (K + 3) / 4, ldu = 4 * K4;
+  const int64_t blocks = (N + kNC - 1) / kNC, block_bytes = K4 * 4 * kNC;
+  std::unique_ptr<int8_t[]> wp(new int8_t[blocks * block_bytes]);
+  std::unique_ptr<int32_t[]> off(new int32_t[blocks * kNC]);
+  std::unique_ptr<uint8_t[]> xu(new uint8_t[M * ldu]);
+  const int8_t* qw = static_cast<const int8_t*>(a.qw);
+  parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) pack_vnni(qw, N, K, K4, b * kNC, wp.get() + b * block_bytes, off.get() + b * kNC);
+  });
+  parallel_for(0, M, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t k = 0; k < ldu; ++k) xu[i * ldu + k] = uint8_t(int(k < K ? xq[i * ldq + k] : 0) + 128);
+  });
+  const int64_t row_tasks = (M + kRowsPerTask - 1) / kRowsPerTask;
+  parallel_for(0, row_tasks * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t % blocks, m0 = t / blocks * kRowsPerTask, m1 = std::min(M, m0 + kRowsPerTask);
+      for (int64_t m = m0; m < m1; m += kMRv)
+        run_vnni_tile(int(std::min<int64_t>(kMRv, m1 - m)), a, xu.get(), ldu, wp.get() + b * block_bytes,
+                      off.get() + b * kNC, K4, xs, bias, y, m, b * kNC);
+    }
+  });
+}
+#endif
+
 // y (float, M x N) into the output's storage when that is not float32
 template <typename T>
 void convert_output(const QuantLinearArgs& a, const float* y) {
@@ -485,7 +591,10 @@ void run_dynamic(const QuantLinearArgs& a) {
   }
 #if defined(__AVX512F__)
   if (use_vnni()) {
-    run_dynamic_tiles<true>(a, xq.get(), ldq, xs.get(), bias, y);
+    if (M > kFewRows && K <= kMaxVnniK)
+      run_dynamic_vnni(a, xq.get(), ldq, xs.get(), bias, y);
+    else
+      run_dynamic_tiles<true>(a, xq.get(), ldq, xs.get(), bias, y);
     return convert_output<T>(a, y);
   }
 #endif
