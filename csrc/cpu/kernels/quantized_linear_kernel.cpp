@@ -341,16 +341,38 @@ void run_double(const QuantLinearArgs& a) {
 // ---------------------------------------------------------------------------------------------
 // int8_dynamic
 
-// Quantizes row i of x to int8 at q + i * ldq (zero padded to ldq), returns its scale.
+// Quantizes a row of x (K values) to int8 at q (zero padded to ldq), returns its scale. flip 0x80
+// writes x + 128 as unsigned bytes instead (the VNNI product's form; padding 128, i.e. zero).
 template <typename T>
-float quantize_row(const T* x, int64_t K, int8_t* q, int64_t ldq) {
+float quantize_row(const T* x, int64_t K, int8_t* q, int64_t ldq, int8_t flip) {
   float amax = 0.f;
-  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(float(to_float(x[k]))));
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    // 16 lanes at a time; max(|x|, m) keeps m where |x| is NaN, as std::max below does
+    __m512 m = _mm512_setzero_ps();
+    for (; k + 16 <= K; k += 16) m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + k)), m);
+    amax = _mm512_reduce_max_ps(m);
+  }
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(float(to_float(x[k]))));
   const float s = amax / 127.f;
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
-  for (int64_t k = 0; k < K; ++k)
-    q[k] = int8_t(std::nearbyint(std::clamp(float(to_float(x[k])) * inv, -127.f, 127.f)));
-  for (int64_t k = K; k < ldq; ++k) q[k] = 0;
+  k = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    // cvtps rounds to nearest even (nearbyint's default); |x| <= amax keeps x * inv within +-127
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (; k + 16 <= K; k += 16) {
+      const __m128i v = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
+                       _mm_xor_si128(_mm_max_epi8(v, _mm_set1_epi8(-127)), _mm_set1_epi8(flip)));
+    }
+  }
+#endif
+  for (; k < K; ++k)
+    q[k] = int8_t(int8_t(std::nearbyint(std::clamp(float(to_float(x[k])) * inv, -127.f, 127.f))) ^ flip);
+  for (k = K; k < ldq; ++k) q[k] = flip;
   return s;
 }
 
@@ -533,28 +555,24 @@ FF_INLINE void run_vnni_tile(int mr, const QuantLinearArgs& a, const uint8_t* xu
   vnni_tile<MR>(a, xu, ldu, wp, off, K4, xs, bias, y, m, n0);
 }
 
-// The many-rows int8_dynamic product with vpdpbusd on packed W (see above); xq the quantized rows.
-void run_dynamic_vnni(const QuantLinearArgs& a, const int8_t* xq, int64_t ldq, const float* xs, const float* bias,
+// The many-rows int8_dynamic product with vpdpbusd on packed W (see above); xu the quantized rows as
+// unsigned bytes (x + 128), ldu = 4 ceil(K / 4) apart.
+void run_dynamic_vnni(const QuantLinearArgs& a, const uint8_t* xu, int64_t ldu, const float* xs, const float* bias,
                       float* y) {
-  const int64_t M = a.M, N = a.N, K = a.K, K4 = (K + 3) / 4, ldu = 4 * K4;
+  const int64_t M = a.M, N = a.N, K = a.K, K4 = ldu / 4;
   const int64_t blocks = (N + kNC - 1) / kNC, block_bytes = K4 * 4 * kNC;
   std::unique_ptr<int8_t[]> wp(new int8_t[blocks * block_bytes]);
   std::unique_ptr<int32_t[]> off(new int32_t[blocks * kNC]);
-  std::unique_ptr<uint8_t[]> xu(new uint8_t[M * ldu]);
   const int8_t* qw = static_cast<const int8_t*>(a.qw);
   parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) pack_vnni(qw, N, K, K4, b * kNC, wp.get() + b * block_bytes, off.get() + b * kNC);
-  });
-  parallel_for(0, M, 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t k = 0; k < ldu; ++k) xu[i * ldu + k] = uint8_t(int(k < K ? xq[i * ldq + k] : 0) + 128);
   });
   const int64_t row_tasks = (M + kRowsPerTask - 1) / kRowsPerTask;
   parallel_for(0, row_tasks * blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t % blocks, m0 = t / blocks * kRowsPerTask, m1 = std::min(M, m0 + kRowsPerTask);
       for (int64_t m = m0; m < m1; m += kMRv)
-        run_vnni_tile(int(std::min<int64_t>(kMRv, m1 - m)), a, xu.get(), ldu, wp.get() + b * block_bytes,
+        run_vnni_tile(int(std::min<int64_t>(kMRv, m1 - m)), a, xu, ldu, wp.get() + b * block_bytes,
                       off.get() + b * kNC, K4, xs, bias, y, m, b * kNC);
     }
   });
@@ -573,12 +591,19 @@ void convert_output(const QuantLinearArgs& a, const float* y) {
 template <typename T>
 void run_dynamic(const QuantLinearArgs& a) {
   const int64_t M = a.M, N = a.N, K = a.K;
-  const int64_t ldq = (K + 31) / 32 * 32;
+#if defined(__AVX512F__)
+  const bool vnni_rows = use_vnni() && M > kFewRows && K <= kMaxVnniK;
+#else
+  const bool vnni_rows = false;
+#endif
+  // rows padded for the product that takes them: 4-byte groups (VNNI rows) or 32-byte vectors
+  const int64_t ldq = vnni_rows ? (K + 3) / 4 * 4 : (K + 31) / 32 * 32;
   std::unique_ptr<int8_t[]> xq(new int8_t[M * ldq]);
   std::unique_ptr<float[]> xs(new float[M]);
   const T* x = static_cast<const T*>(a.x);
   parallel_for(0, M, 8, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) xs[i] = quantize_row(x + i * a.ldx, K, xq.get() + i * ldq, ldq);
+    for (int64_t i = i0; i < i1; ++i)
+      xs[i] = quantize_row(x + i * a.ldx, K, xq.get() + i * ldq, ldq, int8_t(vnni_rows ? 0x80 : 0));
   });
   // the output in float (the storage when it is float32), then converted
   std::unique_ptr<float[]> ybuf, bbuf;
@@ -591,8 +616,8 @@ void run_dynamic(const QuantLinearArgs& a) {
   }
 #if defined(__AVX512F__)
   if (use_vnni()) {
-    if (M > kFewRows && K <= kMaxVnniK)
-      run_dynamic_vnni(a, xq.get(), ldq, xs.get(), bias, y);
+    if (vnni_rows)
+      run_dynamic_vnni(a, reinterpret_cast<const uint8_t*>(xq.get()), ldq, xs.get(), bias, y);
     else
       run_dynamic_tiles<true>(a, xq.get(), ldq, xs.get(), bias, y);
     return convert_output<T>(a, y);
