@@ -62,9 +62,7 @@ def quantize_weight(weight: torch.Tensor, scheme: str, group_size: Optional[int]
     w = weight.detach().to(torch.float32)
     N, K = w.shape
     if scheme != "int4":
-        amax = w.abs().amax(dim=1)
-        scale = amax / 127.0
-        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        scale, inv = int8_scales(w)
         q = torch.round(w * inv[:, None]).clamp_(-127, 127).to(torch.int8)
         return q.contiguous(), scale.contiguous()
     if group_size is None or group_size % _BLOCK != 0 or group_size <= 0 or K % group_size != 0:
@@ -77,6 +75,12 @@ def quantize_weight(weight: torch.Tensor, scheme: str, group_size: Optional[int]
     for i in range(0, groups.shape[0], step):
         q[i:i + step], scale[i:i + step] = _int4_search(groups[i:i + step])
     return pack_int4(q.reshape(N, K)), scale.reshape(N, K // group_size)
+
+
+def int8_scales(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, 1 / scale) per output channel of float32 weights (N, K): max|w| / 127, and 0 for a zero row."""
+    amax = w.abs().amax(dim=1)
+    return amax / 127.0, torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
 
 
 def _int4_search(g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from typing import Dict, Iterable, Sequence, Tuple
 
 import torch
 
-from ..ops.quantized_linear import INT4_GROUP_SIZES, SCHEMES, _int4_search, pack_int4
+from ..ops.quantized_linear import INT4_GROUP_SIZES, SCHEMES, _int4_search, int8_scales, pack_int4
 
 # columns rounded between two updates of the rest of the matrix (the update is one product)
 _BLOCK = 128
@@ -98,9 +98,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, grou
         scale = torch.empty(N, K // group_size, dtype=torch.float32)
         inv = torch.empty_like(scale)
     elif scheme in SCHEMES:  # per-channel scales from the whole rows, as quantize_weight sets them
-        amax = w.abs().amax(dim=1)
-        scale = amax / 127.0
-        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        scale, inv = int8_scales(w)
     else:
         raise ValueError(f"gptq_quantize: scheme must be one of {SCHEMES}, got {scheme!r}")
     lo, hi = (-8, 7) if scheme == "int4" else (-127, 127)
