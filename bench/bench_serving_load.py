@@ -77,14 +77,9 @@ def poisson_arrivals(n, rate, seed):
 
 def gauges(url):
     """The server's KV-cache gauges from /metrics (fusedformer's own server only)."""
-    import httpx
+    from fusedformer.serving.process import metrics
 
-    values = {}
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in GAUGES:
-            values[name.removeprefix("fusedformer_")] = float(value)
-    return values
+    return {name.removeprefix("fusedformer_"): value for name, value in metrics(url).items() if name in GAUGES}
 
 
 def llama_server_binary(src, build_dir):

@@ -1,12 +1,11 @@
 """`python -m fusedformer serve` in its own process on a free port, for the tests that talk to it over
-HTTP (the openai client, httpx, a browser). Import it after pytest.importorskip of openai and httpx."""
+HTTP (the openai client, httpx, a browser). Import it after pytest.importorskip of openai."""
 
 import os
 
-import httpx
 import openai
 
-from fusedformer.serving.process import start_server
+from fusedformer.serving.process import metrics, start_server
 from fusedformer.textgen import SHIPPED_MODEL
 
 MODEL = os.path.basename(SHIPPED_MODEL)
@@ -30,13 +29,7 @@ class Server:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120, **kw)
 
     def metrics(self) -> dict:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
+        return metrics(self.url, timeout=10)
 
     def stop(self):
         self._process.stop(grace=0)

@@ -1,7 +1,8 @@
 """A server in its own process: started from a command line, ready once ``GET /health`` answers 200,
 stopped with SIGTERM (a graceful drain) and killed if it has not exited in time. It runs
 ``python -m fusedformer serve`` from Python (:func:`start_server`: tests, benchmarks, notebooks) and
-any other server with a /health route (llama.cpp's ``llama-server`` in the load benchmark)."""
+any other server with a /health route (llama.cpp's ``llama-server`` in the load benchmark), and reads
+its Prometheus ``/metrics`` (:func:`metrics`)."""
 
 import os
 import signal
@@ -11,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -27,6 +28,19 @@ def _healthy(url: str) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError):  # refused, not yet listening, 503 while loading
         return False
+
+
+def metrics(url: str, timeout: float = 30.0) -> Dict[str, float]:
+    """The samples of ``url``/metrics (Prometheus' text format), keyed as written: the metric name
+    with its labels, e.g. ``fusedformer_requests_finished_total{finish_reason="stop"}``."""
+    with urllib.request.urlopen(url + "/metrics", timeout=timeout) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
 
 
 class ServerProcess:
