@@ -6,7 +6,7 @@
   over a 32k context in a shuffled block pool against SDPA on the gathered cache: bytes of the cache;
 - softmax, layer_norm, rms_norm with a residual, the cross-entropy row op and GELU on large bf16 rows
   against eager PyTorch: bytes of every tensor read and written once;
-- quantized linear (int8, int4) at 1 and 16 rows against the bf16 product: bytes of the packed weights.
+- quantized linear (int8, int4, nf4) at 1 and 16 rows against the bf16 product: bytes of the packed weights.
 
 Every case is checked against a float32/float64 reference on a slice of its inputs before it is timed.
 """
@@ -273,7 +273,7 @@ def _quantized_cases(quick):
     N, K = (8192, 8192) if quick else (16384, 8192)
     w = torch.randn(N, K) * K ** -0.5
     wb = w.to("cuda", torch.bfloat16)
-    for scheme, group in (("int8", None), ("int4", 128)):
+    for scheme, group in (("int8", None), ("int4", 128), ("nf4", 128)):
         qw, sc = (t.cuda() for t in quantize_weight(w, scheme, group))
         nbytes = qw.numel() * qw.element_size() + sc.numel() * sc.element_size()
         for M in (1, 16):

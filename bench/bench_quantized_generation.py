@@ -1,5 +1,5 @@
 """Decode speed of a quantized model (``python bench/bench_quantized_generation.py [--quick]``, a table on stdout):
-the shipped model (``python -m fusedformer generate``'s) quantized int8 and int4 (group 32), greedy
+the shipped model (``python -m fusedformer generate``'s) quantized int8, int4 and nf4 (group 32), greedy
 decode at batch 1 and 8, against the same model in float32 and with bfloat16 weights.
 tokens/s = new tokens x batch / time. Each case is validated first: the quantized model's next-token
 distribution on the prompt stays close to float32's (cosine of the logits >= 0.99)."""
@@ -21,7 +21,7 @@ def cases(device, quick):
     base, _ = load_model()
     new = 16 if quick else 64
     models = {"fp32": base, "bf16": copy.deepcopy(base).to(torch.bfloat16)}
-    for scheme, group in (("int8", None), ("int4", 32)):
+    for scheme, group in (("int8", None), ("int4", 32), ("nf4", 32)):
         models[scheme] = fusedformer.quantize(copy.deepcopy(base), scheme, group_size=group)
     out = []
     for batch in (1, 8):
@@ -30,7 +30,7 @@ def cases(device, quick):
         def run(model, ids=ids):
             return fusedformer.generate(model, ids, max_new_tokens=new, eos_token_id=[])
 
-        for scheme in ("int8", "int4"):
+        for scheme in ("int8", "int4", "nf4"):
             model = models[scheme]
 
             def validate(model=model, ids=ids):

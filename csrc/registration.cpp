@@ -52,6 +52,8 @@ TORCH_LIBRARY(fusedformer, m) {
   // scheme "int4": qweight uint8 (N, K / 2), two values a byte, scale float32 (N, K / group_size),
   //   group_size a multiple of 32: in each block of 32 consecutive k, byte j holds element j in its
   //   low nibble and element j + 16 in its high nibble, stored as q + 8 (q in [-8, 7]).
+  // scheme "nf4": the layout and scales of "int4"; a nibble c stands for level c of the 16 NF4 levels
+  //   (kNF4Levels, csrc/include/fusedformer/quant_scheme.h) times the group's scale.
   // scheme "int8_dynamic": the weights of "int8"; each input row is quantized on the fly to int8
   //   (scale max|x| / 127) and the products are int8 x int8 with int32 accumulation.
   m.def("quantized_linear(Tensor input, Tensor qweight, Tensor scale, Tensor? bias, str scheme) -> Tensor");

@@ -80,7 +80,7 @@ def main():
 
     w = torch.randn(300, 512, device=dev, dtype=bf)
     outs["linear"] = ops.linear(torch.randn(5, 512, device=dev, dtype=bf), w, None)
-    for scheme, group in (("int8", None), ("int4", 32), ("int8_dynamic", None)):
+    for scheme, group in (("int8", None), ("int4", 32), ("nf4", 32), ("int8_dynamic", None)):
         qw, sc = quantize_weight(w.float().cpu(), scheme, group)
         qw, sc = qw.to(dev), sc.to(dev)
         for M in (1, 7, 40):

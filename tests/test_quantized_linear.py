@@ -1,7 +1,7 @@
 """fusedformer.ops.quantized_linear and the fusedformer::quantized_linear kernels: values against the
 float64 dequantize-then-matmul reference for every dtype, scheme, group size, row count (the streamed
 few-rows path and the panel path), odd shapes, strided inputs and every instruction set; the packing
-helpers and the int4 scale search; input gradients and the refused weight gradient; opcheck,
+helpers, nf4's level table and the int4 / nf4 scale searches; input gradients and the refused weight gradient; opcheck,
 torch.compile and the errors."""
 
 import pytest
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import fusedformer
 from fusedformer import reference
-from fusedformer.ops.quantized_linear import dequantize_weight, pack_int4, quantize_weight, unpack_int4
+from fusedformer.ops.quantized_linear import (GROUPED_SCHEMES, NF4_LEVELS, dequantize_weight, pack_int4,
+                                              quantize_weight, unpack_int4)
 from _util import DTYPES, ISAS, LOWP, assert_matches_reference, cpu_isa, make, skip_unless_cuda
 
 _ops = torch.ops.fusedformer
@@ -64,28 +65,46 @@ def test_int8_dynamic_many_rows_odd_shapes(isa):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
-@pytest.mark.parametrize("scheme", ["int8", "int4", "int8_dynamic"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "int8_dynamic"])
 def test_against_reference(isa, dtype, scheme):
     with cpu_isa(isa):
         for M in ROWS:
             for N, K in SHAPES if M < 200 else SHAPES[:2]:
-                _check(M, N, K, dtype, scheme, 32 if scheme == "int4" else None, bias=(M + N) % 2 == 0,
+                _check(M, N, K, dtype, scheme, 32 if scheme in GROUPED_SCHEMES else None, bias=(M + N) % 2 == 0,
                        seed=M * 1000 + N)
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("scheme", GROUPED_SCHEMES)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int4_group_sizes(isa, group_size):
+def test_4bit_group_sizes(isa, scheme, group_size):
     with cpu_isa(isa):
         for M in (1, 5, 40):
             for dtype in (torch.float32, torch.bfloat16):
-                _check(M, 45, 1024, dtype, "int4", group_size, seed=group_size + M)
-                _check(M, 7, 4 * group_size, dtype, "int4", group_size, bias=False, seed=group_size + M + 1)
+                _check(M, 45, 1024, dtype, scheme, group_size, seed=group_size + M)
+                _check(M, 7, 4 * group_size, dtype, scheme, group_size, bias=False, seed=group_size + M + 1)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "int8_dynamic"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_nf4_levels_are_the_kernels(isa):
+    """Every kernel path reads code c as NF4_LEVELS[c] (the table in Python and the kernels' copy agree
+    exactly): W's row c holds code c everywhere, scale 2, so x = e_k gives 2 x the levels."""
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+    codes = torch.arange(16, dtype=torch.uint8)
+    q = (codes | (codes << 4))[:, None].expand(16, 32).contiguous()  # (16, 64 / 2): both nibbles c
+    s = torch.full((16, 2), 2.0)
+    with cpu_isa(isa):
+        for M in (1, 5, 40):  # the stream, its tile of several rows, the dequantized panels
+            for dtype in (torch.float32, torch.float64):
+                x = torch.zeros(M, 64, dtype=dtype)
+                x[torch.arange(M), torch.arange(M) % 64] = 1
+                y = fusedformer.ops.quantized_linear(x, q, s, None, "nf4")
+                assert torch.equal(y, (2 * levels).to(dtype).expand(M, 16)), (M, dtype)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "int8_dynamic"])
 def test_strided_and_batched_input(scheme):
-    g = 32 if scheme == "int4" else None
+    g = 32 if scheme in GROUPED_SCHEMES else None
     for M in (3, 17, 40):
         _check(M, 33, 128, torch.float32, scheme, g, noncontig=True, seed=M)
         _check(M, 33, 128, torch.bfloat16, scheme, g, noncontig=True, lead=(2,), seed=M + 1)
@@ -101,7 +120,8 @@ def test_zero_rows_and_zero_weights():
     assert fusedformer.ops.quantized_linear(torch.empty(0, 64), q, s, None, "int8").shape == (0, 5)
     # an all-zero input row and an all-zero weight row (scale 0) give the bias, never NaN
     qz, sz = quantize_weight(torch.zeros(3, 64), "int4", 32)
-    for scheme, (qq, ss) in (("int4", (qz, sz)), ("int8_dynamic", quantize_weight(torch.zeros(3, 64), "int8"))):
+    for scheme, (qq, ss) in (("int4", (qz, sz)), ("nf4", quantize_weight(torch.zeros(3, 64), "nf4", 32)),
+                             ("int8_dynamic", quantize_weight(torch.zeros(3, 64), "int8"))):
         b = torch.arange(3, dtype=torch.float32)
         y = fusedformer.ops.quantized_linear(torch.zeros(2, 64), qq, ss, b, scheme)
         assert torch.equal(y, b.expand(2, 3))
@@ -121,8 +141,8 @@ def test_packing_round_trip_and_quantization_error():
     assert (err <= 0.5 * sc[:, None] + 1e-7).all() and err.max() <= w.abs().max() / 127  # half a step
 
 
-def _group_errors(w, q, s, group):
-    return ((dequantize_weight(q, s, "int4") - w) ** 2).reshape(w.shape[0], -1, group).sum(2)
+def _group_errors(w, q, s, group, scheme="int4"):
+    return ((dequantize_weight(q, s, scheme) - w) ** 2).reshape(w.shape[0], -1, group).sum(2)
 
 
 @pytest.mark.parametrize("group", [32, 128])
@@ -159,20 +179,53 @@ def test_int4_scale_search(group):
     assert (_group_errors(w, q, s, group)[2:] == err[2:]).all()
 
 
+@pytest.mark.parametrize("group", [32, 128])
+def test_nf4_scale_search(group):
+    """nf4: each weight at the nearest level of its group's searched scale; the total squared error
+    within 1% of a brute-force search over 300 scales (each refitted to its rounding) and below
+    int4's on normal weights (the levels are denser near zero); zero groups give code 7 (level 0)."""
+    w = make((16, 512), seed=3)
+    q, s = quantize_weight(w, "nf4", group)
+    assert q.shape == (16, 256) and s.shape == (16, 512 // group) and (s > 0).all()
+    err = _group_errors(w, q, s, group, "nf4")
+    levels = torch.tensor(NF4_LEVELS)
+    deq = dequantize_weight(q, s, "nf4")
+    # nearest level: no other level of the group's grid is closer
+    grid = levels[None, :] * s.repeat_interleave(group, dim=1).reshape(-1, 1)
+    assert ((grid - w.reshape(-1, 1)).abs().min(1).values >= (deq - w).reshape(-1).abs() - 1e-7).all()
+    g = w.reshape(16, -1, group)
+    m = g.abs().amax(dim=2, keepdim=True)
+    brute = None
+    for c in torch.arange(0.5, 1.5, 1 / 300).tolist():
+        v = levels[torch.argmin((g[..., None] / (m[..., None] * c) - levels).abs(), dim=-1)]
+        fitted = (v * g).sum(2, keepdim=True) / (v * v).sum(2, keepdim=True)
+        v = levels[torch.argmin((g[..., None] / fitted[..., None] - levels).abs(), dim=-1)]
+        e = ((v * fitted - g) ** 2).sum(2)
+        brute = e if brute is None else torch.minimum(brute, e)
+    assert err.sum() <= 1.01 * brute.sum(), (err.sum(), brute.sum())
+    q4, s4 = quantize_weight(w, "int4", group)
+    assert err.sum() < 0.97 * _group_errors(w, q4, s4, group).sum()
+    w[0, :group] = 0
+    q, s = quantize_weight(w, "nf4", group)
+    assert (q[0, :group // 2] == 0x77).all() and s[0, 0] == 0
+    assert torch.equal(dequantize_weight(q, s, "nf4")[0, :group], torch.zeros(group))
+
+
 @skip_unless_cuda()
 @pytest.mark.parametrize("dtype", [torch.float32, *LOWP], ids=str)
-@pytest.mark.parametrize("scheme", ["int8", "int4", "int8_dynamic"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "int8_dynamic"])
 def test_cuda(dtype, scheme):
     """The CUDA kernels: the weight stream (up to 16 rows) and the dequantize-then-cuBLAS path."""
     for M in ROWS:
         for N, K in SHAPES:
-            _check(M, N, K, dtype, scheme, 32 if scheme == "int4" else None, seed=M + N, device="cuda")
-    _check(5, 64, 256, dtype, scheme, 128 if scheme == "int4" else None, noncontig=True, lead=(2,), device="cuda")
+            _check(M, N, K, dtype, scheme, 32 if scheme in GROUPED_SCHEMES else None, seed=M + N, device="cuda")
+    _check(5, 64, 256, dtype, scheme, 128 if scheme in GROUPED_SCHEMES else None, noncontig=True, lead=(2,),
+           device="cuda")
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "int8_dynamic"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "int8_dynamic"])
 def test_input_gradient(scheme):
-    g = 32 if scheme == "int4" else None
+    g = 32 if scheme in GROUPED_SCHEMES else None
     q, s = _weights(6, 64, scheme, g, 1)
     x = make((2, 3, 64), torch.float64, seed=2, requires_grad=True)
     b = make((6,), torch.float64, seed=3, requires_grad=True)
@@ -192,9 +245,9 @@ def test_weight_gradient_is_refused():
         y.sum().backward()
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "int8_dynamic"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "int8_dynamic"])
 def test_opcheck(scheme):
-    g = 32 if scheme == "int4" else None
+    g = 32 if scheme in GROUPED_SCHEMES else None
     q, s = _weights(6, 64, scheme, g, 1)
     x, b = make((4, 64), seed=2), make((6,), seed=3)
     torch.library.opcheck(_ops.quantized_linear.default, (x, q, s, b, scheme))
@@ -214,6 +267,7 @@ def test_errors_name_the_argument():
     q4, s4 = _weights(6, 64, "int4", 32, 1)
     x = make((2, 64), seed=2)
     cases = [
+        (lambda: op(x, q8, s8, None, "nf4"), "qweight must be uint8 .* for scheme \"nf4\""),
         (lambda: op(x, q8, s8, None, "int3"), "scheme"),
         (lambda: op(x.int(), q8, s8, None, "int8"), "input"),
         (lambda: op(x, q8.to(torch.uint8), s8, None, "int8"), "qweight must be int8"),

@@ -15,10 +15,13 @@ QuantizedLinearShape check_quantized_linear(const at::Tensor& input, const at::T
     s.scheme = QuantScheme::Int8;
   } else if (scheme == "int4") {
     s.scheme = QuantScheme::Int4;
+  } else if (scheme == "nf4") {
+    s.scheme = QuantScheme::NF4;
   } else if (scheme == "int8_dynamic") {
     s.scheme = QuantScheme::Int8Dynamic;
   } else {
-    TORCH_CHECK_VALUE(false, op, ": scheme must be \"int8\", \"int4\" or \"int8_dynamic\", got \"", scheme, "\"");
+    TORCH_CHECK_VALUE(false, op, ": scheme must be \"int8\", \"int4\", \"nf4\" or \"int8_dynamic\", got \"", scheme,
+                      "\"");
   }
   check_float_dtype(input, op, "input");
   check_same_device(input, "input", qweight, "qweight", op);
@@ -31,19 +34,20 @@ QuantizedLinearShape check_quantized_linear(const at::Tensor& input, const at::T
   s.N = N;
   s.K = K;
   s.M = input.numel() / K;
-  if (s.scheme == QuantScheme::Int4) {
+  if (is_4bit(s.scheme)) {
     TORCH_CHECK_VALUE(qweight.scalar_type() == at::kByte, op,
-                      ": qweight must be uint8 (two 4-bit values a byte) for scheme \"int4\", got ",
+                      ": qweight must be uint8 (two 4-bit values a byte) for scheme \"", scheme, "\", got ",
                       qweight.scalar_type());
     TORCH_CHECK_VALUE(qweight.size(1) * 2 == K, op, ": qweight.shape[1] (", qweight.size(1),
-                      ") must be half the last dim of input (", K, ") for scheme \"int4\"; input ", input.sizes(),
+                      ") must be half the last dim of input (", K, ") for scheme \"", scheme, "\"; input ",
+                      input.sizes(),
                       ", qweight ", qweight.sizes());
     TORCH_CHECK_VALUE(scale.dim() == 2 && scale.size(0) == N && scale.size(1) > 0 && K % scale.size(1) == 0, op,
                       ": scale must have shape (out_features, in_features / group_size) = (", N,
                       ", G) with G dividing ", K, ", got ", scale.sizes());
     s.group_size = K / scale.size(1);
     TORCH_CHECK_VALUE(s.group_size % 32 == 0, op, ": the group size (in_features / scale.shape[1] = ", K, " / ",
-                      scale.size(1), " = ", s.group_size, ") must be a multiple of 32 for scheme \"int4\"");
+                      scale.size(1), " = ", s.group_size, ") must be a multiple of 32 for scheme \"", scheme, "\"");
   } else {
     TORCH_CHECK_VALUE(qweight.scalar_type() == at::kChar, op, ": qweight must be int8 for scheme \"", scheme,
                       "\", got ", qweight.scalar_type());

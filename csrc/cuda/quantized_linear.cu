@@ -1,12 +1,14 @@
 // quantized_linear for the CUDA dispatch key (formats: common/quantized_linear.h and the schema).
 //
 // Few rows (decode): each warp streams the packed weight rows of CPW output channels once, 16 bytes
-// per lane per load (16 int8 or 32 int4 weights), dequantizes them in registers and multiplies them
+// per lane per load (16 int8 or 32 4-bit weights), dequantizes them in registers and multiplies them
 // with every row of x at once (x, a few hundred KB at most, is served by L1/L2); the lanes' sums are
-// added by shuffles. int4's group scales apply to each lane's 32-weight partial sums (a group is a
-// multiple of 32 weights), int8's channel scale to the final sum. Shapes or pointers that do not
-// allow 16-byte loads (int8 with K not a multiple of 16, float64) take a scalar form of the kernel. Many rows: the weights are dequantized into a tensor of the input's
-// dtype by one elementwise kernel and the library GEMM (at::linear) runs the product.
+// added by shuffles. nf4's levels come from a 16-entry table in shared memory (lanes reading different
+// entries hit different banks), int4's are computed. 4-bit group scales apply to each lane's 32-weight
+// partial sums (a group is a multiple of 32 weights), int8's channel scale to the final sum. Shapes or
+// pointers that do not allow 16-byte loads (int8 with K not a multiple of 16, float64) take a scalar
+// form of the kernel. Many rows: the weights are dequantized into a tensor of the input's dtype by one
+// elementwise kernel and the library GEMM (at::linear) runs the product.
 // int8_dynamic quantizes the input rows as the CPU does (scale max|x| / 127, round to nearest) and
 // multiplies the dequantized integers with the library GEMM: the same values as int32 sums up to
 // float rounding.
@@ -24,24 +26,33 @@ namespace {
 constexpr int kFewRows = 16;
 constexpr int kWarps = 4;  // warps per block of the streaming kernels
 
-// element k of row n of the packed weights, dequantized
+// The 4-bit scheme's 16 levels in shared memory; every thread of the block calls this before any
+// returns (it synchronizes the block).
+__device__ __forceinline__ const float* shared_levels(const Levels4& l) {
+  __shared__ float lv[16];
+  if (threadIdx.x < 16) lv[threadIdx.x] = l.v[threadIdx.x];
+  __syncthreads();
+  return lv;
+}
+
+// element k of row n of the packed weights, dequantized (lv: the 4-bit levels, null for int8)
 __device__ __forceinline__ float qvalue(const void* qw, const float* scale, int64_t n, int64_t k, int64_t K,
-                                        int64_t group, bool int4) {
-  if (int4) {
+                                        int64_t group, const float* lv) {
+  if (lv) {
     const uint8_t* row = static_cast<const uint8_t*>(qw) + n * (K / 2);
     const int64_t j = k % 32;
     const uint8_t b = row[(k - j) / 2 + (j & 15)];
-    const int q = (j < 16 ? (b & 15) : (b >> 4)) - 8;
-    return float(q) * scale[n * (K / group) + k / group];
+    return lv[j < 16 ? (b & 15) : (b >> 4)] * scale[n * (K / group) + k / group];
   }
   return float(static_cast<const int8_t*>(qw)[n * K + k]) * scale[n];
 }
 
-template <typename T, bool INT4>
+template <typename T>
 __global__ void stream_kernel(const T* __restrict__ x, const void* __restrict__ qw, const float* __restrict__ scale,
                               const T* __restrict__ bias, T* __restrict__ y, int M, int64_t N, int64_t K,
-                              int64_t ldx, int64_t group) {
+                              int64_t ldx, int64_t group, bool four, Levels4 levels) {
   using C = compute_t<T>;
+  const float* lv = four ? shared_levels(levels) : nullptr;
   const int lane = threadIdx.x & 31;
   const int64_t n = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (n >= N) return;
@@ -49,7 +60,7 @@ __global__ void stream_kernel(const T* __restrict__ x, const void* __restrict__ 
 #pragma unroll
   for (int i = 0; i < kFewRows; ++i) acc[i] = C(0);
   for (int64_t k = lane; k < K; k += 32) {
-    const C w = C(qvalue(qw, scale, n, k, K, group, INT4));
+    const C w = C(qvalue(qw, scale, n, k, K, group, lv));
 #pragma unroll
     for (int i = 0; i < kFewRows; ++i)
       if (i < M) acc[i] += C(to_f(x[i * ldx + k])) * w;
@@ -74,22 +85,27 @@ __device__ __forceinline__ void load_x16(const T* p, float* out) {
   }
 }
 
-// weight j (0..15) of the 16 packed bytes: int8, or the low (HIGH false) / high nibble of int4
-template <bool INT4, bool HIGH>
-__device__ __forceinline__ float weight_at(const uint4& raw, int j) {
+// weight j (0..15) of the 16 packed bytes: int8, or the low (HIGH false) / high nibble of a 4-bit
+// scheme (nf4: its level from lv)
+template <QuantScheme S, bool HIGH>
+__device__ __forceinline__ float weight_at(const uint4& raw, int j, const float* lv) {
   const uint32_t word = (&raw.x)[j / 4];
   const uint32_t byte = (word >> (8 * (j % 4))) & 0xFFu;
-  if constexpr (INT4) return float(int((HIGH ? byte >> 4 : byte & 15u)) - 8);
+  const uint32_t code = HIGH ? byte >> 4 : byte & 15u;
+  if constexpr (S == QuantScheme::NF4) return lv[code];
+  else if constexpr (S == QuantScheme::Int4) return float(int(code) - 8);
   else return float(int(int8_t(uint8_t(byte))));
 }
 
 // MR: rows of x handled (M <= MR); CPW: output channels per warp
-template <typename T, bool INT4, int MR, int CPW>
+template <typename T, QuantScheme S, int MR, int CPW>
 __global__ void __launch_bounds__(kWarps * 32) stream_vec_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw,
                                                                  const float* __restrict__ scale, const T* __restrict__ bias,
                                                                  T* __restrict__ y, int M, int64_t N, int64_t K,
-                                                                 int64_t group) {
+                                                                 int64_t group, Levels4 levels) {
+  constexpr bool INT4 = is_4bit(S);
   constexpr int PER = INT4 ? 32 : 16;  // weights per 16-byte load
+  const float* lv = S == QuantScheme::NF4 ? shared_levels(levels) : nullptr;
   const int lane = threadIdx.x & 31;
   const int64_t n0 = (int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * CPW;
   if (n0 >= N) return;
@@ -115,7 +131,7 @@ __global__ void __launch_bounds__(kWarps * 32) stream_vec_kernel(const T* __rest
       for (int c = 0; c < CPW; ++c)
 #pragma unroll
         for (int j = 0; j < 16; ++j)
-          w[c][j] = half ? weight_at<INT4, true>(raw[c], j) : weight_at<INT4, false>(raw[c], j);
+          w[c][j] = half ? weight_at<S, true>(raw[c], j, lv) : weight_at<S, false>(raw[c], j, lv);
 #pragma unroll
       for (int i = 0; i < MR; ++i) {
         if (i < M) {
@@ -147,30 +163,31 @@ __global__ void __launch_bounds__(kWarps * 32) stream_vec_kernel(const T* __rest
   }
 }
 
-template <typename T, bool INT4, int MR>
+template <typename T, QuantScheme S, int MR>
 void launch_stream_vec(const T* x, const uint8_t* qw, const float* scale, const T* bias, T* y, int M, int64_t N,
                        int64_t K, int64_t group) {
   constexpr int CPW = MR <= 4 ? 4 : 2;
   const int64_t blocks = ceil_div(N, int64_t(kWarps) * CPW);
-  stream_vec_kernel<T, INT4, MR, CPW><<<unsigned(blocks), kWarps * 32, 0, current_stream()>>>(x, qw, scale, bias, y,
-                                                                                              M, N, K, group);
+  stream_vec_kernel<T, S, MR, CPW><<<unsigned(blocks), kWarps * 32, 0, current_stream()>>>(x, qw, scale, bias, y, M, N,
+                                                                                           K, group, levels4(S));
 }
 
-template <typename T, bool INT4>
+template <typename T, QuantScheme S>
 void launch_stream_vec_rows(const T* x, const uint8_t* qw, const float* scale, const T* bias, T* y, int M, int64_t N,
                             int64_t K, int64_t group) {
-  if (M <= 1) launch_stream_vec<T, INT4, 1>(x, qw, scale, bias, y, M, N, K, group);
-  else if (M <= 2) launch_stream_vec<T, INT4, 2>(x, qw, scale, bias, y, M, N, K, group);
-  else if (M <= 4) launch_stream_vec<T, INT4, 4>(x, qw, scale, bias, y, M, N, K, group);
-  else if (M <= 8) launch_stream_vec<T, INT4, 8>(x, qw, scale, bias, y, M, N, K, group);
-  else launch_stream_vec<T, INT4, kFewRows>(x, qw, scale, bias, y, M, N, K, group);
+  if (M <= 1) launch_stream_vec<T, S, 1>(x, qw, scale, bias, y, M, N, K, group);
+  else if (M <= 2) launch_stream_vec<T, S, 2>(x, qw, scale, bias, y, M, N, K, group);
+  else if (M <= 4) launch_stream_vec<T, S, 4>(x, qw, scale, bias, y, M, N, K, group);
+  else if (M <= 8) launch_stream_vec<T, S, 8>(x, qw, scale, bias, y, M, N, K, group);
+  else launch_stream_vec<T, S, kFewRows>(x, qw, scale, bias, y, M, N, K, group);
 }
 
 template <typename T>
 __global__ void dequant_kernel(const void* __restrict__ qw, const float* __restrict__ scale, T* __restrict__ w,
-                               int64_t N, int64_t K, int64_t group, bool int4) {
+                               int64_t N, int64_t K, int64_t group, bool four, Levels4 levels) {
+  const float* lv = four ? shared_levels(levels) : nullptr;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < N * K; i += int64_t(gridDim.x) * blockDim.x)
-    w[i] = from_c<T>(compute_t<T>(qvalue(qw, scale, i / K, i % K, K, group, int4)));
+    w[i] = from_c<T>(compute_t<T>(qvalue(qw, scale, i / K, i % K, K, group, lv)));
 }
 
 at::Tensor dequantize(const at::Tensor& qw, const at::Tensor& scale, const QuantizedLinearShape& s,
@@ -184,7 +201,7 @@ at::Tensor dequantize(const at::Tensor& qw, const at::Tensor& scale, const Quant
     using T = decltype(tag);
     dequant_kernel<T><<<blocks, threads, 0, current_stream()>>>(qw.data_ptr(), scale.data_ptr<float>(),
                                                                  static_cast<T*>(w.data_ptr()), s.N, s.K,
-                                                                 s.group_size, s.scheme == QuantScheme::Int4);
+                                                                 s.group_size, is_4bit(s.scheme), levels4(s.scheme));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return w;
@@ -211,10 +228,10 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& qweight, 
   at::Tensor y = at::empty(out_shape, input.options().memory_format(at::MemoryFormat::Contiguous));
   if (s.M == 0 || s.N == 0) return y;
   at::Tensor x2 = input.reshape({s.M, s.K}).contiguous();
-  const bool int4 = s.scheme == QuantScheme::Int4;
+  const bool four = is_4bit(s.scheme);
   // 16-byte loads: the weight rows (K bytes or K / 2) and x's rows (K elements) start 16-byte aligned
   const bool vec = input.scalar_type() != at::kDouble && aligned16(qw.data_ptr()) && aligned16(x2.data_ptr()) &&
-                   s.K % (int4 ? 32 : 16) == 0;
+                   s.K % (four ? 32 : 16) == 0;
   dispatch_dtype(dtype_of(input), [&](auto tag) {
     using T = decltype(tag);
     const T* xp = static_cast<const T*>(x2.data_ptr());
@@ -224,18 +241,18 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& qweight, 
     const float* sp = sc.data_ptr<float>();
     if constexpr (!std::is_same_v<T, double>) {
       if (vec) {
-        if (int4) launch_stream_vec_rows<T, true>(xp, qp, sp, bp, yp, int(s.M), s.N, s.K, s.group_size);
-        else launch_stream_vec_rows<T, false>(xp, qp, sp, bp, yp, int(s.M), s.N, s.K, s.group_size);
+        if (s.scheme == QuantScheme::NF4)
+          launch_stream_vec_rows<T, QuantScheme::NF4>(xp, qp, sp, bp, yp, int(s.M), s.N, s.K, s.group_size);
+        else if (four)
+          launch_stream_vec_rows<T, QuantScheme::Int4>(xp, qp, sp, bp, yp, int(s.M), s.N, s.K, s.group_size);
+        else
+          launch_stream_vec_rows<T, QuantScheme::Int8>(xp, qp, sp, bp, yp, int(s.M), s.N, s.K, s.group_size);
         return;
       }
     }
     const int blocks = int(ceil_div(s.N, kWarps));
-    if (int4)
-      stream_kernel<T, true><<<blocks, kWarps * 32, 0, current_stream()>>>(xp, qp, sp, bp, yp, int(s.M), s.N, s.K,
-                                                                           s.K, s.group_size);
-    else
-      stream_kernel<T, false><<<blocks, kWarps * 32, 0, current_stream()>>>(xp, qp, sp, bp, yp, int(s.M), s.N, s.K,
-                                                                            s.K, s.group_size);
+    stream_kernel<T><<<blocks, kWarps * 32, 0, current_stream()>>>(xp, qp, sp, bp, yp, int(s.M), s.N, s.K, s.K,
+                                                                   s.group_size, four, levels4(s.scheme));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;

@@ -207,20 +207,26 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query
 
 def quantized_linear(input, qweight, scale, bias=None, scheme="int8"):
     """input @ dequant(qweight).T + bias in float64, the weights unpacked here from the documented
-    layout (fusedformer.ops.quantized_linear) rather than through the package's helpers. For
+    layout (fusedformer.ops.quantized_linear) rather than through the package's helpers (nf4's levels
+    are the documented table, ``NF4_LEVELS``). For
     "int8_dynamic" the input rows are first quantized as the op does (scale max|x| / 127, round to
     nearest); the product of the integers is then exact in float64."""
     x = _f64(input)
     s = scale.detach().cpu().to(torch.float64)
-    if scheme == "int4":
+    if scheme in ("int4", "nf4"):
         b = qweight.detach().cpu().to(torch.int64)
         N, half = b.shape
-        q = torch.empty(N, 2 * half, dtype=torch.int64)
+        c = torch.empty(N, 2 * half, dtype=torch.int64)  # the nibbles, codes 0 .. 15
         for blk in range(half // 16):
             chunk = b[:, 16 * blk:16 * blk + 16]
-            q[:, 32 * blk:32 * blk + 16] = (chunk & 15) - 8
-            q[:, 32 * blk + 16:32 * blk + 32] = (chunk >> 4) - 8
-        w = q.to(torch.float64) * s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)
+            c[:, 32 * blk:32 * blk + 16] = chunk & 15
+            c[:, 32 * blk + 16:32 * blk + 32] = chunk >> 4
+        if scheme == "int4":
+            levels = torch.arange(-8, 8, dtype=torch.float64)
+        else:
+            from .ops.quantized_linear import NF4_LEVELS
+            levels = torch.tensor(NF4_LEVELS, dtype=torch.float32).to(torch.float64)
+        w = levels[c] * s.repeat_interleave(c.shape[1] // s.shape[1], dim=1)
     else:
         w = qweight.detach().cpu().to(torch.float64) * s[:, None]
     if scheme == "int8_dynamic":

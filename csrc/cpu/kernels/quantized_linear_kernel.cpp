@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <type_traits>
 
 #include "fusedformer/cpu/vec.h"
 
@@ -49,16 +50,16 @@ constexpr int kBlock4 = 32;
 
 typedef int8_t vs8 __attribute__((vector_size(W)));
 
-FF_INLINE int64_t row_bytes(const QuantLinearArgs& a) { return a.scheme == QuantScheme::Int4 ? a.K / 2 : a.K; }
+FF_INLINE int64_t row_bytes(const QuantLinearArgs& a) { return is_4bit(a.scheme) ? a.K / 2 : a.K; }
 
 // element k of row n of W, dequantized in double (exact: a small integer times a float32)
 double qvalue(const QuantLinearArgs& a, int64_t n, int64_t k) {
-  if (a.scheme == QuantScheme::Int4) {
+  if (is_4bit(a.scheme)) {
     const uint8_t* row = static_cast<const uint8_t*>(a.qw) + n * (a.K / 2);
     const int64_t j = k % kBlock4;
     const uint8_t b = row[(k - j) / 2 + (j & 15)];
-    const int q = (j < 16 ? (b & 15) : (b >> 4)) - 8;
-    return double(q) * double(a.scale[n * (a.K / a.group_size) + k / a.group_size]);
+    const float level = levels4(a.scheme).v[j < 16 ? (b & 15) : (b >> 4)];
+    return double(level) * double(a.scale[n * (a.K / a.group_size) + k / a.group_size]);
   }
   return double(static_cast<const int8_t*>(a.qw)[n * a.K + k]) * double(a.scale[n]);
 }
@@ -77,48 +78,82 @@ FF_INLINE vf load8(const int8_t* p) {
   return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
 #endif
 }
-// One W row's int4 values, dequantized: set_scale() at each group, then part(p, s) is the s-th vector
-// (elements s * W .. s * W + W - 1) of the 32-value block at p (16 bytes) times the group's scale,
-// for s < kBlock4 / W. With AVX-512 the group's 16 levels (q - 8) x scale sit in one register and a
-// nibble picks its value with one permute (vpermps reads the low 4 bits of each lane): a widening of
-// the 16 bytes, one shift and two permutes per 32 values. Elsewhere the nibbles are widened, offset
-// and converted, then scaled.
-struct Int4Row {
+// One W row's 4-bit values, dequantized: set_scale(levels, s) at each group, then part(p, s) is the
+// s-th vector (elements s * W .. s * W + W - 1) of the 32-value block at p (16 bytes) times the group's
+// scale, for s < kBlock4 / W. The scheme's 16 levels (Levels4) times the group's scale are a table that a
+// nibble indexes: with AVX-512 one register and one permute (vpermps reads the low 4 bits of each
+// lane), a widening of the 16 bytes, one shift and two permutes per 32 values; with AVX2 two 8-lane
+// halves, a permute of each and a blend on the nibble's bit 3; elsewhere a lookup per lane. The
+// unscaled levels (Table4) are loaded once per call.
 #if defined(__AVX512F__)
-  static_assert(W == 16, "one 512-bit vector holds 16 floats");
+static_assert(W == 16, "one 512-bit vector holds 16 floats");
+struct Table4 {
+  __m512 v;
+  explicit Table4(const Levels4& l) : v(_mm512_loadu_ps(l.v)) {}
+};
+struct Int4Row {
   __m512 table;
-  FF_INLINE void set_scale(float s) {
-    table = _mm512_mul_ps(_mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_ps(s));
-  }
+  FF_INLINE void set_scale(const Table4& l, float s) { table = _mm512_mul_ps(l.v, _mm512_set1_ps(s)); }
   FF_INLINE vf part(const uint8_t* p, int s) const {
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return vf(_mm512_permutexvar_ps(s ? _mm512_srli_epi32(b, 4) : b, table));
   }
+};
+#elif defined(__AVX2__)
+static_assert(W == 8, "one 256-bit vector holds 8 floats");
+struct Table4 {
+  __m256 lo, hi;
+  explicit Table4(const Levels4& l) : lo(_mm256_loadu_ps(l.v)), hi(_mm256_loadu_ps(l.v + 8)) {}
+};
+struct Int4Row {
+  __m256 lo, hi;
+  FF_INLINE void set_scale(const Table4& l, float s) {
+    lo = _mm256_mul_ps(l.lo, _mm256_set1_ps(s));
+    hi = _mm256_mul_ps(l.hi, _mm256_set1_ps(s));
+  }
+  FF_INLINE vf part(const uint8_t* p, int s) const {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + (s & 1) * 8)));
+    const __m256i c = s >> 1 ? _mm256_srli_epi32(b, 4) : _mm256_and_si256(b, _mm256_set1_epi32(15));
+    // vpermps reads the low 3 bits; bit 3 (moved to the sign) picks the half
+    return vf(_mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, c), _mm256_permutevar8x32_ps(hi, c),
+                               _mm256_castsi256_ps(_mm256_slli_epi32(c, 28))));
+  }
+};
 #else
-  vf scale;
-  FF_INLINE void set_scale(float s) { scale = vset1(s); }
+struct Table4 {
+  const float* v;
+  explicit Table4(const Levels4& l) : v(l.v) {}
+};
+struct Int4Row {
+  float table[16];
+  FF_INLINE void set_scale(const Table4& l, float s) {
+    for (int c = 0; c < 16; ++c) table[c] = l.v[c] * s;
+  }
   FF_INLINE vf part(const uint8_t* p, int s) const {
     constexpr int per_half = 16 / W;  // vectors per 16 elements
-    vb b;
-    __builtin_memcpy(&b, p + (s % per_half) * W, sizeof(b));
-    const vb q = s / per_half ? vb(b >> 4) : vb(b & 15);
-    return __builtin_convertvector(__builtin_convertvector(q, vi) - 8, vf) * scale;
+    vf r;
+    for (int i = 0; i < W; ++i) {
+      const uint8_t b = p[(s % per_half) * W + i];
+      r[i] = table[s / per_half ? b >> 4 : b & 15];
+    }
+    return r;
   }
-#endif
 };
+#endif
 
 // Elements k0 .. k0 + kc - 1 of row n of W dequantized into dst: the many-rows product's column
 // source (GemmArgs::b_column, ctx the QuantLinearArgs).
 void dequant_segment(const void* ctx, int64_t n, int64_t k0, int64_t kc, float* dst) {
   const QuantLinearArgs& a = *static_cast<const QuantLinearArgs*>(ctx);
   const int64_t K = a.K, k1 = k0 + kc;
-  if (a.scheme == QuantScheme::Int4) {
+  if (is_4bit(a.scheme)) {
     const uint8_t* row = static_cast<const uint8_t*>(a.qw) + n * (K / 2);
     const float* s = a.scale + n * (K / a.group_size);
     // whole 32-value blocks, the ones the segment cuts through the first and last
+    const Table4 levels(levels4(a.scheme));
     Int4Row r;
     for (int64_t b = k0 - k0 % kBlock4; b < k1; b += kBlock4) {
-      if (b == k0 - k0 % kBlock4 || b % a.group_size == 0) r.set_scale(s[b / a.group_size]);
+      if (b == k0 - k0 % kBlock4 || b % a.group_size == 0) r.set_scale(levels, s[b / a.group_size]);
       alignas(64) float v[kBlock4];
       for (int s4 = 0; s4 < kBlock4 / W; ++s4) vstore(v + s4 * W, r.part(row + b / 2, s4));
       for (int64_t k = std::max(b, k0); k < std::min(b + kBlock4, k1); ++k) dst[k - k0] = v[k - b];
@@ -149,10 +184,11 @@ FF_INLINE void tile(const QuantLinearArgs& a, const float* const* x, int64_t n, 
       w[j] = static_cast<const uint8_t*>(a.qw) + (n + j) * (K / 2);
       next[j] = static_cast<const uint8_t*>(a.qw) + (ahead + j) * (K / 2);
     }
+    const Table4 levels(levels4(a.scheme));
     Int4Row r[NR];
     for (int64_t k0 = 0; k0 < K; k0 += kBlock4) {
       if (k0 % a.group_size == 0)
-        for (int j = 0; j < NR; ++j) r[j].set_scale(a.scale[(n + j) * G + k0 / a.group_size]);
+        for (int j = 0; j < NR; ++j) r[j].set_scale(levels, a.scale[(n + j) * G + k0 / a.group_size]);
       // the W rows of a tile ahead stream in while this one computes (into L2, see linear_kernel.cpp)
       if (k0 % 128 == 0)
         for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + k0 / 2, 0, 2);
@@ -222,14 +258,30 @@ void tile_store(const QuantLinearArgs& a, const float* xc, int64_t m, int64_t n)
     }
 }
 
+// f(rows, cols) for a tile of mr <= MR rows of x and nr <= NR rows of W, the counts passed as
+// std::integral_constant (compile-time sizes for the register tiles, chosen at run time)
+template <int MR, int NR, typename F>
+FF_INLINE void with_tile_size(int mr, int nr, const F& f) {
+  if constexpr (MR > 1)
+    if (mr < MR) return with_tile_size<MR - 1, NR>(mr, nr, f);
+  if constexpr (NR > 1)
+    if (nr < NR) return with_tile_size<MR, NR - 1>(mr, nr, f);
+  f(std::integral_constant<int, MR>{}, std::integral_constant<int, NR>{});
+}
+
+// an int32 sum of int8_dynamic's products as the output: x's row scale, W's channel scale, the bias
+// (a float, or vectors of channels)
+template <typename V>
+FF_INLINE V dynamic_output(V sum, V x_scale, V w_scale, V bias) {
+  return sum * x_scale * w_scale + bias;
+}
+
 // the tile for mr <= MR rows of x and nr <= NR rows of W, chosen at run time
 template <typename T, QuantScheme S, int MR = kMR, int NR = kNR>
 FF_INLINE void run_tile(int mr, int nr, const QuantLinearArgs& a, const float* xc, int64_t m, int64_t n) {
-  if constexpr (MR > 1)
-    if (mr < MR) return run_tile<T, S, MR - 1, NR>(mr, nr, a, xc, m, n);
-  if constexpr (NR > 1)
-    if (nr < NR) return run_tile<T, S, MR, NR - 1>(mr, nr, a, xc, m, n);
-  tile_store<T, S, MR, NR>(a, xc, m, n);
+  with_tile_size<MR, NR>(mr, nr, [&](auto rows, auto cols) {
+    tile_store<T, S, decltype(rows)::value, decltype(cols)::value>(a, xc, m, n);
+  });
 }
 
 // Rows of x as contiguous float rows (in place when they already are).
@@ -398,14 +450,19 @@ FF_INLINE int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
 }
 
-// out[i][j] = sum_k xq_i[k] w_j[k] for MR rows of quantized x (padded) and NR rows of W.
+// out[i][j] = sum_k xq_i[k] w_j[k] for MR rows of quantized x (padded) and NR rows of W; the rows
+// next of W (a tile ahead) are prefetched, as the float tile does, so that W streams from memory
+// at its bandwidth when it is not in the cache.
 template <bool VNNI, int MR, int NR>
-FF_INLINE void itile(const int8_t* const* x, const int8_t* const* w, int64_t K, int32_t (*out)[kNR]) {
+FF_INLINE void itile(const int8_t* const* x, const int8_t* const* w, const int8_t* const* next, int64_t K,
+                     int32_t (*out)[kNRMax]) {
   __m256i acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
   const int64_t Kv = K - K % 32;
   for (int64_t k = 0; k < Kv; k += 32) {
+    if (k % 64 == 0)
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + k, 0, 2);
     __m256i wv[NR];
     for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + k));
     for (int i = 0; i < MR; ++i) {
@@ -433,36 +490,47 @@ template <bool VNNI, int MR, int NR>
 void itile_store(const QuantLinearArgs& a, const int8_t* xq, int64_t ldq, const float* xs, const float* bias,
                  float* y, int64_t m, int64_t n) {
   const int8_t* qw = static_cast<const int8_t*>(a.qw);
-  int32_t out[kMR][kNR];
+  int32_t out[kMR][kNRMax];
 #if defined(__AVX2__)
   const int8_t* xr[MR];
   const int8_t* wr[NR];
+  const int8_t* next[NR];
+  const int64_t ahead = std::min(n + kPrefetchTiles * NR, a.N - NR);
   for (int i = 0; i < MR; ++i) xr[i] = xq + (m + i) * ldq;
-  for (int j = 0; j < NR; ++j) wr[j] = qw + (n + j) * a.K;
-  itile<VNNI, MR, NR>(xr, wr, a.K, out);
+  for (int j = 0; j < NR; ++j) {
+    wr[j] = qw + (n + j) * a.K;
+    next[j] = qw + (ahead + j) * a.K;
+  }
+  itile<VNNI, MR, NR>(xr, wr, next, a.K, out);
 #else
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) out[i][j] = idot(xq + (m + i) * ldq, qw + (n + j) * a.K, a.K);
 #endif
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j)
-      y[(m + i) * a.N + n + j] = float(out[i][j]) * xs[m + i] * a.scale[n + j] + (bias ? bias[n + j] : 0.f);
+      y[(m + i) * a.N + n + j] =
+          dynamic_output(float(out[i][j]), xs[m + i], a.scale[n + j], bias ? bias[n + j] : 0.f);
 }
 
 template <bool VNNI, int MR = kMR, int NR = kNR>
 FF_INLINE void run_itile(int mr, int nr, const QuantLinearArgs& a, const int8_t* xq, int64_t ldq, const float* xs,
                          const float* bias, float* y, int64_t m, int64_t n) {
-  if constexpr (MR > 1)
-    if (mr < MR) return run_itile<VNNI, MR - 1, NR>(mr, nr, a, xq, ldq, xs, bias, y, m, n);
-  if constexpr (NR > 1)
-    if (nr < NR) return run_itile<VNNI, MR, NR - 1>(mr, nr, a, xq, ldq, xs, bias, y, m, n);
-  itile_store<VNNI, MR, NR>(a, xq, ldq, xs, bias, y, m, n);
+  with_tile_size<MR, NR>(mr, nr, [&](auto rows, auto cols) {
+    itile_store<VNNI, decltype(rows)::value, decltype(cols)::value>(a, xq, ldq, xs, bias, y, m, n);
+  });
 }
 
 template <bool VNNI>
 void run_dynamic_tiles(const QuantLinearArgs& a, const int8_t* xq, int64_t ldq, const float* xs, const float* bias,
                        float* y) {
-  for_each_tile(a, [&](int mr, int nr, int64_t m, int64_t n) { run_itile<VNNI>(mr, nr, a, xq, ldq, xs, bias, y, m, n); });
+  if (a.M == 1)  // as the float stream: more W rows per tile when no rows of x share them
+    for_each_tile<kNR1>(a, [&](int, int nr, int64_t m, int64_t n) {
+      run_itile<VNNI, 1, kNR1>(1, nr, a, xq, ldq, xs, bias, y, m, n);
+    });
+  else
+    for_each_tile(a, [&](int mr, int nr, int64_t m, int64_t n) {
+      run_itile<VNNI>(mr, nr, a, xq, ldq, xs, bias, y, m, n);
+    });
 }
 
 #if defined(__AVX512F__)
@@ -539,21 +607,13 @@ FF_INLINE void vnni_tile(const QuantLinearArgs& a, const uint8_t* xu, int64_t ld
     const __m512 sc = _mm512_maskz_loadu_ps(mask, a.scale + c0);
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + c0) : _mm512_setzero_ps();
     for (int i = 0; i < MR; ++i) {
-      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][v], o));
-      const __m512 r = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(xs[m + i])), sc, bv);
-      _mm512_mask_storeu_ps(y + (m + i) * a.N + c0, mask, r);
+      const vf d = vf(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][v], o)));
+      const vf r = dynamic_output(d, vset1(xs[m + i]), vf(sc), vf(bv));
+      _mm512_mask_storeu_ps(y + (m + i) * a.N + c0, mask, __m512(r));
     }
   }
 }
 
-template <int MR = kMRv>
-FF_INLINE void run_vnni_tile(int mr, const QuantLinearArgs& a, const uint8_t* xu, int64_t ldu, const int8_t* wp,
-                             const int32_t* off, int64_t K4, const float* xs, const float* bias, float* y, int64_t m,
-                             int64_t n0) {
-  if constexpr (MR > 1)
-    if (mr < MR) return run_vnni_tile<MR - 1>(mr, a, xu, ldu, wp, off, K4, xs, bias, y, m, n0);
-  vnni_tile<MR>(a, xu, ldu, wp, off, K4, xs, bias, y, m, n0);
-}
 
 // The many-rows int8_dynamic product with vpdpbusd on packed W (see above); xu the quantized rows as
 // unsigned bytes (x + 128), ldu = 4 ceil(K / 4) apart.
@@ -572,8 +632,10 @@ void run_dynamic_vnni(const QuantLinearArgs& a, const uint8_t* xu, int64_t ldu, 
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t % blocks, m0 = t / blocks * kRowsPerTask, m1 = std::min(M, m0 + kRowsPerTask);
       for (int64_t m = m0; m < m1; m += kMRv)
-        run_vnni_tile(int(std::min<int64_t>(kMRv, m1 - m)), a, xu, ldu, wp.get() + b * block_bytes,
-                      off.get() + b * kNC, K4, xs, bias, y, m, b * kNC);
+        with_tile_size<kMRv, 1>(int(std::min<int64_t>(kMRv, m1 - m)), 1, [&](auto rows, auto) {
+          vnni_tile<decltype(rows)::value>(a, xu, ldu, wp.get() + b * block_bytes, off.get() + b * kNC, K4, xs, bias,
+                                           y, m, b * kNC);
+        });
     }
   });
 }
@@ -642,7 +704,7 @@ void quantized_linear(const QuantLinearArgs& a) {
       run_dynamic<T>(a);
     } else if (a.M > kFewRows) {
       run_panels<T>(a);
-    } else if (a.scheme == QuantScheme::Int4) {
+    } else if (is_4bit(a.scheme)) {  // the scheme's levels are read from a.scheme
       run_stream<T, QuantScheme::Int4>(a);
     } else {
       run_stream<T, QuantScheme::Int8>(a);

@@ -1,5 +1,5 @@
 """QuantizedLinear: a linear layer whose weights are stored quantized (int8 per output channel, or
-int4 in groups) and multiplied by ``fusedformer.ops.quantized_linear``; for inference (made from a
+int4 / nf4 in groups) and multiplied by ``fusedformer.ops.quantized_linear``; for inference (made from a
 trained ``torch.nn.Linear`` by :meth:`QuantizedLinear.from_linear` or ``fusedformer.quantize``)."""
 
 from typing import Optional, Tuple
@@ -7,12 +7,13 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops.quantized_linear import INT4_GROUP_SIZES, SCHEMES, dequantize_weight, quantize_weight, quantized_linear
+from ..ops.quantized_linear import (GROUPED_SCHEMES, INT4_GROUP_SIZES, SCHEMES, dequantize_weight, quantize_weight,
+                                    quantized_linear)
 
 
 class QuantizedLinear(torch.nn.Module):
     """``y = x @ dequant(qweight).T + bias``. Buffers (saved in the state_dict): ``qweight`` (int8
-    (out, in), or uint8 (out, in / 2) for int4) and ``scale`` float32 ((out,), or (out, in /
+    (out, in), or uint8 (out, in / 2) for int4 and nf4) and ``scale`` float32 ((out,), or (out, in /
     group_size)); ``bias`` a frozen parameter or None. The output has the input's dtype; the bias
     follows it."""
 
@@ -24,9 +25,9 @@ class QuantizedLinear(torch.nn.Module):
         super().__init__()
         if scheme not in SCHEMES:
             raise ValueError(f"QuantizedLinear: scheme must be one of {SCHEMES}, got {scheme!r}")
-        if scheme == "int4":
+        if scheme in GROUPED_SCHEMES:
             if group_size not in INT4_GROUP_SIZES:
-                raise ValueError(f"QuantizedLinear: group_size must be one of {INT4_GROUP_SIZES} for int4, "
+                raise ValueError(f"QuantizedLinear: group_size must be one of {INT4_GROUP_SIZES} for {scheme}, "
                                  f"got {group_size!r}")
             if in_features % group_size != 0:
                 raise ValueError(f"QuantizedLinear: in_features ({in_features}) must be divisible by group_size "
@@ -35,7 +36,8 @@ class QuantizedLinear(torch.nn.Module):
             s = torch.zeros(out_features, in_features // group_size, dtype=torch.float32, device=device)
         else:
             if group_size is not None:
-                raise ValueError(f"QuantizedLinear: group_size applies to int4 only, got {group_size} for {scheme!r}")
+                raise ValueError(f"QuantizedLinear: group_size applies to {' and '.join(GROUPED_SCHEMES)} only, "
+                                 f"got {group_size} for {scheme!r}")
             q = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
             s = torch.zeros(out_features, dtype=torch.float32, device=device)
         self.in_features, self.out_features = in_features, out_features

@@ -8,6 +8,10 @@ Formats (symmetric, no zero point; the schema in csrc/registration.cpp is the au
   group_size a multiple of 32. In each block of 32 consecutive k, byte j of the block's 16 bytes holds
   element j in its low nibble and element j + 16 in its high nibble, stored as q + 8 (q in [-8, 7]),
   so that a SIMD register of bytes widens into two runs of consecutive elements.
+- ``"nf4"``: the layout and scales of ``"int4"``; the nibble c (q + 8) stands for ``NF4_LEVELS[c]``
+  times the group's scale: 16 levels at the quantiles of a normal distribution (QLoRA's NormalFloat,
+  the values bitsandbytes uses), finer near zero where most weights are. Same bytes and speed as int4
+  (the kernels look a nibble's level up in a 16-entry table either way), lower error on trained weights.
 - ``"int8_dynamic"``: the weights of ``"int8"``; each input row is quantized on the fly to int8
   (scale max|x| / 127) and the products are int8 x int8 summed exactly in int32 (AVX512-VNNI
   ``vpdpbusd`` where the CPU has it, AVX2 ``vpmaddubsw``), for prefill and encoders.
@@ -26,13 +30,23 @@ from ._checks import check_same_device, check_tensor
 
 _ops = torch.ops.fusedformer
 
-SCHEMES = ("int8", "int4", "int8_dynamic")
-# group sizes fusedformer.quantize offers for int4 (the op takes any multiple of 32)
+SCHEMES = ("int8", "int4", "nf4", "int8_dynamic")
+# the schemes of 4-bit codes in groups along the input features
+GROUPED_SCHEMES = ("int4", "nf4")
+# group sizes fusedformer.quantize offers for the grouped schemes (the op takes any multiple of 32)
 INT4_GROUP_SIZES = (32, 64, 128)
+# nf4's levels, code c = q + 8 (ascending; csrc/include/fusedformer/quant_scheme.h holds the kernels' copy)
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
 _BLOCK = 32  # int4 values per packing block
 # int4: the candidate steps of a group's scale search: its largest magnitude m maps to -c for c in
 # 6.5, 6.75, ..., 9.5 (c > 8 clips the extremes for a finer step), each rounding then refitted
 _INT4_STEPS = tuple(6.5 + 0.25 * i for i in range(13))
+# nf4: its largest magnitude m maps to 1 / c for c in 0.5, 0.55, ..., 1.5 (c < 1 clips the extremes;
+# c > 1 leaves the outer levels unused on the side of m, which can fit the other side's weights better)
+_NF4_STEPS = tuple(0.5 + 0.05 * i for i in range(21))
 _INT4_SEARCH_CHUNK = 1 << 18  # weights searched at a time
 _INT4_TINY = 2.0 ** -100  # groups whose largest magnitude is below quantize to zero (scale 0)
 
@@ -52,16 +66,16 @@ def quantized_linear(input: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
 def quantize_weight(weight: torch.Tensor, scheme: str, group_size: Optional[int] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(qweight, scale) of a float weight (N, K) in ``scheme``'s format. int8: scale = max|w| / 127
-    per output channel, q = round(w / scale). int4: per group of ``group_size`` (a multiple of 32
-    dividing K) the scale of least squared error found by a search (``_int4_search``), q =
-    clamp(round(w / scale), -8, 7)."""
+    per output channel, q = round(w / scale). int4 and nf4: per group of ``group_size`` (a multiple of
+    32 dividing K) the scale of least squared error found by a search (``_group_search``), each weight
+    then rounded to the nearest of the scheme's levels at that scale."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantize_weight: scheme must be one of {SCHEMES}, got {scheme!r}")
     if weight.dim() != 2:
         raise ValueError(f"quantize_weight: weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
     w = weight.detach().to(torch.float32)
     N, K = w.shape
-    if scheme != "int4":
+    if scheme not in GROUPED_SCHEMES:
         scale, inv = int8_scales(w)
         q = torch.round(w * inv[:, None]).clamp_(-127, 127).to(torch.int8)
         return q.contiguous(), scale.contiguous()
@@ -73,7 +87,7 @@ def quantize_weight(weight: torch.Tensor, scheme: str, group_size: Optional[int]
     scale = torch.empty(groups.shape[0], dtype=torch.float32, device=w.device)
     step = max(1, _INT4_SEARCH_CHUNK // group_size)  # groups at a time, to work in the cache
     for i in range(0, groups.shape[0], step):
-        q[i:i + step], scale[i:i + step] = _int4_search(groups[i:i + step])
+        q[i:i + step], scale[i:i + step] = _group_search(groups[i:i + step], scheme)
     return pack_int4(q.reshape(N, K)), scale.reshape(N, K // group_size)
 
 
@@ -83,28 +97,61 @@ def int8_scales(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return amax / 127.0, torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
 
 
-def _int4_search(g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(q int16, scale) of float32 groups g (n, group_size), all at once: for each step c of
-    ``_INT4_STEPS`` the groups rounded at scale m / -c (m a group's value of largest magnitude, which
-    so takes the -8 end), then the scale of least squared error for that rounding, <q, w> / <q, q>;
-    each group keeps the best over the steps and is rounded again to it (which cannot raise the
-    error)."""
+def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale, and 0 where the scale is 0 (a group or channel of zeros, which rounds to code 0)."""
+    return torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+
+
+def round_to_levels(v: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The code q (float, in [-8, 7]) of the level of the 4-bit ``scheme`` nearest each value of ``v``
+    (weights divided by their scale): int4 rounds half to even and clamps; nf4 takes the nearest of
+    ``NF4_LEVELS`` (ties to the lower). Pass the result to :func:`level_values` for the values."""
+    if scheme == "int4":
+        return torch.round(v).clamp_(-8, 7)
+    levels = _nf4_levels(v.device)
+    return torch.bucketize(v, (levels[1:] + levels[:-1]) / 2).to(v.dtype).sub_(8)
+
+
+def level_values(q: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The values (before the group's scale) that codes ``q`` in [-8, 7] of the 4-bit ``scheme`` stand for."""
+    if scheme == "int4":
+        return q
+    return _nf4_levels(q.device)[(q.long() + 8)].to(q.dtype)
+
+
+def _nf4_levels(device) -> torch.Tensor:
+    # made at each call, so that it is a fake tensor where the caller's are (the backward under tracing)
+    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+
+
+def _group_search(g: torch.Tensor, scheme: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(q int16, scale) of float32 groups g (n, group_size) in the 4-bit ``scheme``, all at once: for
+    each candidate step (int4: ``_INT4_STEPS``, m a group's value of largest magnitude mapped to -c,
+    the -8 end; nf4: ``_NF4_STEPS``, |m| mapped to 1 / c) the groups rounded to the nearest levels at
+    that scale, then the scale of least squared error for those codes, <v, w> / <v, v> (v their
+    levels); each group keeps the best over the steps and is rounded again to it (which cannot raise
+    the error)."""
     m = torch.gather(g, 1, g.abs().argmax(dim=1, keepdim=True)).squeeze(1)
     usable = m.abs() >= _INT4_TINY  # else q = 0, scale 0
     zero = torch.zeros_like(m)
     best_fit, best_scale = zero, zero
-    q, qg = torch.empty_like(g), torch.empty_like(g)
-    for c in _INT4_STEPS:
-        torch.mul(g, torch.where(usable, -c / m, zero)[:, None], out=q).round_().clamp_(-8, 7)
-        qw = torch.mul(q, g, out=qg).sum(dim=1)
-        qq = q.square_().sum(dim=1).clamp_(min=1.0)  # 0 only where q is, and then qw is too
-        # the squared error at the fitted scale is |w|^2 - <q, w>^2 / <q, q>: keep the largest fit
-        fit = qw * qw / qq
+    if scheme == "int4":
+        multipliers = [torch.where(usable, -c / m, zero) for c in _INT4_STEPS]
+    else:
+        multipliers = [torch.where(usable, 1.0 / (c * m.abs()), zero) for c in _NF4_STEPS]
+    vg = torch.empty_like(g)
+    for r in multipliers:
+        v = level_values(round_to_levels(g * r[:, None], scheme), scheme)
+        qw = torch.mul(v, g, out=vg).sum(dim=1)
+        vv = v.square_().sum(dim=1)
+        # the squared error at the fitted scale is |w|^2 - <v, w>^2 / <v, v>: keep the largest fit
+        # (<v, v> is 0 only where v is, and then <v, w> is too)
+        fit = qw * qw / vv.clamp(min=1e-30)
         better = fit > best_fit
         best_fit = torch.where(better, fit, best_fit)
-        best_scale = torch.where(better, qw / qq, best_scale)
-    inv = torch.where(best_scale != 0, 1.0 / best_scale, zero)
-    return torch.mul(g, inv[:, None], out=q).round_().clamp_(-8, 7).to(torch.int16), best_scale
+        best_scale = torch.where(better, qw / vv.clamp(min=1e-30), best_scale)
+    q = round_to_levels(g * inverse_scale(best_scale)[:, None], scheme)
+    return q.to(torch.int16), best_scale
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -125,8 +172,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, scheme: str,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight (N, K) that (qweight, scale) stand for, in ``dtype``."""
-    if scheme == "int4":
-        q = unpack_int4(qweight).to(dtype)
+    if scheme in GROUPED_SCHEMES:
+        q = level_values(unpack_int4(qweight).to(torch.float32), scheme).to(dtype)
         group = q.shape[1] // scale.shape[1]
         return q * scale.to(dtype).repeat_interleave(group, dim=1)
     return qweight.to(dtype) * scale.to(dtype)[:, None]
@@ -137,9 +184,9 @@ def _quantized_linear_fake(input, qweight, scale, bias, scheme):
     op = "fusedformer.quantized_linear"
     check_same_device(op, "input", input, qweight=qweight, scale=scale, bias=bias)
     if scheme not in SCHEMES:
-        raise ValueError(f"{op}: scheme must be \"int8\", \"int4\" or \"int8_dynamic\", got \"{scheme}\"")
+        raise ValueError(f"{op}: scheme must be \"int8\", \"int4\", \"nf4\" or \"int8_dynamic\", got \"{scheme}\"")
     K = input.shape[-1] if input.dim() >= 1 else -1
-    cols = 2 * qweight.shape[1] if scheme == "int4" and qweight.dim() == 2 else qweight.shape[-1]
+    cols = 2 * qweight.shape[1] if scheme in GROUPED_SCHEMES and qweight.dim() == 2 else qweight.shape[-1]
     if qweight.dim() != 2 or input.dim() < 1 or cols != K:
         raise ValueError(f"{op}: the last dim of input {tuple(input.shape)} does not match qweight "
                          f"{tuple(qweight.shape)} for scheme \"{scheme}\"")

@@ -7,9 +7,9 @@ For a layer with inputs x (rows of X), H = E[x x^T] (:func:`input_hessians` coll
 pre-hooks while the float model runs the calibration batches). With U the upper Cholesky factor of
 (H + damping)^-1, column k is rounded to q_k and the not yet rounded columns j > k take
 w_j -= (w_k - q_k) U_kj / U_kk: the least-squares correction of the output for that error. Scales are
-those of the uncalibrated format: int8 per output channel from the whole row, int4 per group from the
-group's weights as they stand when rounding reaches it (after the corrections of earlier groups),
-with the same least-squared-error search (:func:`fusedformer.ops.quantized_linear.quantize_weight`).
+those of the uncalibrated format: int8 per output channel from the whole row, int4 and nf4 per group
+from the group's weights as they stand when rounding reaches it (after the corrections of earlier
+groups), with the same least-squared-error search (:func:`fusedformer.ops.quantized_linear.quantize_weight`).
 Inputs that the calibration never set (a zero diagonal entry) get the mean diagonal, so that their
 weights are rounded to nearest and pass no error on.
 """
@@ -18,7 +18,8 @@ from typing import Dict, Iterable, Sequence, Tuple
 
 import torch
 
-from ..ops.quantized_linear import INT4_GROUP_SIZES, SCHEMES, _int4_search, int8_scales, pack_int4
+from ..ops.quantized_linear import (GROUPED_SCHEMES, INT4_GROUP_SIZES, SCHEMES, _group_search, int8_scales,
+                                    inverse_scale, level_values, pack_int4, round_to_levels)
 
 # columns rounded between two updates of the rest of the matrix (the update is one product)
 _BLOCK = 128
@@ -91,7 +92,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, grou
     diag.add_(damping * (mean if mean > 0 else 1.0))
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
     q = torch.empty(N, K, dtype=torch.int16)
-    if scheme == "int4":
+    grouped = scheme in GROUPED_SCHEMES
+    if grouped:
         if group_size not in INT4_GROUP_SIZES or K % group_size != 0:
             raise ValueError(f"gptq_quantize: group_size must be one of {INT4_GROUP_SIZES} dividing in_features "
                              f"({K}), got {group_size!r}")
@@ -101,27 +103,27 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, grou
         scale, inv = int8_scales(w)
     else:
         raise ValueError(f"gptq_quantize: scheme must be one of {SCHEMES}, got {scheme!r}")
-    lo, hi = (-8, 7) if scheme == "int4" else (-127, 127)
     for b0 in range(0, K, _BLOCK):
         b1 = min(b0 + _BLOCK, K)
         wb, err, ub = w[:, b0:b1], torch.empty(N, b1 - b0), u[b0:b1, b0:b1]
         for i in range(b1 - b0):
             k = b0 + i
-            if scheme == "int4":
+            col = wb[:, i]
+            if grouped:
                 g = k // group_size
                 if k % group_size == 0:  # the group's scale from its weights as they stand now
-                    _, scale[:, g] = _int4_search(wb[:, i:i + group_size].contiguous())
-                    inv[:, g] = torch.where(scale[:, g] != 0, 1.0 / scale[:, g], torch.zeros(N))
-                s, r = scale[:, g], inv[:, g]
+                    _, scale[:, g] = _group_search(wb[:, i:i + group_size].contiguous(), scheme)
+                    inv[:, g] = inverse_scale(scale[:, g])
+                qk = round_to_levels(col * inv[:, g], scheme)
+                value = level_values(qk, scheme) * scale[:, g]
             else:
-                s, r = scale, inv
-            col = wb[:, i]
-            qk = torch.round(col * r).clamp_(lo, hi)
+                qk = torch.round(col * inv).clamp_(-127, 127)
+                value = qk * scale
             q[:, k] = qk.to(torch.int16)
-            e = (col - qk * s) / ub[i, i]
+            e = (col - value) / ub[i, i]
             wb[:, i + 1:] -= e[:, None] * ub[i, i + 1:][None, :]
             err[:, i] = e
         w[:, b1:] -= err @ u[b0:b1, b1:]
-    if scheme == "int4":
+    if grouped:
         return pack_int4(q), scale
     return q.to(torch.int8).contiguous(), scale

@@ -2,8 +2,10 @@
 
 Schemes: ``"int8"`` (weights int8 per output channel, computed in the input's float dtype),
 ``"int4"`` (weights 4-bit in groups of ``group_size`` along the input features, each group's scale
-the one of least squared error) and ``"int8_dynamic"`` (int8 weights; activations quantized per row
-on the fly, int8 products summed in int32: for prefill and encoders). The LM head (a top-level
+the one of least squared error), ``"nf4"`` (int4's bytes, with 16 levels at normal quantiles rather
+than evenly spaced: closer to trained weights at the same size and speed) and ``"int8_dynamic"`` (int8
+weights; activations quantized per row on the fly, int8 products summed in int32: for prefill and
+encoders). The LM head (a top-level
 ``head`` / ``lm_head``, or any layer whose weight is an embedding's, as GPT's tied head) is quantized
 too unless ``include_lm_head=False``: in decoding it is the largest single read (GPT-2's tied head is
 a third of the model's weights), so a float head would hold quantized decoding at float speed. A
@@ -16,7 +18,7 @@ import torch
 
 from ..nn.linear import Linear
 from ..nn.quantized import QuantizedLinear
-from ..ops.quantized_linear import INT4_GROUP_SIZES, SCHEMES
+from ..ops.quantized_linear import GROUPED_SCHEMES, INT4_GROUP_SIZES, SCHEMES
 from .gptq import gptq_quantize, input_hessians
 
 _HEAD_NAMES = ("head", "lm_head")
@@ -40,26 +42,27 @@ def quantize(model: torch.nn.Module, scheme: str, *, group_size: Optional[int] =
              damping: float = 0.1) -> torch.nn.Module:
     """Replaces every ``torch.nn.Linear`` / ``fusedformer.nn.Linear`` of ``model`` (a fusedformer model,
     a ``fusedformer.nn`` model or a patched HF model) by a :class:`QuantizedLinear` of ``scheme``, in
-    place, and returns ``model``. ``group_size``: 32, 64 or 128 for ``"int4"`` (every quantized
+    place, and returns ``model``. ``group_size``: 32, 64 or 128 for ``"int4"`` and ``"nf4"`` (every quantized
     layer's in_features divisible by it), None otherwise. ``skip``: qualified module names (as
     ``named_modules`` gives them) left float, with their submodules. ``include_lm_head=False`` keeps
     the LM head float (see the module's docstring). ``calibration``: batches of inputs like the data
     the model will see (each a tensor, a dict of keyword arguments or a tuple of arguments for
     ``model``), run through the float model once to round every layer by GPTQ against its inputs
     (:mod:`fusedformer.quantization.gptq`; ``damping``: its diagonal damping, 0.1 holding up with a few
-    hundred calibration tokens, 0.01 (GPTQ's) for many thousands) instead of to nearest.
+    hundred calibration tokens, 0.3 for fewer, 0.01 (GPTQ's) for many thousands) instead of to nearest.
     Everything is checked before the first layer is replaced, so that an error leaves the model as
     it was: a model already quantized, a bad scheme or group size, a skip name that names no module,
     a Linear subclass whose owner reads its weight itself (e.g. ``nn.MultiheadAttention.out_proj``)
     among the layers to replace, or calibration data that holds no batch or never calls a layer."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantize: scheme must be one of {SCHEMES}, got {scheme!r}")
-    if scheme == "int4":
+    if scheme in GROUPED_SCHEMES:
         if group_size not in INT4_GROUP_SIZES:
-            raise ValueError(f"quantize: group_size must be one of {INT4_GROUP_SIZES} for \"int4\", got {group_size!r}")
+            raise ValueError(f"quantize: group_size must be one of {INT4_GROUP_SIZES} for \"{scheme}\", "
+                             f"got {group_size!r}")
     elif group_size is not None:
-        raise ValueError(f"quantize: group_size applies to \"int4\" only (int8 scales are per output channel), "
-                         f"got {group_size} for {scheme!r}")
+        raise ValueError(f"quantize: group_size applies to \"int4\" and \"nf4\" only (int8 scales are per output "
+                         f"channel), got {group_size} for {scheme!r}")
     if isinstance(skip, str):
         skip = (skip,)
     skip = tuple(skip)
@@ -85,7 +88,7 @@ def quantize(model: torch.nn.Module, scheme: str, *, group_size: Optional[int] =
         if m._forward_hooks or m._forward_pre_hooks:
             raise ValueError(f"quantize: layer {name!r} has forward hooks, which a replacement would drop; "
                              "remove them or pass it in skip")
-        if scheme == "int4" and m.in_features % group_size != 0:
+        if scheme in GROUPED_SCHEMES and m.in_features % group_size != 0:
             raise ValueError(f"quantize: layer {name!r} has in_features {m.in_features}, not divisible by "
                              f"group_size {group_size}; pick another group size or pass it in skip")
         targets.append(name)
