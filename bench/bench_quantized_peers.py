@@ -28,8 +28,9 @@ Validation, before anything is timed (an engine that fails is reported and not t
 - GPT-2: ours float32 gives HF generate's greedy tokens; bfloat16 as in bench_generation.py (prompt
   logits within twice HF's own bfloat16 error, every token a greedy choice of the model run without
   the KV cache); int8 / int4 / nf4: logits equal (to 1e-4 of their largest) those of the float32 model
-  whose weights are the dequantized ones, and every token (int8_dynamic's too) the greedy choice of the
-  same model run without the cache; the cosine of the last position's logits to float32's is recorded (random weights lose
+  whose weights are the dequantized ones, and every token the greedy choice of the same model run
+  without the cache (int8_dynamic, whose cached and uncached runs may round an activation to
+  different int8 steps: as the peers, within twice its own logit error of float32's best); the cosine of the last position's logits to float32's is recorded (random weights lose
   more to int4 than trained ones: about 0.97). CTranslate2 and llama.cpp are checked twice:
   their float32 runs of the converted weights (CTranslate2 converted without quantization; llama.cpp's
   f32 GGUF) give exactly our float32 tokens, which checks the conversion and the prompt handling;
@@ -468,6 +469,12 @@ def gpt2(quick, work, skipped, llama_src):
                         raise AssertionError(f"logits differ from the dequantized float model's by {diff:.3g}")
                 cos = torch.nn.functional.cosine_similarity(got[:, -1], ref[:, -1], dim=-1).min().item()
                 seq = runs[k]()
+                if k not in dequantized:
+                    # int8_dynamic: the cached and uncached runs differ by float rounding, which can move an
+                    # activation across an int8 step, so the tokens are checked as the peers' are: within
+                    # twice its own logit error of float32's best at every step
+                    near_greedy(base, seq, prompt, 2 * _logits_error(ours[k], base, ids) + 1e-2, k)
+                    return {"leading_tokens_equal_fp32": _leading_equal(seq, want, prompt), "logits_cos_fp32": cos}
                 # a greedy choice of the same quantized model without the KV cache, at every step
                 with torch.no_grad():
                     full = ours[k](seq).float()
