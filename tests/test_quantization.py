@@ -14,6 +14,7 @@ import fusedformer
 from fusedformer import corpus
 from fusedformer.models import GPT
 from fusedformer.nn.quantized import QuantizedLinear
+from fusedformer.ops.quantized_linear import GROUPED_SCHEMES
 from fusedformer.textgen import SHIPPED_MODEL, load_model
 from fusedformer.train import evaluate
 
@@ -57,7 +58,7 @@ def test_quantize_gpt_replaces_the_linears_and_the_tied_head(scheme, group):
     assert torch.equal(model.head.qweight, want.qweight) and torch.equal(model.head.scale, want.scale)
     # the quantization error of small random weights: a few percent of the logits' spread (int4: up to
     # about half of it, a group of 64 being the whole 64-wide row here)
-    bound = 0.05 if scheme not in ("int4", "nf4") else 0.6
+    bound = 0.05 if scheme not in GROUPED_SCHEMES else 0.6
     assert (got - ref).abs().max() <= bound * ref.std(), (got - ref).abs().max()
 
 

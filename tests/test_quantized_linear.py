@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fusedformer
 from fusedformer import reference
-from fusedformer.ops.quantized_linear import (GROUPED_SCHEMES, NF4_LEVELS, dequantize_weight, pack_int4,
+from fusedformer.ops.quantized_linear import (GROUPED_SCHEMES, NF4_LEVELS, SCHEMES, dequantize_weight, pack_int4,
                                               quantize_weight, unpack_int4)
 from _util import DTYPES, ISAS, LOWP, assert_matches_reference, cpu_isa, make, skip_unless_cuda
 
@@ -65,7 +65,7 @@ def test_int8_dynamic_many_rows_odd_shapes(isa):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
-@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "int8_dynamic"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_against_reference(isa, dtype, scheme):
     with cpu_isa(isa):
         for M in ROWS:
@@ -102,7 +102,7 @@ def test_nf4_levels_are_the_kernels(isa):
                 assert torch.equal(y, (2 * levels).to(dtype).expand(M, 16)), (M, dtype)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "int8_dynamic"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_strided_and_batched_input(scheme):
     g = 32 if scheme in GROUPED_SCHEMES else None
     for M in (3, 17, 40):
@@ -213,7 +213,7 @@ def test_nf4_scale_search(group):
 
 @skip_unless_cuda()
 @pytest.mark.parametrize("dtype", [torch.float32, *LOWP], ids=str)
-@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "int8_dynamic"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_cuda(dtype, scheme):
     """The CUDA kernels: the weight stream (up to 16 rows) and the dequantize-then-cuBLAS path."""
     for M in ROWS:
@@ -223,7 +223,7 @@ def test_cuda(dtype, scheme):
            device="cuda")
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "int8_dynamic"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_input_gradient(scheme):
     g = 32 if scheme in GROUPED_SCHEMES else None
     q, s = _weights(6, 64, scheme, g, 1)
@@ -245,7 +245,7 @@ def test_weight_gradient_is_refused():
         y.sum().backward()
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "int8_dynamic"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_opcheck(scheme):
     g = 32 if scheme in GROUPED_SCHEMES else None
     q, s = _weights(6, 64, scheme, g, 1)

@@ -357,10 +357,11 @@ def _generate(args):
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"--model {args.model}: {e}") from None
     if args.quantize:
+        from .ops.quantized_linear import GROUPED_SCHEMES
         from .quantization import quantize
 
         try:
-            quantize(model, args.quantize, group_size=args.group_size if args.quantize in ("int4", "nf4") else None)
+            quantize(model, args.quantize, group_size=args.group_size if args.quantize in GROUPED_SCHEMES else None)
         except ValueError as e:
             raise UserError(f"--quantize {args.quantize}: {e}") from None
     print(args.prompt, end="", flush=True)
