@@ -7,6 +7,9 @@ Cases:
   in plain PyTorch eager (nanoGPT's layout: LayerNorm, one qkv Linear, ``F.scaled_dot_product_attention``,
   tanh-GELU MLP, tied head, ``F.cross_entropy`` on the logits) with the same weights, and that model
   under ``torch.compile`` (full run only; compiling takes minutes on a small CPU). Goal: >= 1.3x eager.
+  Ours runs as the preset does (torch's fused AdamW, bfloat16 matrix products: ``--bf16-matmul``);
+  plain PyTorch as nanoGPT runs it on a CPU (AdamW's default per-parameter loop, float32 products),
+  and a second plain row with those two switches turned on, so the gain of each part shows.
   Validation: the same loss and gradients from the same weights and batch.
 - ``baby_gpt train_step (shards)``: the same step with its batch read from memory-mapped token shards
   (``prepare``; 3 M tokens of text) against the batch read from the same ids in memory: a corpus
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from common import Case
 
 from fusedformer.models import GPT, GPTConfig
-from fusedformer.train import PRESETS, TrainConfig, make_optimizer
+from fusedformer.train import MATMUL_BF16, PRESETS, TrainConfig, make_optimizer, matmul_precision, set_matmul_precision
 
 BABY = PRESETS["shakespeare-char"]
 CHAR_VOCAB = 85  # the 83 characters of the plays (`data shakespeare`) + <|endoftext|> + <unk>
@@ -100,24 +103,34 @@ def _baby_gpt_case(quick):
     x = torch.randint(2, CHAR_VOCAB, (B, T), generator=g)
     y = torch.randint(2, CHAR_VOCAB, (B, T), generator=g)
 
-    def stepper(model, loss_fn):
-        opt = make_optimizer(model, cfg)
+    def stepper(model, loss_fn, fused=None, bf16_matmul=False):
+        opt = make_optimizer(model, cfg, fused=fused)
 
         def step():
-            loss = loss_fn(x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            precision = matmul_precision()
+            if bf16_matmul:
+                set_matmul_precision(MATMUL_BF16)
+            try:
+                loss = loss_fn(x, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+            finally:
+                set_matmul_precision(precision)
             return loss
         return step
 
-    peers = {"plain PyTorch eager": stepper(plain, plain)}
+    # plain PyTorch as nanoGPT runs it on a CPU (AdamW's default loop, float32 products), and with the
+    # two switches the preset turns on (torch's fused AdamW, bfloat16 matmul precision) applied to it
+    tuned = copy.deepcopy(plain)
+    peers = {"plain PyTorch eager": stepper(plain, plain, fused=False),
+             "plain PyTorch eager, fused AdamW + bf16 matmul": stepper(tuned, tuned, fused=True, bf16_matmul=True)}
     compiled = None
     if not quick:
         compiled_model = copy.deepcopy(plain)
         compiled = torch.compile(compiled_model)
-        peers["plain PyTorch + torch.compile"] = stepper(compiled_model, compiled)
+        peers["plain PyTorch + torch.compile"] = stepper(compiled_model, compiled, fused=False)
 
     def validate():
         a, b = baby_gpt_pair()
@@ -138,7 +151,8 @@ def _baby_gpt_case(quick):
                 raise AssertionError(f"baby GPT loss {la.item()} != torch.compile's {lc.item()}")
 
     return Case(op="baby_gpt", direction="train_step", dtype="fp32", shape=f"4x128 h4 V{CHAR_VOCAB} b{B}x{T}",
-                ours=stepper(ours, ours.loss), peers=peers, validate=validate, target=None if quick else 1.3,
+                ours=stepper(ours, ours.loss, bf16_matmul=BABY["bf16_matmul"]), peers=peers, validate=validate,
+                target=None if quick else 1.3,
                 note="nanoGPT's CPU baby GPT: forward, cross-entropy, backward, clip, AdamW")
 
 

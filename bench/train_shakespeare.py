@@ -5,9 +5,10 @@ cpu-train-shakespeare.{json,md,png}):
    validation loss, a loss curve, a sample);
 2. the same training loop (the preset's batch sampler, warmup + cosine schedule, AdamW, clipping, an
    evaluation every 250 steps on the same held-out windows) for 2000 iterations with the fusedformer
-   GPT, the same model in plain PyTorch eager (bench_train.PlainGPT, nanoGPT's layout) and that
-   model under torch.compile, all from the same initial weights: wall time, step rate and final
-   validation loss;
+   GPT as the preset runs it (torch's fused AdamW, bfloat16 matrix products), the same model in plain
+   PyTorch eager as nanoGPT runs it on a CPU (bench_train.PlainGPT; AdamW's default loop, float32
+   products), that model with the preset's two switches turned on, and under torch.compile, all
+   from the same initial weights: wall time, step rate and final validation loss;
 3. (before the torch.compile run, the slowest) the same command under ``torchrun --nproc-per-node 2`` (batch 6 per process, the same global batch
    12) against 1 process, for --torchrun-steps steps: the step rates (on a 2-core machine no speed-up is
    expected; the point is that it scales out).
@@ -33,13 +34,24 @@ from bench_train import BABY, baby_gpt_pair  # noqa: E402
 from common import machine_info  # noqa: E402
 
 from fusedformer import shakespeare, shards  # noqa: E402
-from fusedformer.train import PRESETS, TrainConfig, _windows, evaluate, lr_at, make_optimizer  # noqa: E402
+from fusedformer.train import (MATMUL_BF16, PRESETS, TrainConfig, _windows, evaluate, lr_at, make_optimizer,  # noqa: E402
+                               matmul_precision, set_matmul_precision)
 
 
-def run_loop(model, loss_fn, train_ids, val_ids, cfg, label):
-    """The training loop of `train` (single process), returning times and losses."""
+def run_loop(model, loss_fn, train_ids, val_ids, cfg, label, fused=None, bf16_matmul=False):
+    """The training loop of `train` (single process), returning times and losses; ``fused`` and
+    ``bf16_matmul`` as make_optimizer's and TrainConfig's."""
+    precision = matmul_precision()
+    if bf16_matmul:
+        set_matmul_precision(MATMUL_BF16)
+    try:
+        return _loop(model, loss_fn, train_ids, val_ids, cfg, label, make_optimizer(model, cfg, fused=fused))
+    finally:
+        set_matmul_precision(precision)
+
+
+def _loop(model, loss_fn, train_ids, val_ids, cfg, label, opt):
     g = torch.Generator().manual_seed(cfg.seed)
-    opt = make_optimizer(model, cfg)
     T = cfg.context
     n = train_ids.numel() - T - 1
     curve, vals = [], []
@@ -129,9 +141,17 @@ def main(argv=None):
     ours, plain = baby_gpt_pair(vocab=V)
     runs = {}
     results["loop"] = runs
-    runs["plain PyTorch eager"] = run_loop(plain, plain, train_ids, val_ids, cfg, "eager")
+    # plain PyTorch as nanoGPT runs it on a CPU (AdamW's default loop, float32 products); ours as the
+    # preset runs (fused AdamW, bfloat16 products); then plain with those two switches turned on
+    runs["plain PyTorch eager"] = run_loop(plain, plain, train_ids, val_ids, cfg, "eager", fused=False)
     _save(results, args.out)
-    runs["fusedformer"] = run_loop(ours, ours.loss, train_ids, val_ids, cfg, "fusedformer")
+    runs["fusedformer"] = run_loop(ours, ours.loss, train_ids, val_ids, cfg, "fusedformer",
+                                   bf16_matmul=cfg.bf16_matmul)
+    _ratios(runs)
+    _save(results, args.out)
+    _, tuned = baby_gpt_pair(vocab=V)
+    runs["plain PyTorch eager, fused AdamW + bf16 matmul"] = run_loop(tuned, tuned, train_ids, val_ids, cfg, "tuned",
+                                                                      fused=True, bf16_matmul=True)
     _ratios(runs)
     _save(results, args.out)
     # 3. torchrun: 2 processes x batch 6 against 1 process x batch 12
@@ -154,7 +174,8 @@ def main(argv=None):
         _, plain2 = baby_gpt_pair(vocab=V)
         try:
             compiled = torch.compile(plain2)
-            runs["plain PyTorch + torch.compile"] = run_loop(plain2, compiled, train_ids, val_ids, cfg, "compile")
+            runs["plain PyTorch + torch.compile"] = run_loop(plain2, compiled, train_ids, val_ids, cfg, "compile",
+                                                             fused=False)
             runs["plain PyTorch + torch.compile"]["note"] = "wall_s includes compiling; steps_per_s too"
         except Exception as e:  # no compiler on this machine: report it and go on
             results["compile_error"] = f"{type(e).__name__}: {e}"[:500]

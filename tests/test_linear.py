@@ -3,6 +3,7 @@ row count (the register tile's remainders), feature count (the vector tails), bi
 inputs and every instruction set; gradients, opcheck, torch.compile, autocast, nn.Linear parity and
 the error messages."""
 
+import contextlib
 import sys
 
 import pytest
@@ -231,6 +232,82 @@ def test_weight_gradient_product(monkeypatch, gemm):
     small = make((8, K), seed=5).requires_grad_()
     fusedformer.linear(small, w, b).backward(make((8, N), seed=6))
     assert (N, 8) not in calls
+
+
+@contextlib.contextmanager
+def _bf16_precision():
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
+
+
+def _bf16_ref(x, w, b=None):
+    """float64 product of the operands rounded to bfloat16 (what the bf16 products compute)."""
+    r = x.bfloat16().double() @ w.bfloat16().double().T
+    return r if b is None else r + b.double()
+
+
+# bfloat16 products (torch.backends.mkldnn.matmul.fp32_precision = "bf16", AVX512-BF16): operands
+# rounded to bfloat16 as they are copied into the panels, products summed in float32. Shapes cover the
+# paired copies' fast path (K a multiple of 32, rows along K), their other paths (odd K, K blocks
+# over 384, transposed and strided operands), row / column tiles' remainders, bias or not.
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M,N,K", [(17, 5, 7), (23, 33, 64), (145, 47, 385), (300, 17, 800), (600, 70, 96),
+                                   (37, 3100, 33)])
+def test_bf16_products(isa, M, N, K):
+    x = make((M, K), seed=M)
+    w = make((N, K), seed=N, scale=K ** -0.5)
+    b = make((N,), seed=K) if N % 2 else None
+    full = _ops.linear(x, w, b)
+    with cpu_isa(isa), _bf16_precision():
+        got = _ops.linear(x, w, b)
+        assert _linear_mod.bf16_products() == (_linear_mod._gemm_bf16 and fusedformer.cpu_capability() == "avx512")
+        bf16 = isa == "avx512" and "avx512_bf16" in _linear_mod._FLAGS and M > 16
+        ref = _bf16_ref(x, w, b) if bf16 else F.linear(x.double(), w.double(), None if b is None else b.double())
+        # float32 sums of exact products: float32 rounding of K terms of size ~1 / sqrt(K)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+        if bf16:  # the float32 product is not what it computed: bfloat16's rounding shows
+            assert (full.double() - ref).abs().max() > 1e-3
+        for xs in (x.t().contiguous().t(), make((M, 2 * K), seed=M)[:, ::2]):
+            ws = make((2 * N, K), seed=N, scale=K ** -0.5)[::2]
+            torch.testing.assert_close(_ops.linear(xs, ws, b).double(),
+                                       _bf16_ref(xs, ws, b) if bf16 else F.linear(xs.double(), ws.double(),
+                                                                                  None if b is None else b.double()),
+                                       rtol=1e-5, atol=1e-5)
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"
+    torch.testing.assert_close(_ops.linear(x, w, b), full, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not _linear_mod._gemm_bf16, reason="needs the AVX-512 build's blocked product on a CPU with AVX512-BF16")
+def test_bf16_products_gradients(monkeypatch):
+    """Under the bfloat16 precision the input and weight gradients of a training-sized layer (768 rows,
+    128 -> 384) take the op's bfloat16 products too, with float32 sums."""
+    calls = []
+    real = _linear_mod._ops.linear
+
+    class Spy:
+        def linear(self, *a):
+            calls.append(tuple(a[0].shape))
+            return real(*a)
+
+    monkeypatch.setattr(_linear_mod, "_ops", Spy())
+    x = make((768, 128), seed=1).requires_grad_()
+    w = make((384, 128), seed=2, scale=128 ** -0.5).requires_grad_()
+    g = make((768, 384), seed=3)
+    with _bf16_precision():
+        fusedformer.linear(x, w).backward(g)
+    assert (384, 768) in calls and (768, 384) in calls  # grad.T @ input and grad @ weight
+    torch.testing.assert_close(x.grad.double(), g.bfloat16().double() @ w.bfloat16().double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(w.grad.double(), g.bfloat16().double().T @ x.bfloat16().double(), rtol=1e-5, atol=1e-4)
+    # at the default precision: float32 products, torch's for this weight gradient
+    calls.clear()
+    x.grad = w.grad = None
+    fusedformer.linear(x, w).backward(g)
+    assert (384, 768) not in calls
+    torch.testing.assert_close(w.grad.double(), g.double().T @ x.detach().double(), rtol=1e-5, atol=1e-4)
 
 
 def test_autocast():

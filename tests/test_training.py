@@ -78,6 +78,40 @@ def test_train_command_tiny(tmp_path):
     assert r.stdout.startswith("def f") and "tokens/s" in r.stderr
 
 
+def test_train_bf16_matmul_and_fused_adamw(tmp_path, monkeypatch):
+    """--bf16-matmul trains with the bfloat16 precision set for the run only (512-row batches: the
+    products take the op's blocked product), the preset turns it on and --no-bf16-matmul off; the
+    optimizer is torch's fused AdamW on CPU parameters, and make_optimizer(fused=False) the default loop."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    _write_corpus(data)
+    seen = []
+    real = train_mod._LossModule.forward
+
+    def spy(self, *a, **k):
+        seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(train_mod._LossModule, "forward", spy)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    rc = cli.main(["train", "--data", str(data), "--out", str(out), "--vocab-size", "300", "--context", "32",
+                   "--d-model", "64", "--n-layer", "1", "--n-head", "2", "--steps", "30", "--batch-size", "16",
+                   "--warmup", "5", "--eval-every", "30", "--eval-batches", "2", "--lr", "3e-3", "--no-progress",
+                   "--bf16-matmul"])
+    assert rc == 0
+    assert seen and set(seen) == {"bf16"}
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    s = json.loads((out / "metrics.json").read_text())["summary"]
+    assert s["config"]["bf16_matmul"] is True
+    assert s["final_train_loss"] < json.loads((out / "metrics.json").read_text())["history"]["train"][0]["loss"] - 1.0
+    parser = cli.build_parser()
+    for argv, want in ((["--preset", "shakespeare-char"], True), (["--preset", "shakespeare-char", "--no-bf16-matmul"], False),
+                       ([], False)):
+        assert cli.train_config(parser.parse_args(["train", *argv])).bf16_matmul is want, argv
+    model = GPT.from_pretrained(str(out))
+    assert train_mod.make_optimizer(model, TrainConfig()).defaults["fused"] is True
+    assert not train_mod.make_optimizer(model, TrainConfig(), fused=False).defaults["fused"]
+
+
 def test_train_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         corpus.folder_files(str(tmp_path / "none"))

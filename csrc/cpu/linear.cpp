@@ -1,8 +1,11 @@
 // linear for the CPU dispatch key: y = input W^T + bias. float32 inputs of more than kSmallRows rows
 // go through the blocked matrix product (csrc/cpu/kernels/linear_gemm_kernel.cpp), which reads input and
 // weight through their strides (a transposed view costs no copy); the others through the few-rows
-// streaming kernel (csrc/cpu/kernels/linear_kernel.cpp), for any number of rows.
+// streaming kernel (csrc/cpu/kernels/linear_kernel.cpp), for any number of rows. The blocked product
+// takes bfloat16 products where torch's float32 matmul precision allows them (see bf16_products_allowed).
+#include <ATen/Context.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include "common/glue.h"
 #include "common/linear.h"
@@ -14,6 +17,17 @@ namespace {
 // Rows above which float32 takes the blocked product: below, the streaming kernel reads W once
 // against all rows at memory speed, which the product's packing of W cannot match.
 constexpr int64_t kSmallRows = 16;
+
+// Whether float32 products may round their operands to bfloat16, as torch's own CPU matmul may:
+// torch.set_float32_matmul_precision("medium") or torch.backends.mkldnn.matmul.fp32_precision = "bf16".
+bool bf16_products_allowed() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  return at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL) ==
+         at::Float32Precision::BF16;
+#else
+  return false;
+#endif
+}
 
 at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_linear(input, weight, bias);
@@ -40,6 +54,7 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
     g.rsb = weight.stride(1);  // B = W^T: B(k, j) = W(j, k)
     g.csb = weight.stride(0);
     g.ldc = N;
+    g.bf16 = bf16_products_allowed();
     kernels().gemm(g);
     return y;
   }

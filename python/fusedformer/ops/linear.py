@@ -75,11 +75,24 @@ _GEMM_ISAS = ("avx2", "avx512")
 # extension on every call, so that torch.compile traces linear without a graph break
 # (fusedformer.set_cpu_capability updates it).
 _gemm = False
+# Whether the blocked product can take bfloat16 products (the AVX-512 build on a CPU with
+# AVX512-BF16) when torch's float32 matmul precision allows them (bf16_products).
+_gemm_bf16 = False
 
 
 def _capability_changed() -> None:
-    global _gemm
+    global _gemm, _gemm_bf16
     _gemm = _C.cpu_capability() in _GEMM_ISAS and not BLAS_SGEMM_TUNED
+    _gemm_bf16 = _gemm and _C.cpu_capability() == "avx512" and "avx512_bf16" in _FLAGS
+
+
+def bf16_products() -> bool:
+    """Whether float32 products from ``GEMM_ROWS`` rows on round their operands to bfloat16 and sum
+    the products in float32 (vdpbf16ps: about twice the float32 rate; relative error about 2^-8 per
+    operand): on an AVX-512 build on a CPU with AVX512-BF16 while torch's float32 matmul precision
+    allows it, ``torch.set_float32_matmul_precision("medium")`` or
+    ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, as torch's own CPU matmul then may."""
+    return _gemm_bf16 and torch.backends.mkldnn.matmul.fp32_precision == "bf16"
 
 
 _capability_changed()
@@ -132,10 +145,14 @@ def _weight_grad(grad2d: torch.Tensor, input2d: torch.Tensor) -> torch.Tensor:
     """``grad2d.T @ input2d``: the weight gradient, a product whose reduction runs over the rows.
     Where the forward takes the blocked product (float32, many rows, BLAS not tuned for the CPU) it
     takes it too, as ``linear(grad.T, input.T)`` read through the strides (1.0-1.3x ``torch.mm`` at
-    4096 rows on GPT-2's and BERT's projections); otherwise torch's product."""
-    if (_gemm and grad2d.device.type == "cpu" and grad2d.dtype == torch.float32 == input2d.dtype
-            and min(grad2d.shape) >= GEMM_ROWS):
-        return _ops.linear(grad2d.t(), input2d.t(), None)
+    4096 rows on GPT-2's and BERT's projections), and with ``bf16_products()`` from 128 x 384
+    weights on (768 rows: 1.4-1.6x ``torch.mm`` at 384 x 128 to 128 x 512; at 128 x 128, 0.8x);
+    otherwise torch's product."""
+    if _gemm and grad2d.device.type == "cpu" and grad2d.dtype == torch.float32 == input2d.dtype:
+        rows, out_f, in_f = grad2d.shape[0], grad2d.shape[1], input2d.shape[1]
+        if min(rows, out_f) >= GEMM_ROWS or (
+                rows >= GEMM_ROWS and min(out_f, in_f) >= 128 and out_f * in_f >= 128 * 384 and bf16_products()):
+            return _ops.linear(grad2d.t(), input2d.t(), None)
     return grad2d.T @ input2d
 
 

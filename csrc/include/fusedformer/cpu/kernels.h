@@ -30,7 +30,9 @@ struct LinearArgs {
 // element (k, j) at b[k * rsb + j * csb] (any strides: transposed views need no copy), bias (N)
 // nullable, C (M, N) rows ldc elements apart. Or B from b_column instead of b: it writes elements
 // k0 .. k0 + kc - 1 of column j of B into dst (the quantized linear's weights, dequantized as the
-// product copies them into its panels).
+// product copies them into its panels). With bf16 set, the AVX-512 build on a CPU with AVX512-BF16
+// rounds A and B to bfloat16 as it copies them and sums their products in float32 (vdpbf16ps: twice
+// the float32 rate); elsewhere bf16 is ignored.
 struct GemmArgs {
   const float* a;
   const float* b;
@@ -40,6 +42,7 @@ struct GemmArgs {
   int64_t rsa, csa, rsb, csb, ldc;
   void (*b_column)(const void* ctx, int64_t j, int64_t k0, int64_t kc, float* dst);
   const void* b_ctx;
+  bool bf16;
 };
 
 // GELU over n contiguous elements, as torch.nn.functional.gelu: the exact x * Phi(x) (Phi the
