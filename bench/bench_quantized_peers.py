@@ -15,8 +15,9 @@
   bfloat16 weights, int8, int8_dynamic, int4 and nf4 (group 32) (``fusedformer.quantize``, the LM head
   tied to the embedding quantized too), against CTranslate2 ``int8`` (``int8_float32`` too where CTranslate2
   resolves it to another compute type) on the same weights, saved with ``save_pretrained`` and
-  converted with ``quantization="int8"``, and llama.cpp Q8_0 / Q4_0 at batch 1 (llama-cpp-python; with ``--llama-cpp-src``: the GGUF is written by that source tree's
-  ``convert_hf_to_gguf.py`` in f32, then ``llama_model_quantize``). tokens/s = new tokens x batch / time.
+  converted with ``quantization="int8"``, and llama.cpp Q8_0 / Q4_0 at batch 1 (llama-cpp-python; with
+  ``--llama-cpp-src``: the GGUF is written by that source tree's ``convert_hf_to_gguf.py`` in f32, then
+  ``llama_model_quantize``). tokens/s = new tokens x batch / time.
 
 Validation, before anything is timed (an engine that fails is reported and not timed):
 - MiniLM: min cosine to HF float32 >= 0.9999 (ours float32), >= 0.995 (ours quantized). The peers'
@@ -30,8 +31,9 @@ Validation, before anything is timed (an engine that fails is reported and not t
   the KV cache); int8 / int4 / nf4: logits equal (to 1e-4 of their largest) those of the float32 model
   whose weights are the dequantized ones, and every token the greedy choice of the same model run
   without the cache (int8_dynamic, whose cached and uncached runs may round an activation to
-  different int8 steps: as the peers, within twice its own logit error of float32's best); the cosine of the last position's logits to float32's is recorded (random weights lose
-  more to int4 than trained ones: about 0.97). CTranslate2 and llama.cpp are checked twice:
+  different int8 steps: as the peers, within twice its own logit error of float32's best); the
+  cosine of the last position's logits to float32's is recorded (random weights lose more to int4
+  than trained ones: about 0.97). CTranslate2 and llama.cpp are checked twice:
   their float32 runs of the converted weights (CTranslate2 converted without quantization; llama.cpp's
   f32 GGUF) give exactly our float32 tokens, which checks the conversion and the prompt handling;
   their quantized runs give tokens our float32 model rates within twice our own error at that
@@ -461,28 +463,27 @@ def gpt2(quick, work, skipped, llama_src):
             def check():
                 with torch.no_grad():
                     got, ref = ours[k](ids).float(), base(ids)
+                cos = torch.nn.functional.cosine_similarity(got[:, -1], ref[:, -1], dim=-1).min().item()
+                seq = runs[k]()
                 if k in dequantized:
-                    # weight-only: the quantized products compute the model whose weights are the dequantized ones
+                    # weight-only: the quantized products compute the model whose weights are the
+                    # dequantized ones, and a greedy choice of it without the KV cache at every step
                     deq = dequantized[k](ids)
                     diff = (got - deq).abs().max().item()
                     if diff > 1e-4 * deq.abs().max().item():
                         raise AssertionError(f"logits differ from the dequantized float model's by {diff:.3g}")
-                cos = torch.nn.functional.cosine_similarity(got[:, -1], ref[:, -1], dim=-1).min().item()
-                seq = runs[k]()
-                if k not in dequantized:
-                    # int8_dynamic: the cached and uncached runs differ by float rounding, which can move an
-                    # activation across an int8 step, so the tokens are checked as the peers' are: within
-                    # twice its own logit error of float32's best at every step
+                    with torch.no_grad():
+                        full = ours[k](seq).float()
+                    for b in range(batch):
+                        for pos in range(prompt, seq.shape[1]):
+                            row = full[b, pos - 1]
+                            if row[seq[b, pos]] < row.max() - 1e-3 * max(1.0, row.abs().max().item()):
+                                raise AssertionError(f"token at ({b}, {pos}) is not the uncached model's best")
+                else:
+                    # int8_dynamic: the cached and uncached runs differ by float rounding, which can move
+                    # an activation across an int8 step, so the tokens are checked as the peers' are:
+                    # within twice its own logit error of float32's best at every step
                     near_greedy(base, seq, prompt, 2 * _logits_error(ours[k], base, ids) + 1e-2, k)
-                    return {"leading_tokens_equal_fp32": _leading_equal(seq, want, prompt), "logits_cos_fp32": cos}
-                # a greedy choice of the same quantized model without the KV cache, at every step
-                with torch.no_grad():
-                    full = ours[k](seq).float()
-                for b in range(batch):
-                    for pos in range(prompt, seq.shape[1]):
-                        row = full[b, pos - 1]
-                        if row[seq[b, pos]] < row.max() - 1e-3 * max(1.0, row.abs().max().item()):
-                            raise AssertionError(f"token at ({b}, {pos}) is not the uncached model's best")
                 return {"leading_tokens_equal_fp32": _leading_equal(seq, want, prompt), "logits_cos_fp32": cos}
             return check
 

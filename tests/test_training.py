@@ -15,7 +15,7 @@ import torch
 from fusedformer import cli, corpus, demo
 from fusedformer.models import GPT
 from fusedformer.textgen import SHIPPED_MODEL, load_model, stream_text
-from fusedformer.tokenizer import TextDecoder, load_tokenizer, train_bpe
+from fusedformer.tokenizer import IncrementalText, TextDecoder, load_tokenizer, train_bpe
 from fusedformer import train as train_mod
 from fusedformer.train import TrainConfig, evaluate, lr_at
 
@@ -45,6 +45,34 @@ def test_tokenizer_round_trip_and_streaming_decoder():
     assert "".join(dec.push(i) for i in ids) == text
     with pytest.raises(ValueError, match="vocab_size must be at least 257"):
         train_bpe(["x"], vocab_size=100)
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_incremental_text_decodes_a_window_not_the_whole_stream(kind):
+    """IncrementalText gives the text of every prefix of a stream (an unfinished UTF-8 character held
+    back) while decoding a few tokens per step, not the whole stream; also for a tokenizer that drops
+    the leading space of a decoded text (SentencePiece's metaspace)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = ["naïve café ✓ 日本語 and plain words"] * 20
+    if kind == "byte-level":
+        tok = train_bpe(corpus, vocab_size=300)
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"]))
+    ids = tok.encode(" ".join(["naïve café ✓ 日本語 and words"] * 30)).ids
+    decoded = []
+
+    def decode(x):
+        decoded.append(len(x))
+        return tok.decode(x)
+
+    inc = IncrementalText(decode)
+    for k in range(1, len(ids) + 1):
+        assert inc.update(ids[:k]) == tok.decode(ids[:k]).rstrip("\ufffd"), k
+    assert len(ids) > 100 and sum(decoded) < 8 * len(ids)  # whole: len(ids)^2 / 2
 
 
 def _write_corpus(folder):

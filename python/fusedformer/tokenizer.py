@@ -66,20 +66,50 @@ def load_tokenizer(path: str):
         raise ValueError(f"load_tokenizer: {file} is not a tokenizers JSON file ({e})") from None
 
 
+class IncrementalText:
+    """The text of a growing list of token ids, decoding only the tokens since the last point where the
+    text was complete rather than all of them at every step (decoding a stream whole at each token
+    costs time quadratic in its length). ``update(ids)`` returns the text of ``ids`` (each call's
+    list extends the previous one's) less an unfinished UTF-8 character at its end (a byte-level token
+    may end inside one). ``decode``: ids -> text.
+
+    The window starts one step back (``ids[prefix:]``, its first part ``ids[prefix:read]`` already in
+    the text), so that tokenizers whose decoding of a token depends on its left neighbour (a leading
+    space dropped at the start of a text) give the same increments; where the window's text does not
+    extend its first part's, everything is decoded again."""
+
+    def __init__(self, decode):
+        self.decode = decode
+        self.text = ""  # the text of ids[:read]
+        self.prefix = 0
+        self.read = 0
+
+    def update(self, ids) -> str:
+        head = self.decode(ids[self.prefix:self.read]) if self.read > self.prefix else ""
+        window = self.decode(ids[self.prefix:])
+        if not window.startswith(head):
+            self.text, self.prefix, self.read, head = "", 0, 0, ""
+            window = self.decode(ids)
+        new = window[len(head):]
+        if new.endswith("\ufffd"):
+            return self.text + new.rstrip("\ufffd")
+        self.text += new
+        self.prefix, self.read = self.read, len(ids)
+        return self.text
+
+
 class TextDecoder:
     """Turns a growing list of token ids into text increments, holding back an incomplete UTF-8 character
     (a byte-level token may end inside one)."""
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
         self.ids = []
         self.emitted = 0
+        self._text = IncrementalText(tokenizer.decode)
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
+        text = self._text.update(self.ids)
         new = text[self.emitted:]
         self.emitted = len(text)
         return new

@@ -102,25 +102,29 @@ def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
 
 
-def round_to_levels(v: torch.Tensor, scheme: str) -> torch.Tensor:
+def round_to_levels(v: torch.Tensor, scheme: str, levels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The code q (float, in [-8, 7]) of the level of the 4-bit ``scheme`` nearest each value of ``v``
     (weights divided by their scale): int4 rounds half to even and clamps; nf4 takes the nearest of
-    ``NF4_LEVELS`` (ties to the lower). Pass the result to :func:`level_values` for the values."""
+    ``NF4_LEVELS`` (ties to the lower). Pass the result to :func:`level_values` for the values.
+    ``levels``: ``nf4_levels(v.device)``, for callers that round many times (made here otherwise)."""
     if scheme == "int4":
         return torch.round(v).clamp_(-8, 7)
-    levels = _nf4_levels(v.device)
+    levels = nf4_levels(v.device) if levels is None else levels
     return torch.bucketize(v, (levels[1:] + levels[:-1]) / 2).to(v.dtype).sub_(8)
 
 
-def level_values(q: torch.Tensor, scheme: str) -> torch.Tensor:
-    """The values (before the group's scale) that codes ``q`` in [-8, 7] of the 4-bit ``scheme`` stand for."""
+def level_values(q: torch.Tensor, scheme: str, levels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The values (before the group's scale) that codes ``q`` in [-8, 7] of the 4-bit ``scheme`` stand
+    for; ``levels`` as :func:`round_to_levels`'."""
     if scheme == "int4":
         return q
-    return _nf4_levels(q.device)[(q.long() + 8)].to(q.dtype)
+    levels = nf4_levels(q.device) if levels is None else levels
+    return levels[(q.long() + 8)].to(q.dtype)
 
 
-def _nf4_levels(device) -> torch.Tensor:
-    # made at each call, so that it is a fake tensor where the caller's are (the backward under tracing)
+def nf4_levels(device) -> torch.Tensor:
+    """``NF4_LEVELS`` as a float32 tensor, made at each call (so that it is a fake tensor where the
+    caller's are: the backward under tracing)."""
     return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
 
 

@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Sequence as Seq, Union
 
 import torch
 
+from ..tokenizer import IncrementalText
 from .block_pool import DEFAULT_BLOCK_SIZE, BlockPool, kv_block_bytes, num_blocks_for
 from .kv_usage import KVCacheUsage
 from .loader import load
@@ -168,8 +169,12 @@ class LLMEngine:
             seq.finish_reason = "stop"
             seq.stop_reason = s.token if s.token in p.stop_token_ids else None
         elif p.stop and n_out >= p.min_tokens and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_ids)
-            hits = [(text.find(x), x) for x in p.stop if x in text]
+            if seq.detok is None:
+                seq.detok = IncrementalText(self.tokenizer.decode)
+            text = seq.detok.update(seq.output_ids)
+            # only the text not searched yet can hold a match (which may start up to len(x) - 1 before it)
+            hits = [(at, x) for x in p.stop if (at := text.find(x, max(0, seq.stop_searched - len(x) + 1))) >= 0]
+            seq.stop_searched = len(text)
             if hits:
                 at, x = min(hits)
                 seq.text = text[:at]  # the stop string and what follows it are never part of the text

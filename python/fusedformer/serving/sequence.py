@@ -3,7 +3,7 @@ in the cache, and the blocks that hold them."""
 
 import dataclasses
 import enum
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -51,6 +51,8 @@ class Sequence:
     cumulative_logprob: float = 0.0
     logprobs: Optional[List[Dict]] = None
     text: str = ""
+    detok: Any = None  # the output's tokenizer.IncrementalText, for stop strings
+    stop_searched: int = 0  # characters of that text already searched for stop strings
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
 

@@ -25,6 +25,7 @@ from .api_models import ChatCompletionRequest, CompletionRequest, SamplingReques
 from .async_engine import AsyncEngine, Overloaded
 from .engine import LLMEngine
 from .metrics import Metrics
+from ..tokenizer import IncrementalText
 from .outputs import CompletionOutput, RequestOutput
 
 PLAYGROUND = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playground.html")
@@ -234,6 +235,7 @@ class _StreamState:
         self.holdback = max((len(s) for s in params.stop), default=1) - 1
         self.sent_text: Dict[int, str] = {}
         self.sent_tokens: Dict[int, int] = {}
+        self.texts: Dict[int, IncrementalText] = {}
         self.done: set = set()
 
     def deltas(self, out: RequestOutput):
@@ -248,8 +250,9 @@ class _StreamState:
                 self.done.add(i)
                 full = c.text
             else:
-                full = self.tokenizer.decode(c.token_ids) if self.tokenizer is not None else ""
-                full = full.rstrip("\ufffd")
+                full = ""
+                if self.tokenizer is not None:
+                    full = self.texts.setdefault(i, IncrementalText(self.tokenizer.decode)).update(c.token_ids)
                 if self.holdback:
                     full = full[:max(len(sent), len(full) - self.holdback)]
             delta = full[len(sent):] if full.startswith(sent) else ""
