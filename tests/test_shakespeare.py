@@ -8,6 +8,7 @@ import os
 import re
 
 import pytest
+import torch
 
 from fusedformer import cli, shakespeare
 
@@ -74,9 +75,12 @@ def test_finetune_minilm_beats_the_majority_class(plays, tmp_path, capsys):
         '"' + r["text"].replace('"', '""') + '",' + r["label"] + "\n" for r in _balanced(test, labels, 50)))
     out = tmp_path / "clf"
     rc = cli.main(["finetune", "--train", str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "test.csv"),
-                   "--out", str(out), "--epochs", "1", "--batch-size", "16", "--max-length", "32", "--no-progress"])
+                   "--out", str(out), "--epochs", "1", "--batch-size", "16", "--max-length", "32", "--no-progress",
+                   "--bf16-matmul"])
     assert rc == 0
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"  # the run's precision, restored
     m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["bf16_matmul"] is True
     assert m["labels"] == list(labels) and m["majority_accuracy"] == 0.5
     assert len(m["epochs"]) == 1 and m["accuracy"] > m["majority_accuracy"] + 0.05, m
     assert 0 < m["macro_f1"] <= 1

@@ -418,6 +418,9 @@ def _add_finetune(sub):
                    help=f"tokens per example at most (longer ones are cut; default {d.max_length})")
     p.add_argument("--limit", type=POSITIVE, default=None, help="use only the first N training examples")
     p.add_argument("--seed", type=NON_NEGATIVE, default=d.seed, help=f"seed of the head and the shuffling (default {d.seed})")
+    p.add_argument("--bf16-matmul", action="store_true",
+                   help="matrix products with bfloat16 operands and float32 sums (1.6x the step on a CPU with "
+                        "AVX512-BF16; TF32 on CUDA); weights and the optimizer stay float32")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_finetune)
 
@@ -428,7 +431,8 @@ def _finetune(args):
     cfg = FinetuneConfig(model=args.model, train=args.train, eval=args.eval, out=args.out, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, warmup=args.warmup,
                          weight_decay=args.weight_decay, dropout=args.dropout, max_length=args.max_length,
-                         limit=args.limit, seed=args.seed, progress=not args.no_progress)
+                         limit=args.limit, seed=args.seed, progress=not args.no_progress,
+                         bf16_matmul=args.bf16_matmul)
     finetune(cfg)
     return 0
 
