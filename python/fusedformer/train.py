@@ -93,13 +93,17 @@ MATMUL_BF16 = {"mkldnn": "bf16", "cuda": "tf32"}
 
 
 def matmul_precision() -> dict:
-    """torch's float32 matmul precision for the backends of ``MATMUL_BF16`` (to restore later)."""
-    return {b: getattr(torch.backends, b).matmul.fp32_precision for b in MATMUL_BF16}
+    """torch's float32 matmul precision for the backends of ``MATMUL_BF16`` (to restore later); a
+    torch without the per-backend setting has none."""
+    backends = {b: getattr(torch.backends, b).matmul for b in MATMUL_BF16}
+    return {b: m.fp32_precision for b, m in backends.items() if hasattr(m, "fp32_precision")}
 
 
 def set_matmul_precision(precision: dict) -> None:
     for b, p in precision.items():
-        getattr(torch.backends, b).matmul.fp32_precision = p
+        m = getattr(torch.backends, b).matmul
+        if hasattr(m, "fp32_precision"):
+            m.fp32_precision = p
 
 
 def check_config(cfg: TrainConfig):

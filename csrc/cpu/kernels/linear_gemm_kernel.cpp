@@ -266,10 +266,6 @@ struct Bf16Panels {
 };
 #endif
 
-}  // namespace
-
-namespace {
-
 template <class Panels>
 void blocked(const GemmArgs& g) {
   const int64_t M = g.M, N = g.N, K = g.K;

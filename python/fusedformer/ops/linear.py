@@ -92,7 +92,7 @@ def bf16_products() -> bool:
     operand): on an AVX-512 build on a CPU with AVX512-BF16 while torch's float32 matmul precision
     allows it, ``torch.set_float32_matmul_precision("medium")`` or
     ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, as torch's own CPU matmul then may."""
-    return _gemm_bf16 and torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    return _gemm_bf16 and getattr(torch.backends.mkldnn.matmul, "fp32_precision", None) == "bf16"
 
 
 _capability_changed()
