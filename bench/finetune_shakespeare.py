@@ -1,8 +1,9 @@
 """Classification on the Shakespeare lines task (``data shakespeare-lines``: passages of six plays
 labelled with their play, act IV held out): fine-tuned all-MiniLM-L6-v2 (``python -m fusedformer
 finetune``) against TF-IDF + logistic regression (scikit-learn) on the same split, and the
-fine-tuning throughput (examples/s) of the fusedformer Encoder against the same HF model fine-tuned
-unpatched, on the same batches, in alternating rounds. Writes bench/results/cpu-finetune-shakespeare.json
+fine-tuning throughput (examples/s) of the fusedformer Encoder (in float32, and with bfloat16 matrix
+products: ``finetune --bf16-matmul``) against the same HF model fine-tuned unpatched, on the same
+batches, in alternating rounds. Writes bench/results/cpu-finetune-shakespeare.json
 and .md.
 
     python bench/finetune_shakespeare.py [--plays data/shakespeare] [--epochs 3] [--max-length 128]
@@ -29,6 +30,7 @@ from common import machine_info  # noqa: E402
 from fusedformer import shakespeare  # noqa: E402
 from fusedformer.finetune import (FinetuneConfig, accuracy_and_macro_f1, encode_batch, finetune,  # noqa: E402
                                   load_encoder, read_examples, with_head)
+from fusedformer.train import MATMUL_BF16, matmul_precision, set_matmul_precision  # noqa: E402
 
 
 def tfidf_baseline(train_x, train_y, test_x, test_y):
@@ -70,8 +72,10 @@ def throughput(train_x, train_y, steps, batch, max_length):
         m = mask[..., None].to(h.dtype)
         return head((h * m).sum(1) / m.sum(1).clamp(min=1e-9))
 
+    ours16 = copy.deepcopy(ours)  # the same model, stepped with bfloat16 products (finetune --bf16-matmul)
     opt_a = torch.optim.AdamW(ours.parameters(), lr=5e-5)
     opt_b = torch.optim.AdamW(list(peer.parameters()) + list(head.parameters()), lr=5e-5)
+    opt_c = torch.optim.AdamW(ours16.parameters(), lr=5e-5)
 
     def step(opt, logits_fn, params, b):
         ids, mask, y = b
@@ -81,22 +85,27 @@ def throughput(train_x, train_y, steps, batch, max_length):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
-    pa, pb = list(ours.parameters()), list(peer.parameters()) + list(head.parameters())
-    step(opt_a, ours.classify, pa, batches[0])  # warm-up
-    step(opt_b, peer_logits, pb, batches[0])
-    ta, tb = [], []
+    def bf16_step(b):
+        precision = matmul_precision()
+        set_matmul_precision(MATMUL_BF16)
+        try:
+            step(opt_c, ours16.classify, pc, b)
+        finally:
+            set_matmul_precision(precision)
+
+    pa, pb, pc = list(ours.parameters()), list(peer.parameters()) + list(head.parameters()), list(ours16.parameters())
+    runs = [lambda b: step(opt_a, ours.classify, pa, b), lambda b: step(opt_b, peer_logits, pb, b), bf16_step]
+    for run in runs:  # warm-up
+        run(batches[0])
+    times = [[], [], []]
     for k, b in enumerate(batches):
-        order = [0, 1] if k % 2 == 0 else [1, 0]
-        for which in order:
+        for which in (k % 3, (k + 1) % 3, (k + 2) % 3):  # each first in turn
             t0 = time.perf_counter()
-            if which == 0:
-                step(opt_a, ours.classify, pa, b)
-                ta.append(time.perf_counter() - t0)
-            else:
-                step(opt_b, peer_logits, pb, b)
-                tb.append(time.perf_counter() - t0)
-    ours_eps, hf_eps = batch / statistics.median(ta), batch / statistics.median(tb)
+            runs[which](b)
+            times[which].append(time.perf_counter() - t0)
+    ours_eps, hf_eps, bf16_eps = (batch / statistics.median(t) for t in times)
     return {"fusedformer_examples_per_s": ours_eps, "hf_unpatched_examples_per_s": hf_eps, "speedup": ours_eps / hf_eps,
+            "fusedformer_bf16_matmul_examples_per_s": bf16_eps, "bf16_matmul_speedup": bf16_eps / hf_eps,
             "steps": steps, "batch": batch, "max_length": max_length,
             "tokens_per_batch_mean": statistics.mean(int(b[1].sum()) for b in batches)}
 
@@ -156,7 +165,9 @@ def render(res):
         f"points: {'met' if m['accuracy'] - tf['accuracy'] >= 0.05 else 'MISSED'}", "",
         f"Fine-tuning throughput (batch {th['batch']}, up to {max_length} tokens): fusedformer "
         f"{th['fusedformer_examples_per_s']:.1f} examples/s, HF unpatched {th['hf_unpatched_examples_per_s']:.1f} "
-        f"examples/s ({th['speedup']:.2f}x)", ""])
+        f"examples/s ({th['speedup']:.2f}x)" + (
+            f"; fusedformer with --bf16-matmul {th['fusedformer_bf16_matmul_examples_per_s']:.1f} examples/s "
+            f"({th['bf16_matmul_speedup']:.2f}x)" if "bf16_matmul_speedup" in th else ""), ""])
 
 
 if __name__ == "__main__":
