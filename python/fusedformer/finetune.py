@@ -199,7 +199,7 @@ def predict_proba(model, tok, texts, max_length, batch_size=64):
 def finetune(cfg: FinetuneConfig, log=print):
     """Fine-tune, evaluate after every epoch, save to ``cfg.out``; returns the metrics dict. With
     ``cfg.bf16_matmul`` the run's float32 matrix products take bfloat16 operands (train.MATMUL_BF16:
-    1.6x the MiniLM step on a CPU with AVX512-BF16); the precision is restored afterwards."""
+    1.4x the MiniLM step on a CPU with AVX512-BF16); the precision is restored afterwards."""
     precision = matmul_precision()
     if cfg.bf16_matmul:
         set_matmul_precision(MATMUL_BF16)
