@@ -201,11 +201,8 @@ def test_blocked_product_gradients():
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("gemm", [False, True])
-def test_weight_gradient_product(monkeypatch, gemm):
-    """The weight gradient ``grad.T @ input`` (a reduction over the rows) takes the blocked product
-    where the forward does, reading both operands transposed through their strides, and torch's
-    product otherwise; the values are float64's either way."""
+def _spy_op_calls(monkeypatch):
+    """The shapes of the op's input at each call the Python layer makes of fusedformer::linear."""
     calls = []
     real = _linear_mod._ops.linear
 
@@ -215,6 +212,15 @@ def test_weight_gradient_product(monkeypatch, gemm):
             return real(*a)
 
     monkeypatch.setattr(_linear_mod, "_ops", Spy())
+    return calls
+
+
+@pytest.mark.parametrize("gemm", [False, True])
+def test_weight_gradient_product(monkeypatch, gemm):
+    """The weight gradient ``grad.T @ input`` (a reduction over the rows) takes the blocked product
+    where the forward does, reading both operands transposed through their strides, and torch's
+    product otherwise; the values are float64's either way."""
+    calls = _spy_op_calls(monkeypatch)
     monkeypatch.setattr(_linear_mod, "_gemm", gemm)
     M, N, K = _linear_mod.GEMM_ROWS + 37, _linear_mod.GEMM_ROWS + 5, 70
     x = make((M + 3, K), seed=1)[3:].requires_grad_()  # a storage offset
@@ -281,19 +287,12 @@ def test_bf16_products(isa, M, N, K):
     torch.testing.assert_close(_ops.linear(x, w, b), full, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not _linear_mod._gemm_bf16, reason="needs the AVX-512 build's blocked product on a CPU with AVX512-BF16")
+@pytest.mark.skipif(not _linear_mod._gemm_bf16,
+                    reason="needs the AVX-512 build's blocked product on a CPU with AVX512-BF16")
 def test_bf16_products_gradients(monkeypatch):
     """Under the bfloat16 precision the input and weight gradients of a training-sized layer (768 rows,
     128 -> 384) take the op's bfloat16 products too, with float32 sums."""
-    calls = []
-    real = _linear_mod._ops.linear
-
-    class Spy:
-        def linear(self, *a):
-            calls.append(tuple(a[0].shape))
-            return real(*a)
-
-    monkeypatch.setattr(_linear_mod, "_ops", Spy())
+    calls = _spy_op_calls(monkeypatch)
     x = make((768, 128), seed=1).requires_grad_()
     w = make((384, 128), seed=2, scale=128 ** -0.5).requires_grad_()
     g = make((768, 384), seed=3)
