@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from common import Case
 
 from fusedformer.models import GPT, GPTConfig
-from fusedformer.train import MATMUL_BF16, PRESETS, TrainConfig, make_optimizer, matmul_precision, set_matmul_precision
+from fusedformer.train import PRESETS, TrainConfig, make_optimizer, matmul_precision_scope
 
 BABY = PRESETS["shakespeare-char"]
 CHAR_VOCAB = 85  # the 83 characters of the plays (`data shakespeare`) + <|endoftext|> + <unk>
@@ -107,17 +107,12 @@ def _baby_gpt_case(quick):
         opt = make_optimizer(model, cfg, fused=fused)
 
         def step():
-            precision = matmul_precision()
-            if bf16_matmul:
-                set_matmul_precision(MATMUL_BF16)
-            try:
+            with matmul_precision_scope(bf16_matmul):
                 loss = loss_fn(x, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
-            finally:
-                set_matmul_precision(precision)
             return loss
         return step
 

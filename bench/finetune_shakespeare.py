@@ -30,7 +30,7 @@ from common import machine_info  # noqa: E402
 from fusedformer import shakespeare  # noqa: E402
 from fusedformer.finetune import (FinetuneConfig, accuracy_and_macro_f1, encode_batch, finetune,  # noqa: E402
                                   load_encoder, read_examples, with_head)
-from fusedformer.train import MATMUL_BF16, matmul_precision, set_matmul_precision  # noqa: E402
+from fusedformer.train import matmul_precision_scope  # noqa: E402
 
 
 def tfidf_baseline(train_x, train_y, test_x, test_y):
@@ -86,12 +86,8 @@ def throughput(train_x, train_y, steps, batch, max_length):
         opt.step()
 
     def bf16_step(b):
-        precision = matmul_precision()
-        set_matmul_precision(MATMUL_BF16)
-        try:
+        with matmul_precision_scope(bf16=True):
             step(opt_c, ours16.classify, pc, b)
-        finally:
-            set_matmul_precision(precision)
 
     pa, pb, pc = list(ours.parameters()), list(peer.parameters()) + list(head.parameters()), list(ours16.parameters())
     runs = [lambda b: step(opt_a, ours.classify, pa, b), lambda b: step(opt_b, peer_logits, pb, b), bf16_step]

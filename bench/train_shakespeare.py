@@ -34,20 +34,15 @@ from bench_train import BABY, baby_gpt_pair  # noqa: E402
 from common import machine_info  # noqa: E402
 
 from fusedformer import shakespeare, shards  # noqa: E402
-from fusedformer.train import (MATMUL_BF16, PRESETS, TrainConfig, _windows, evaluate, lr_at, make_optimizer,  # noqa: E402
-                               matmul_precision, set_matmul_precision)
+from fusedformer.train import (PRESETS, TrainConfig, _windows, evaluate, lr_at, make_optimizer,  # noqa: E402
+                               matmul_precision_scope)
 
 
 def run_loop(model, loss_fn, train_ids, val_ids, cfg, label, fused=None, bf16_matmul=False):
     """The training loop of `train` (single process), returning times and losses; ``fused`` and
     ``bf16_matmul`` as make_optimizer's and TrainConfig's."""
-    precision = matmul_precision()
-    if bf16_matmul:
-        set_matmul_precision(MATMUL_BF16)
-    try:
+    with matmul_precision_scope(bf16_matmul):
         return _loop(model, loss_fn, train_ids, val_ids, cfg, label, make_optimizer(model, cfg, fused=fused))
-    finally:
-        set_matmul_precision(precision)
 
 
 def _loop(model, loss_fn, train_ids, val_ids, cfg, label, opt):

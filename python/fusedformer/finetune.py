@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .checkpointing import atomic_write_text, save_pretrained_atomic
 from .errors import UserError
 from .models import Encoder
-from .train import MATMUL_BF16, matmul_precision, set_matmul_precision
+from .train import fused_adamw_ok, matmul_precision_scope
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _MINILM_NAMES = {DEFAULT_MODEL.lower(), "sentence-transformers/all-minilm-l6-v2", "minilm"}
@@ -200,13 +200,8 @@ def finetune(cfg: FinetuneConfig, log=print):
     """Fine-tune, evaluate after every epoch, save to ``cfg.out``; returns the metrics dict. With
     ``cfg.bf16_matmul`` the run's float32 matrix products take bfloat16 operands (train.MATMUL_BF16:
     1.4x the MiniLM step on a CPU with AVX512-BF16); the precision is restored afterwards."""
-    precision = matmul_precision()
-    if cfg.bf16_matmul:
-        set_matmul_precision(MATMUL_BF16)
-    try:
+    with matmul_precision_scope(cfg.bf16_matmul):
         return _finetune(cfg, log)
-    finally:
-        set_matmul_precision(precision)
 
 
 def _finetune(cfg: FinetuneConfig, log):
@@ -238,7 +233,7 @@ def _finetune(cfg: FinetuneConfig, log):
         {"params": decay(body), "weight_decay": cfg.weight_decay, "lr": cfg.lr, "peak": cfg.lr},
         {"params": no_decay(body), "weight_decay": 0.0, "lr": cfg.lr, "peak": cfg.lr},
         {"params": head, "weight_decay": 0.0, "lr": cfg.head_lr, "peak": cfg.head_lr}],
-        fused=all(p.device.type in ("cpu", "cuda") for p in body + head) or None)
+        fused=fused_adamw_ok(body + head))
     steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warm = max(1, int(cfg.warmup * total)) if cfg.warmup > 0 else 0

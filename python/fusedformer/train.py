@@ -92,18 +92,32 @@ RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "save_every", "progr
 MATMUL_BF16 = {"mkldnn": "bf16", "cuda": "tf32"}
 
 
-def matmul_precision() -> dict:
-    """torch's float32 matmul precision for the backends of ``MATMUL_BF16`` (to restore later); a
-    torch without the per-backend setting has none."""
-    backends = {b: getattr(torch.backends, b).matmul for b in MATMUL_BF16}
-    return {b: m.fp32_precision for b, m in backends.items() if hasattr(m, "fp32_precision")}
-
-
 def set_matmul_precision(precision: dict) -> None:
+    """Set torch's float32 matmul precision per backend (``MATMUL_BF16``'s form); a torch without the
+    per-backend setting keeps its own."""
     for b, p in precision.items():
         m = getattr(torch.backends, b).matmul
         if hasattr(m, "fp32_precision"):
             m.fp32_precision = p
+
+
+@contextlib.contextmanager
+def matmul_precision_scope(bf16: bool = False):
+    """A block with ``MATMUL_BF16``'s precision where ``bf16``; on leaving it, torch's float32 matmul
+    precision is what it was on entering, whatever the block set."""
+    backends = {b: getattr(torch.backends, b).matmul for b in MATMUL_BF16}
+    saved = {b: m.fp32_precision for b, m in backends.items() if hasattr(m, "fp32_precision")}
+    if bf16:
+        set_matmul_precision(MATMUL_BF16)
+    try:
+        yield
+    finally:
+        set_matmul_precision(saved)
+
+
+def fused_adamw_ok(params) -> bool:
+    """Whether torch's fused AdamW takes these parameters: floating tensors on the CPU or CUDA."""
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def check_config(cfg: TrainConfig):
@@ -189,12 +203,12 @@ def make_optimizer(model, cfg: TrainConfig, fused: Optional[bool] = None):
     which on the CPU loops over the parameters one op at a time)."""
     params = list(model.parameters())
     if fused is None:
-        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        fused = fused_adamw_ok(params)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
-                             betas=(0.9, getattr(cfg, "beta2", 0.95)), fused=fused or None)
+                             betas=(0.9, getattr(cfg, "beta2", 0.95)), fused=fused)
 
 
 def _windows(ids, starts, length):
@@ -426,13 +440,12 @@ def train(cfg: TrainConfig, log=print, stop_after: Optional[int] = None):
     check_config(cfg)
     ctx = D.setup(cfg.device)
     clean = False
-    precision = matmul_precision()
     try:
-        out = _train(cfg, ctx, log if ctx.is_main else (lambda *a, **k: None), stop_after)
+        with matmul_precision_scope():  # _train sets the run's (known once a resumed run's config is read)
+            out = _train(cfg, ctx, log if ctx.is_main else (lambda *a, **k: None), stop_after)
         clean = True
         return out
     finally:
-        set_matmul_precision(precision)
         D.teardown(ctx, clean)
 
 

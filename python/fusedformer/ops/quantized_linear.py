@@ -102,30 +102,33 @@ def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
 
 
-def round_to_levels(v: torch.Tensor, scheme: str, levels: Optional[torch.Tensor] = None) -> torch.Tensor:
+def round_to_levels(v: torch.Tensor, scheme: str, table: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                    ) -> torch.Tensor:
     """The code q (float, in [-8, 7]) of the level of the 4-bit ``scheme`` nearest each value of ``v``
     (weights divided by their scale): int4 rounds half to even and clamps; nf4 takes the nearest of
     ``NF4_LEVELS`` (ties to the lower). Pass the result to :func:`level_values` for the values.
-    ``levels``: ``nf4_levels(v.device)``, for callers that round many times (made here otherwise)."""
+    ``table``: ``nf4_table(v.device)``, for callers that round many times (made here otherwise)."""
     if scheme == "int4":
         return torch.round(v).clamp_(-8, 7)
-    levels = nf4_levels(v.device) if levels is None else levels
-    return torch.bucketize(v, (levels[1:] + levels[:-1]) / 2).to(v.dtype).sub_(8)
+    _, midpoints = nf4_table(v.device) if table is None else table
+    return torch.bucketize(v, midpoints).to(v.dtype).sub_(8)
 
 
-def level_values(q: torch.Tensor, scheme: str, levels: Optional[torch.Tensor] = None) -> torch.Tensor:
+def level_values(q: torch.Tensor, scheme: str, table: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                 ) -> torch.Tensor:
     """The values (before the group's scale) that codes ``q`` in [-8, 7] of the 4-bit ``scheme`` stand
-    for; ``levels`` as :func:`round_to_levels`'."""
+    for; ``table`` as :func:`round_to_levels`'."""
     if scheme == "int4":
         return q
-    levels = nf4_levels(q.device) if levels is None else levels
+    levels, _ = nf4_table(q.device) if table is None else table
     return levels[(q.long() + 8)].to(q.dtype)
 
 
-def nf4_levels(device) -> torch.Tensor:
-    """``NF4_LEVELS`` as a float32 tensor, made at each call (so that it is a fake tensor where the
-    caller's are: the backward under tracing)."""
-    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+def nf4_table(device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(``NF4_LEVELS`` as a float32 tensor, the midpoints between neighbouring levels), made at each
+    call (so that they are fake tensors where the caller's are: the backward under tracing)."""
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+    return levels, (levels[1:] + levels[:-1]) / 2
 
 
 def _group_search(g: torch.Tensor, scheme: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +147,9 @@ def _group_search(g: torch.Tensor, scheme: str) -> Tuple[torch.Tensor, torch.Ten
     else:
         multipliers = [torch.where(usable, 1.0 / (c * m.abs()), zero) for c in _NF4_STEPS]
     vg = torch.empty_like(g)
+    table = nf4_table(g.device) if scheme == "nf4" else None
     for r in multipliers:
-        v = level_values(round_to_levels(g * r[:, None], scheme), scheme)
+        v = level_values(round_to_levels(g * r[:, None], scheme, table), scheme, table)
         qw = torch.mul(v, g, out=vg).sum(dim=1)
         vv = v.square_().sum(dim=1)
         # the squared error at the fitted scale is |w|^2 - <v, w>^2 / <v, v>: keep the largest fit
@@ -154,7 +158,7 @@ def _group_search(g: torch.Tensor, scheme: str) -> Tuple[torch.Tensor, torch.Ten
         better = fit > best_fit
         best_fit = torch.where(better, fit, best_fit)
         best_scale = torch.where(better, qw / vv.clamp(min=1e-30), best_scale)
-    q = round_to_levels(g * inverse_scale(best_scale)[:, None], scheme)
+    q = round_to_levels(g * inverse_scale(best_scale)[:, None], scheme, table)
     return q.to(torch.int16), best_scale
 
 

@@ -19,7 +19,7 @@ from typing import Dict, Iterable, Sequence, Tuple
 import torch
 
 from ..ops.quantized_linear import (GROUPED_SCHEMES, INT4_GROUP_SIZES, SCHEMES, _group_search, int8_scales,
-                                    inverse_scale, level_values, nf4_levels, pack_int4, round_to_levels)
+                                    inverse_scale, level_values, nf4_table, pack_int4, round_to_levels)
 
 # columns rounded between two updates of the rest of the matrix (the update is one product)
 _BLOCK = 128
@@ -103,7 +103,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, grou
         scale, inv = int8_scales(w)
     else:
         raise ValueError(f"gptq_quantize: scheme must be one of {SCHEMES}, got {scheme!r}")
-    levels = nf4_levels(w.device)  # the nf4 table, made once for all the columns
+    table = nf4_table(w.device) if scheme == "nf4" else None  # made once for all the columns
     for b0 in range(0, K, _BLOCK):
         b1 = min(b0 + _BLOCK, K)
         wb, err, ub = w[:, b0:b1], torch.empty(N, b1 - b0), u[b0:b1, b0:b1]
@@ -115,8 +115,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: str, grou
                 if k % group_size == 0:  # the group's scale from its weights as they stand now
                     _, scale[:, g] = _group_search(wb[:, i:i + group_size].contiguous(), scheme)
                     inv[:, g] = inverse_scale(scale[:, g])
-                qk = round_to_levels(col * inv[:, g], scheme, levels)
-                value = level_values(qk, scheme, levels) * scale[:, g]
+                qk = round_to_levels(col * inv[:, g], scheme, table)
+                value = level_values(qk, scheme, table) * scale[:, g]
             else:
                 qk = torch.round(col * inv).clamp_(-127, 127)
                 value = qk * scale
