@@ -73,6 +73,22 @@ TORCH_LIBRARY(fusedformer, m) {
       "cross_entropy_rows(Tensor logits, Tensor target, Tensor scale, int ignore_index, bool compute_grad) -> "
       "(Tensor loss, Tensor grad)");
 
+  // One pre-norm decoder block of the GPT models (fusedformer.models.Block) for one new token per
+  // sequence, with a dense KV cache (inference, CPU): the block's ten or so ops in one call, for
+  // decoding, where each op's Python and dispatch costs more than its work. h and delta (B, 1, D):
+  // the residual stream and the last block's pending output (none before the first block); returns
+  // (h + delta, the MLP's output). params, 16 entries: the attention norm's weight and bias, then
+  // the qkv projection's [weight or qweight, scale, bias], the output projection's, the MLP norm's
+  // weight and bias, the MLP's up and down projections'; schemes (4): "" for a float projection
+  // (fusedformer.linear), else its quantized_linear scheme. The new key and value go to position
+  // `position` of k_cache / v_cache (B, Hkv, max_len, E), and attention reads positions 0 ..
+  // position with the bool key_mask (B, 1, 1, position + 1) when given. rope_cos / rope_sin (B, 1,
+  // 1, E): rotary embedding of q and k (rotate-half). activation: gelu, gelu_tanh, relu or swiglu.
+  m.def(
+      "decode_layer(Tensor h, Tensor? delta, Tensor?[] params, str[] schemes, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, int position, Tensor? key_mask, Tensor? rope_cos, Tensor? rope_sin, int n_head, "
+      "bool rms, float eps, str activation) -> (Tensor h_out, Tensor delta_out)");
+
   // Paged KV cache (serving). Caches (num_blocks, num_kv_heads, block_size, head_dim), one per layer
   // for keys and one for values. paged_cache_write stores token t's key and value rows (T,
   // num_kv_heads, head_dim) at slot_mapping[t] (int64; block slot // block_size, offset slot %

@@ -122,9 +122,12 @@ def test_kv_cache_logits_equal_full_forward(pair):
 
 def test_decode_step_uses_the_decode_attention_form(pair, monkeypatch):
     """One-token steps call ops.attention with L = 1 against a non-contiguous view of the preallocated
-    cache and a (B, 1, 1, S) bool padding mask."""
+    cache and a (B, 1, 1, S) bool padding mask (the modules' path; ops.decode_layer, which the steps
+    take by default, calls the same attention: tests/test_decode_layer.py)."""
     _, ours = pair
     from fusedformer.models import blocks
+
+    monkeypatch.setattr(blocks.Block, "fused_decode", False)
 
     calls = []
     real = blocks.ops.attention

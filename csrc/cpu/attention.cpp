@@ -2,10 +2,10 @@
 #include <torch/library.h>
 
 #include "common/attention.h"
+#include "cpu/ops.h"
 #include "fusedformer/cpu/kernels.h"
 
 namespace fusedformer::cpu {
-namespace {
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& query, const at::Tensor& key,
                                                  const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
@@ -20,6 +20,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& query, const 
   kernels().attention_fwd(a);
   return {o.out, o.lse};
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,

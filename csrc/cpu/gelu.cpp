@@ -4,6 +4,7 @@
 
 #include "common/gelu.h"
 #include "common/glue.h"
+#include "cpu/ops.h"
 #include "fusedformer/cpu/kernels.h"
 
 namespace fusedformer::cpu {
@@ -22,6 +23,8 @@ struct Cpu {
   }
 };
 
+}  // namespace
+
 // in place on a contiguous input (inference: the fresh output of a projection, which no one else reads)
 void gelu_inplace(const at::Tensor& input, c10::string_view approximate) {
   const GeluProblem p = prepare_gelu(input, approximate);
@@ -29,8 +32,6 @@ void gelu_inplace(const at::Tensor& input, c10::string_view approximate) {
                     input.strides());
   if (input.numel() > 0) Cpu::gelu(p, input, false);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fusedformer, CPU, m) {
   GeluOps<Cpu>::register_ops(m);

@@ -9,6 +9,7 @@
 
 #include "common/glue.h"
 #include "common/linear.h"
+#include "cpu/ops.h"
 #include "fusedformer/cpu/kernels.h"
 
 namespace fusedformer::cpu {
@@ -28,6 +29,8 @@ bool bf16_products_allowed() {
   return false;
 #endif
 }
+
+}  // namespace
 
 at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_linear(input, weight, bias);
@@ -76,8 +79,6 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   kernels().linear_fwd(a);
   return y;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fusedformer, CPU, m) { m.impl("linear", &linear); }
 

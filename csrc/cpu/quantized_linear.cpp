@@ -5,10 +5,10 @@
 
 #include "common/glue.h"
 #include "common/quantized_linear.h"
+#include "cpu/ops.h"
 #include "fusedformer/cpu/kernels.h"
 
 namespace fusedformer::cpu {
-namespace {
 
 at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& qweight, const at::Tensor& scale,
                             const std::optional<at::Tensor>& bias, c10::string_view scheme) {
@@ -40,8 +40,6 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& qweight, 
   kernels().quantized_linear(a);
   return y;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fusedformer, CPU, m) { m.impl("quantized_linear", &quantized_linear); }
 

@@ -10,7 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.decode_layer import ACTIVATIONS as DECODE_ACTIVATIONS
 from ..nn.linear import Linear
+from ..nn.quantized import QuantizedLinear
 from ..nn.residual import post_norm_add, pre_norm_add
 from ..ops.feed_forward import relu_feed_forward
 from .paged import PagedKVCache, paged_self_attention
@@ -124,6 +126,8 @@ class KVCache:
         self.max_len = max_len
         self.cross_k = [None] * n_layer if cross else None
         self.cross_v = [None] * n_layer if cross else None
+        # (model key, each block's ops.decode_layer arguments or None): see GPT._decode_plans
+        self.decode_plans = None
 
     @property
     def batch(self):
@@ -237,6 +241,23 @@ class Attention(nn.Module):
         return self.out(y.reshape(T, H * E))
 
 
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _projection(m: nn.Module, dtype: torch.dtype):
+    """(scheme, [weight, scale, bias]) of a projection as ops.decode_layer takes it (scheme "" for a
+    float one), or None for a module whose call it would not reproduce."""
+    if _hooked(m):
+        return None
+    if type(m) is Linear and m.fused:
+        return "", [m.weight, None, m.bias]
+    if type(m) is QuantizedLinear:
+        b = m.bias
+        return m.scheme, [m.qweight, m.scale, b if b is None or b.dtype == dtype else b.to(dtype)]
+    return None
+
+
 class Block(nn.Module):
     """One Transformer layer: self-attention, optional cross-attention, MLP.
 
@@ -260,8 +281,35 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, d_ff, activation, mlp_bias)
         self.norm_mlp = Norm(d_model, norm, norm_eps)
 
+    # False: decoding calls the block's modules one by one, never ops.decode_layer (for comparisons)
+    fused_decode = True
+
     def _drop(self, t):
         return F.dropout(t, self.dropout, self.training) if self.dropout > 0 else t
+
+    def decode_plan(self, dtype: torch.dtype):
+        """The arguments of ``ops.decode_layer`` that compute this block (``params``, ``schemes`` and
+        the keywords n_head, rms, eps, activation), or None where the op would not compute what the
+        modules do: a cross-attention or post-norm block, dropout in training, forward hooks, a module
+        replaced or switched to plain PyTorch (``set_fused``)."""
+        attn, mlp = self.attn, self.mlp
+        if not (self.fused_decode and self.norm_first and self.cross_attn is None
+                and (self.dropout == 0 or not self.training)):
+            return None
+        if type(attn) is not Attention or not attn.fused or type(mlp) is not MLP or not mlp.fused \
+                or mlp.activation not in DECODE_ACTIVATIONS:
+            return None
+        na, nm = self.norm_attn, self.norm_mlp
+        if any(type(n) is not Norm or not n.fused or _hooked(n) for n in (na, nm)) \
+                or (na.kind, na.eps) != (nm.kind, nm.eps) or any(_hooked(m) for m in (self, attn, mlp)):
+            return None
+        projections = [_projection(m, dtype) for m in (attn.qkv, attn.out, mlp.up, mlp.down)]
+        if any(p is None for p in projections):
+            return None
+        (s_qkv, qkv), (s_out, out), (s_up, up), (s_down, down) = projections
+        params = [na.weight, na.bias, *qkv, *out, nm.weight, nm.bias, *up, *down]
+        return params, [s_qkv, s_out, s_up, s_down], dict(n_head=attn.n_head, rms=na.kind == "rmsnorm",
+                                                          eps=na.eps, activation=mlp.activation)
 
     def forward(self, h, delta=None, *, rope=None, attn_mask=None, is_causal=False, cache=None, layer=0,
                 memory=None, memory_mask=None):

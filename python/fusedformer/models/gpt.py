@@ -7,10 +7,17 @@ import torch.nn as nn
 
 from .. import ops
 from ..nn.linear import Linear
+from ..ops.linear import uses_kernel as linear_uses_kernel
 from .blocks import Block, KVCache, Norm, Rotary, close_stack, init_weights
 from .checkpoint import CheckpointMixin
 from .config import GPTConfig
 from .paged import PagedKVCache
+
+
+def _global_hooks() -> bool:
+    """Whether forward hooks for every module are registered (torch.nn.modules.module)."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
 
 
 class GPT(CheckpointMixin, nn.Module):
@@ -120,13 +127,40 @@ class GPT(CheckpointMixin, nn.Module):
             mask = attention_mask.bool()[:, None, None, :]
         is_causal = L > 1
         delta = None
-        for i, blk in enumerate(self.blocks):
-            h, delta = blk(h, delta, rope=rope, attn_mask=mask, is_causal=is_causal, cache=cache, layer=i)
+        plans = self._decode_plans(h, cache)
+        if plans is not None:
+            cache.reserve(L)  # its error when the cache is full
+            for i, (params, schemes, kw) in enumerate(plans):
+                h, delta = ops.decode_layer(h, delta, params, schemes, cache.k[i], cache.v[i], start, mask, rope, **kw)
+        else:
+            for i, blk in enumerate(self.blocks):
+                h, delta = blk(h, delta, rope=rope, attn_mask=mask, is_causal=is_causal, cache=cache, layer=i)
         if cache is not None:
             cache.length = start + L
         if last_only:
             h, delta = h[:, -1], delta[:, -1]
         return close_stack(self.norm, h, delta)
+
+    def _decode_plans(self, h, cache):
+        """Each block's ``ops.decode_layer`` arguments (Block.decode_plan) when ``h`` (B, 1, D) is one
+        new token per sequence to decode on the CPU with a dense cache, outside autograd, autocast and
+        compilation, and every block can take the op; else None (the blocks run as modules). Made at
+        the cache's first one-token step and kept in it for the steps after: a generation's model does
+        not change between its steps."""
+        if not (isinstance(cache, KVCache) and h.shape[1] == 1 and h.device.type == "cpu"
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling() and not _global_hooks()):
+            return None
+        key = (id(self), h.dtype, h.shape[0])
+        if cache.decode_plans is not None and cache.decode_plans[0] == key:
+            return cache.decode_plans[1]
+        plans = [blk.decode_plan(h.dtype) for blk in self.blocks]
+        if any(p is None for p in plans) or (any(s == "" for p in plans for s in p[1])
+                                             and not linear_uses_kernel(h)):
+            # (float projections of these rows go to torch's product: see fusedformer.ops.linear)
+            plans = None
+        cache.decode_plans = (key, plans)
+        return plans
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """``fusedformer.generate(self, ...)``."""

@@ -98,7 +98,8 @@ def bf16_products() -> bool:
 _capability_changed()
 
 
-def _use_kernel(input: torch.Tensor) -> bool:
+def uses_kernel(input: torch.Tensor) -> bool:
+    """Whether ``linear(input, ...)`` runs the op (rather than ``torch.nn.functional.linear``)."""
     if input.dim() == 0:
         return True  # the op raises the error
     # rows compared as elements (rows * in_features): no division, and right for in_features = 0
@@ -121,7 +122,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     ``torch.nn.functional.linear`` the others. Differentiable in every argument."""
     check_tensor("fusedformer.linear", "input", input)
     check_tensor("fusedformer.linear", "weight", weight)
-    if _use_kernel(input):
+    if uses_kernel(input):
         return _ops.linear(input, weight, bias)
     return F.linear(input, weight, bias)
 
