@@ -12,7 +12,7 @@
   CTranslate2 int8 in sentences/s, with a min cosine >= 0.995.
 - **GPT-2-small shape** with random weights (as bench_generation.py builds it), greedy decode of 128
   new tokens after a 32-token prompt at batch 1 and 8 (equal-length prompts): ours in float32,
-  bfloat16 weights, int8, int8_dynamic, int4 and nf4 (group 32) (``fusedformer.quantize``, the LM head
+  bfloat16 weights, int8, int8_dynamic, int4, nf4 and int4_dynamic (group 32) (``fusedformer.quantize``, the LM head
   tied to the embedding quantized too), against CTranslate2 ``int8`` (``int8_float32`` too where CTranslate2
   resolves it to another compute type) on the same weights, saved with ``save_pretrained`` and
   converted with ``quantization="int8"``, and llama.cpp Q8_0 / Q4_0 at batch 1 (llama-cpp-python; with
@@ -30,7 +30,7 @@ Validation, before anything is timed (an engine that fails is reported and not t
   logits within twice HF's own bfloat16 error, every token a greedy choice of the model run without
   the KV cache); int8 / int4 / nf4: logits equal (to 1e-4 of their largest) those of the float32 model
   whose weights are the dequantized ones, and every token the greedy choice of the same model run
-  without the cache (int8_dynamic, whose cached and uncached runs may round an activation to
+  without the cache (int8_dynamic and int4_dynamic, whose cached and uncached runs may round an activation to
   different int8 steps: as the peers, within twice its own logit error of float32's best); the
   cosine of the last position's logits to float32's is recorded (random weights lose more to int4
   than trained ones: about 0.97). CTranslate2 and llama.cpp are checked twice:
@@ -429,7 +429,8 @@ def gpt2(quick, work, skipped, llama_src):
             "int8": fusedformer.quantize(copy.deepcopy(base), "int8"),
             "int8_dynamic": fusedformer.quantize(copy.deepcopy(base), "int8_dynamic"),
             "int4": fusedformer.quantize(copy.deepcopy(base), "int4", group_size=32),
-            "nf4": fusedformer.quantize(copy.deepcopy(base), "nf4", group_size=32)}
+            "nf4": fusedformer.quantize(copy.deepcopy(base), "nf4", group_size=32),
+            "int4_dynamic": fusedformer.quantize(copy.deepcopy(base), "int4_dynamic", group_size=32)}
     dequantized = {k: _dequantized(ours[k]) for k in ("int8", "int4", "nf4")}
     hf_path, vocab = hf_folder(hf, work)
     ct2 = _optional("ctranslate2", skipped, "CTranslate2 (GPT-2)")
@@ -480,7 +481,7 @@ def gpt2(quick, work, skipped, llama_src):
                             if row[seq[b, pos]] < row.max() - 1e-3 * max(1.0, row.abs().max().item()):
                                 raise AssertionError(f"token at ({b}, {pos}) is not the uncached model's best")
                 else:
-                    # int8_dynamic: the cached and uncached runs differ by float rounding, which can move
+                    # dynamic: the cached and uncached runs differ by float rounding, which can move
                     # an activation across an int8 step, so the tokens are checked as the peers' are:
                     # within twice its own logit error of float32's best at every step
                     near_greedy(base, seq, prompt, 2 * _logits_error(ours[k], base, ids) + 1e-2, k)
@@ -493,7 +494,9 @@ def gpt2(quick, work, skipped, llama_src):
                    _engine("fusedformer", "int8", runs["int8"], quantized_check("int8")),
                    _engine("fusedformer", "int8_dynamic", runs["int8_dynamic"], quantized_check("int8_dynamic")),
                    _engine("fusedformer", "int4 (group 32)", runs["int4"], quantized_check("int4")),
-                   _engine("fusedformer", "nf4 (group 32)", runs["nf4"], quantized_check("nf4"))]
+                   _engine("fusedformer", "nf4 (group 32)", runs["nf4"], quantized_check("nf4")),
+                   _engine("fusedformer", "int4_dynamic (group 32)", runs["int4_dynamic"],
+                           quantized_check("int4_dynamic"))]
 
         def peer_check(run, reference_run, tol, what):
             def check():
@@ -551,10 +554,12 @@ def _decode_goals(workloads):
              ("int4 ahead of llama.cpp Q4_0 at batch 1", rate(1, "fusedformer", "int4 (group 32)"),
               rate(1, "llama.cpp", "Q4_0"), 1.0),
              ("bf16 at least as fast as fp32 at batch 8", rate(8, "fusedformer", "bf16"), rate(8, "fusedformer", "fp32"), 1.0),
-             # beside the issue's: the like-for-like pairs (Q8_0 quantizes the activations too, per 32 values;
-             # int8_dynamic per row) and nf4 (int4's bytes)
+             # beside the issue's: the like-for-like pairs (Q8_0 and Q4_0 quantize the activations too,
+             # per 32 values, as int4_dynamic does; int8_dynamic per row) and nf4 (int4's bytes)
              ("int8_dynamic ahead of llama.cpp Q8_0 at batch 1", rate(1, "fusedformer", "int8_dynamic"),
               rate(1, "llama.cpp", "Q8_0"), 1.0),
+             ("int4_dynamic ahead of llama.cpp Q4_0 at batch 1", rate(1, "fusedformer", "int4_dynamic (group 32)"),
+              rate(1, "llama.cpp", "Q4_0"), 1.0),
              ("nf4 ahead of llama.cpp Q4_0 at batch 1", rate(1, "fusedformer", "nf4 (group 32)"),
               rate(1, "llama.cpp", "Q4_0"), 1.0)]
     lines = [f"- {what}: {a / b:.2f}x, {'met' if a >= need * b else 'MISSED'}" for what, a, b, need in goals if a and b]

@@ -56,6 +56,9 @@ TORCH_LIBRARY(fusedformer, m) {
   //   (kNF4Levels, csrc/include/fusedformer/quant_scheme.h) times the group's scale.
   // scheme "int8_dynamic": the weights of "int8"; each input row is quantized on the fly to int8
   //   (scale max|x| / 127) and the products are int8 x int8 with int32 accumulation.
+  // scheme "int4_dynamic": the weights of "int4"; each input row is quantized to int8 in blocks of 32
+  //   (a scale max|x| / 127 per block) and each block's products are summed in int32, then scaled by
+  //   the block's and the group's scales.
   m.def("quantized_linear(Tensor input, Tensor qweight, Tensor scale, Tensor? bias, str scheme) -> Tensor");
 
   // GELU (torch.nn.functional.gelu): approximate is "none" (x * Phi(x), Phi the standard normal

@@ -11,6 +11,7 @@ from fusedformer import models, ops
 from fusedformer.models import GPT, GPTConfig
 from fusedformer.models import gpt as gpt_module
 from fusedformer.models.blocks import Block
+from fusedformer.ops.quantized_linear import GROUPED_SCHEMES
 
 _ops = torch.ops.fusedformer
 
@@ -29,7 +30,7 @@ def _model(shape, scheme=None, dtype=torch.float32, seed=0):
     m = GPT(GPTConfig(**{**config, **SHAPES[shape]})).eval()
     m = m.to(dtype)
     if scheme is not None:
-        fusedformer.quantize(m, scheme, group_size=32 if scheme in ("int4", "nf4") else None)
+        fusedformer.quantize(m, scheme, group_size=32 if scheme in GROUPED_SCHEMES else None)
     return m
 
 
@@ -74,7 +75,7 @@ def _both_paths(m, ids, mask=None, steps=6):
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-@pytest.mark.parametrize("scheme", [None, "int8", "int4", "nf4", "int8_dynamic"])
+@pytest.mark.parametrize("scheme", [None, "int8", "int4", "nf4", "int8_dynamic", "int4_dynamic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_equals_module_path(shape, scheme, dtype, monkeypatch):
     m = _model(shape, scheme, dtype)

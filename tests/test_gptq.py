@@ -16,7 +16,7 @@ from fusedformer.nn.quantized import QuantizedLinear
 from fusedformer.ops.quantized_linear import dequantize_weight, quantize_weight
 from fusedformer.quantization.gptq import gptq_quantize, input_hessians
 
-SCHEMES = [("int8", None), ("int8_dynamic", None), ("int4", 32), ("int4", 128), ("nf4", 32)]
+SCHEMES = [("int8", None), ("int8_dynamic", None), ("int4", 32), ("int4", 128), ("nf4", 32), ("int4_dynamic", 32)]
 
 
 def _gen(seed):

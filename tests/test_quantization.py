@@ -18,7 +18,7 @@ from fusedformer.ops.quantized_linear import GROUPED_SCHEMES
 from fusedformer.textgen import SHIPPED_MODEL, load_model
 from fusedformer.train import evaluate
 
-SCHEMES = [("int8", None), ("int8_dynamic", None), ("int4", 32), ("nf4", 32)]
+SCHEMES = [("int8", None), ("int8_dynamic", None), ("int4", 32), ("nf4", 32), ("int4_dynamic", 32)]
 
 
 def _gpt(**kw):
@@ -155,12 +155,12 @@ def _heldout_windows():
 
 def test_shipped_model_perplexity_quantized():
     """Held-out perplexity of the shipped model quantized, against float32 on the same windows
-    (4 of the recorded 16 batches): within +1% for int8 / int8_dynamic, +5% for int4 and nf4 (group 32)."""
+    (4 of the recorded 16 batches): within +1% for int8 / int8_dynamic, +5% for int4, nf4 and int4_dynamic (group 32)."""
     ids, context = _heldout_windows()
     model, _ = load_model()
     base = math.exp(evaluate(model, ids, context, n_batches=4))
     for scheme, group, bound in (("int8", None, 1.01), ("int8_dynamic", None, 1.01), ("int4", 32, 1.05),
-                                 ("nf4", 32, 1.05)):
+                                 ("nf4", 32, 1.05), ("int4_dynamic", 32, 1.05)):
         q = fusedformer.quantize(load_model()[0], scheme, group_size=group)
         ppl = math.exp(evaluate(q, ids, context, n_batches=4))
         assert ppl <= bound * base, (scheme, ppl, base)
@@ -208,8 +208,9 @@ def test_minilm_sentence_embeddings_quantized():
     # at normal quantiles fitting trained weights better than int4's evenly spaced ones.
     # int8_dynamic quantizes the input rows of every projection, the packed q/k/v one included: 0.9933 on
     # "short", whose 3 tokens are mostly [CLS] and [SEP] with BERT's outlier channels (0.997+ on the others)
+    # int4_dynamic: int4's weights, its activations rounded to int8 per block of 32 as well: 0.9648
     for scheme, group, bound in (("int8", None, 0.995), ("int8_dynamic", None, 0.993), ("int4", 32, 0.962),
-                                 ("nf4", 32, 0.969)):
+                                 ("nf4", 32, 0.969), ("int4_dynamic", 32, 0.962)):
         model = fusedformer.quantize(fresh(), scheme, group_size=group)
         assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 37  # 6 layers x 6 and the pooler
         cos = torch.nn.functional.cosine_similarity(embed(model), ref)

@@ -19,9 +19,11 @@ QuantizedLinearShape check_quantized_linear(const at::Tensor& input, const at::T
     s.scheme = QuantScheme::NF4;
   } else if (scheme == "int8_dynamic") {
     s.scheme = QuantScheme::Int8Dynamic;
+  } else if (scheme == "int4_dynamic") {
+    s.scheme = QuantScheme::Int4Dynamic;
   } else {
-    TORCH_CHECK_VALUE(false, op, ": scheme must be \"int8\", \"int4\", \"nf4\" or \"int8_dynamic\", got \"", scheme,
-                      "\"");
+    TORCH_CHECK_VALUE(false, op, ": scheme must be \"int8\", \"int4\", \"nf4\", \"int8_dynamic\" or \"int4_dynamic\", got \"",
+                      scheme, "\"");
   }
   check_float_dtype(input, op, "input");
   check_same_device(input, "input", qweight, "qweight", op);

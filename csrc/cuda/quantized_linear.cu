@@ -214,11 +214,14 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& qweight, 
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor qw = qweight.contiguous(), sc = scale.contiguous();
   at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  if (s.scheme == QuantScheme::Int8Dynamic) {
-    at::Tensor xf = input.to(at::kFloat);
+  if (s.scheme == QuantScheme::Int8Dynamic || s.scheme == QuantScheme::Int4Dynamic) {
+    // x quantized per row (int8_dynamic) or per block of 32 features (int4_dynamic)
+    const int64_t block = s.scheme == QuantScheme::Int8Dynamic ? s.K : 32;
+    at::Tensor xf = input.to(at::kFloat).reshape({s.M, s.K / block, block});
     at::Tensor amax = xf.abs().amax(-1, true);
-    at::Tensor inv = at::where(amax > 0, amax.reciprocal() * 127.0, at::zeros_like(amax));
-    at::Tensor xq = (xf * inv).clamp(-127, 127).round() * (amax / 127.0);
+    // 127 / max|x| in one division, as the CPU kernels round it
+    at::Tensor inv = at::where(amax > 0, at::full_like(amax, 127.0) / amax, at::zeros_like(amax));
+    at::Tensor xq = ((xf * inv).clamp(-127, 127).round() * (amax / 127.0)).reshape(input.sizes());
     at::Tensor y = at::linear(xq, dequantize(qw, sc, s, at::kFloat), b.defined() ? b.to(at::kFloat) : b);
     return y.to(input.scalar_type());
   }

@@ -205,15 +205,32 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query
     return out
 
 
+def dynamic_input(input, scheme):
+    """The input a dynamic scheme's products see, in float64: each row ("int8_dynamic") or each block
+    of 32 features of a row ("int4_dynamic") quantized as the op does (in float32: scale max|x| / 127,
+    x * (127 / max|x|) rounded to nearest even), then times its scale."""
+    x32 = input.detach().cpu().to(torch.float32)
+    shape = x32.shape
+    if scheme == "int4_dynamic":
+        x32 = x32.reshape(*shape[:-1], shape[-1] // 32, 32)
+    amax = x32.abs().amax(dim=-1, keepdim=True)
+    # a true division, as the op's 127 / max|x| (a Python scalar over a tensor is a reciprocal and a
+    # product, two roundings, which can move a value at a rounding tie)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    xq = torch.round((x32 * inv).clamp(-127, 127)).to(torch.float64)
+    return (xq * (amax / 127.0).to(torch.float64)).reshape(shape)
+
+
 def quantized_linear(input, qweight, scale, bias=None, scheme="int8"):
     """input @ dequant(qweight).T + bias in float64, the weights unpacked here from the documented
     layout (fusedformer.ops.quantized_linear) rather than through the package's helpers (nf4's levels
     are the documented table, ``NF4_LEVELS``). For
     "int8_dynamic" the input rows are first quantized as the op does (scale max|x| / 127, round to
-    nearest); the product of the integers is then exact in float64."""
+    nearest), for "int4_dynamic" each block of 32 features of a row; the product of the integers is
+    then exact in float64."""
     x = _f64(input)
     s = scale.detach().cpu().to(torch.float64)
-    if scheme in ("int4", "nf4"):
+    if scheme in ("int4", "nf4", "int4_dynamic"):
         b = qweight.detach().cpu().to(torch.int64)
         N, half = b.shape
         c = torch.empty(N, 2 * half, dtype=torch.int64)  # the nibbles, codes 0 .. 15
@@ -221,7 +238,7 @@ def quantized_linear(input, qweight, scale, bias=None, scheme="int8"):
             chunk = b[:, 16 * blk:16 * blk + 16]
             c[:, 32 * blk:32 * blk + 16] = chunk & 15
             c[:, 32 * blk + 16:32 * blk + 32] = chunk >> 4
-        if scheme == "int4":
+        if scheme != "nf4":
             levels = torch.arange(-8, 8, dtype=torch.float64)
         else:
             from .ops.quantized_linear import NF4_LEVELS
@@ -229,12 +246,8 @@ def quantized_linear(input, qweight, scale, bias=None, scheme="int8"):
         w = levels[c] * s.repeat_interleave(c.shape[1] // s.shape[1], dim=1)
     else:
         w = qweight.detach().cpu().to(torch.float64) * s[:, None]
-    if scheme == "int8_dynamic":
-        x32 = input.detach().cpu().to(torch.float32)
-        amax = x32.abs().amax(dim=-1, keepdim=True)
-        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-        xq = torch.round((x32 * inv).clamp(-127, 127)).to(torch.float64)
-        x = xq * (amax / 127.0).to(torch.float64)
+    if scheme in ("int8_dynamic", "int4_dynamic"):
+        x = dynamic_input(input, scheme)
     y = x @ w.T
     if bias is not None:
         y = y + _f64(bias)

@@ -334,18 +334,19 @@ void run_stream(const QuantLinearArgs& a) {
 }
 
 // Many rows: the blocked float32 product, its copies of W dequantized from the packed weights.
+// xf: x's rows as contiguous floats, given (int4_dynamic's quantized rows) or made here.
 template <typename T>
-void run_panels(const QuantLinearArgs& a) {
+void run_panels(const QuantLinearArgs& a, const float* xf = nullptr) {
   const int64_t M = a.M, N = a.N, K = a.K;
   GemmArgs g{};
   std::unique_ptr<float[]> xbuf, ybuf, bbuf;
   if constexpr (std::is_same_v<T, float>) {
-    g.a = static_cast<const float*>(a.x);
-    g.rsa = a.ldx;
+    g.a = xf ? xf : static_cast<const float*>(a.x);
+    g.rsa = xf ? K : a.ldx;
     g.c = static_cast<float*>(a.y);
     g.bias = static_cast<const float*>(a.bias);
   } else {
-    g.a = rows_as_float<T>(a, xbuf);
+    g.a = xf ? xf : rows_as_float<T>(a, xbuf);
     g.rsa = K;
     ybuf.reset(new float[M * N]);
     g.c = ybuf.get();
@@ -689,13 +690,231 @@ void run_dynamic(const QuantLinearArgs& a) {
   convert_output<T>(a, y);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// int4_dynamic: int4's weights against x quantized in blocks of 32 features (llama.cpp's Q4_0 x Q8_0)
+//
+// Each block of 32 values of a row of x gets its own scale max|x| / 127 and int8 values (quantize_row).
+// A W block's 16 bytes hold its elements j (low nibbles) and j + 16 (high nibbles) as codes c = q + 8
+// in 0 .. 15, unsigned bytes ready for the unsigned-by-signed byte products (vpdpbusd; vpmaddubsw and
+// vpmaddwd) against x's int8 values with no sign trick. x is stored per pair of blocks in W's order,
+// 64 bytes [b0 0..15, b1 0..15, b0 16..31, b1 16..31], so that one 32-byte load of W (two blocks), masked
+// and shifted, meets two 32-byte loads of x. A product's eight int32 lanes hold four 4-byte partial
+// sums per block; sum (c - 8) x = sum c x - 8 sum x, so each block's -8 sum x starts its first lane.
+// The lanes go to float, times x's block scale and W's group scale, summed in float. The many-rows
+// path dequantizes the quantized x into float rows for int4's panels.
+
+constexpr int64_t kQBlock = 32;  // x values per quantization block (a W packing block)
+
+// x quantized in blocks: q (M rows of P pairs of 64 bytes), per pair 8 lanes of corr (the blocks'
+// -8 sum x in lanes 0 and 4) and of scale (the blocks' scales, each in 4 lanes); a missing second
+// block of a row's last pair (K / 32 odd) is zeros.
+struct XBlocks {
+  int64_t P = 0;
+  std::unique_ptr<int8_t[]> q;
+  std::unique_ptr<int32_t[]> corr;
+  std::unique_ptr<float[]> scale;
+  const int8_t* pair(int64_t i, int64_t p) const { return q.get() + (i * P + p) * 64; }
+  const int32_t* pair_corr(int64_t i, int64_t p) const { return corr.get() + (i * P + p) * 8; }
+  const float* pair_scale(int64_t i, int64_t p) const { return scale.get() + (i * P + p) * 8; }
+};
+
+template <typename T>
+XBlocks quantize_blocks(const QuantLinearArgs& a) {
+  XBlocks xb;
+  const int64_t nb = a.K / kQBlock;
+  xb.P = (nb + 1) / 2;
+  xb.q.reset(new int8_t[a.M * xb.P * 64]());
+  xb.corr.reset(new int32_t[a.M * xb.P * 8]());
+  xb.scale.reset(new float[a.M * xb.P * 8]());
+  const T* x = static_cast<const T*>(a.x);
+  parallel_for(0, a.M, 4, [&](int64_t i0, int64_t i1) {
+    int8_t v[kQBlock];
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t b = 0; b < nb; ++b) {
+        const float s = quantize_row(x + i * a.ldx + b * kQBlock, kQBlock, v, kQBlock, 0);
+        const int64_t p = b / 2, h = b % 2;
+        int8_t* q = xb.q.get() + (i * xb.P + p) * 64;
+        int32_t sum = 0;
+        for (int t = 0; t < 16; ++t) {
+          q[h * 16 + t] = v[t];
+          q[32 + h * 16 + t] = v[16 + t];
+        }
+        for (int t = 0; t < kQBlock; ++t) sum += v[t];
+        xb.corr[(i * xb.P + p) * 8 + h * 4] = -8 * sum;
+        for (int l = 0; l < 4; ++l) xb.scale[(i * xb.P + p) * 8 + h * 4 + l] = s;
+      }
+  });
+  return xb;
+}
+
+// the scale of W row n's group holding block b
+FF_INLINE float block_scale(const QuantLinearArgs& a, int64_t n, int64_t b) {
+  return a.scale[n * (a.K / a.group_size) + b * kQBlock / a.group_size];
+}
+
+// row i of x against W row n, plain: the generic build and float64
+template <typename Acc>
+Acc i4dot(const QuantLinearArgs& a, const XBlocks& xb, int64_t i, int64_t n) {
+  const uint8_t* w = static_cast<const uint8_t*>(a.qw) + n * (a.K / 2);
+  Acc total = 0;
+  for (int64_t b = 0; b < a.K / kQBlock; ++b) {
+    const int8_t* q = xb.pair(i, b / 2) + (b % 2) * 16;
+    int32_t s = xb.pair_corr(i, b / 2)[(b % 2) * 4];
+    for (int t = 0; t < 16; ++t) s += int32_t(w[b * 16 + t] & 15) * q[t] + int32_t(w[b * 16 + t] >> 4) * q[32 + t];
+    total += Acc(s) * Acc(xb.pair_scale(i, b / 2)[(b % 2) * 4]) * Acc(block_scale(a, n, b));
+  }
+  return total;
+}
+
+#if defined(__AVX2__)
+// acc + the 4-byte-group products of codes lo, hi (unsigned) with x's bytes xlo, xhi (signed)
+template <bool VNNI>
+FF_INLINE __m256i dot_codes(__m256i acc, __m256i lo, __m256i hi, __m256i xlo, __m256i xhi) {
+  if constexpr (VNNI) {
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(lo), "v"(xlo));
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(hi), "v"(xhi));
+    return acc;
+  } else {
+    // |c x| <= 15 x 127: the two pair sums of each int16 lane stay below 2^15
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+  }
+}
+
+FF_INLINE float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// out[i][j] = x_{m+i} . w_{n+j} for MR rows of x and NR rows of W
+template <bool VNNI, int MR, int NR>
+FF_INLINE void i4tile(const QuantLinearArgs& a, const XBlocks& xb, int64_t m, int64_t n, float (*out)[kNRMax]) {
+  const int64_t half = a.K / 2, nb = a.K / kQBlock;
+  const uint8_t* qw = static_cast<const uint8_t*>(a.qw);
+  const int64_t ahead = std::min(n + kPrefetchTiles * NR, a.N - NR);
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  const __m256i nibble = _mm256_set1_epi8(15);
+  const int64_t G = a.K / a.group_size, per_group = a.group_size / kQBlock;
+  // the groups of the pair's two blocks, counted along (no division in the loop)
+  int64_t g0 = 0, pos0 = 0;
+  for (int64_t p = 0; p < xb.P; ++p, pos0 += 2) {
+    while (pos0 >= per_group) pos0 -= per_group, ++g0;
+    const bool full = 2 * p + 1 < nb;
+    const int64_t g1 = pos0 + 1 < per_group ? g0 : g0 + 1;
+    if (p % 2 == 0)  // a cache line of each W row of the tile ahead every 64 bytes
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(qw + (ahead + j) * half + p * 32, 0, 2);
+    __m256i xlo[MR], xhi[MR], corr[MR];
+    __m256 xs[MR];
+    for (int i = 0; i < MR; ++i) {
+      const int8_t* q = xb.pair(m + i, p);
+      xlo[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+      xhi[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+      corr[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb.pair_corr(m + i, p)));
+      xs[i] = _mm256_loadu_ps(xb.pair_scale(m + i, p));
+    }
+    for (int j = 0; j < NR; ++j) {
+      const uint8_t* w = qw + (n + j) * half + p * 32;
+      // the row's last block alone when K / 32 is odd: 16 bytes, the rest zero
+      const __m256i wv = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))
+                              : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+      const __m256i lo = _mm256_and_si256(wv, nibble);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), nibble);
+      const float* sc = a.scale + (n + j) * G;
+      const __m256 ws = _mm256_set_m128(_mm_set1_ps(full ? sc[g1] : 0.f), _mm_set1_ps(sc[g0]));
+      for (int i = 0; i < MR; ++i) {
+        const __m256i d = dot_codes<VNNI>(corr[i], lo, hi, xlo[i], xhi[i]);
+        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(xs[i], ws), acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) out[i][j] = hsum256(acc[i][j]);
+}
+#endif
+
+template <typename T, bool VNNI, int MR, int NR>
+void i4tile_store(const QuantLinearArgs& a, const XBlocks& xb, int64_t m, int64_t n) {
+  float out[kMR][kNRMax];
+#if defined(__AVX2__)
+  i4tile<VNNI, MR, NR>(a, xb, m, n, out);
+#else
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) out[i][j] = i4dot<float>(a, xb, m + i, n + j);
+#endif
+  T* y = static_cast<T*>(a.y);
+  const T* b = static_cast<const T*>(a.bias);
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float v = out[i][j];
+      if (b) v += to_float(b[n + j]);
+      y[(m + i) * a.N + n + j] = from_float<T>(v);
+    }
+}
+
+template <typename T, bool VNNI>
+void run_int4_dynamic_tiles(const QuantLinearArgs& a, const XBlocks& xb) {
+  auto tiles = [&](auto mr_max, auto nr_max) {
+    constexpr int MR = decltype(mr_max)::value, NR = decltype(nr_max)::value;
+    for_each_tile<NR>(a, [&](int mr, int nr, int64_t m, int64_t n) {
+      with_tile_size<MR, NR>(std::min(mr, MR), nr, [&](auto rows, auto cols) {
+        i4tile_store<T, VNNI, decltype(rows)::value, decltype(cols)::value>(a, xb, m, n);
+      });
+    });
+  };
+  if (a.M == 1)  // as the float stream: more W rows per tile when no rows of x share them
+    tiles(std::integral_constant<int, 1>{}, std::integral_constant<int, kNR1>{});
+  else
+    tiles(std::integral_constant<int, kMR>{}, std::integral_constant<int, 2>{});
+}
+
+template <typename T>
+void run_int4_dynamic(const QuantLinearArgs& a) {
+  const XBlocks xb = quantize_blocks<T>(a);
+  if constexpr (std::is_same_v<T, double>) {  // the exactness tests: plain loops, summed in double
+    double* y = static_cast<double*>(a.y);
+    const double* b = static_cast<const double*>(a.bias);
+    parallel_for(0, a.N, 4, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t i = 0; i < a.M; ++i) y[i * a.N + n] = i4dot<double>(a, xb, i, n) + (b ? b[n] : 0.0);
+    });
+    return;
+  }
+  if (a.M > kFewRows) {
+    // the quantized rows back in float, in x's order, through int4's dequantized panels
+    std::unique_ptr<float[]> xf(new float[a.M * a.K]);
+    parallel_for(0, a.M, 4, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t b = 0; b < a.K / kQBlock; ++b) {
+          const int8_t* q = xb.pair(i, b / 2) + (b % 2) * 16;
+          const float s = xb.pair_scale(i, b / 2)[(b % 2) * 4];
+          float* dst = xf.get() + i * a.K + b * kQBlock;
+          for (int t = 0; t < 16; ++t) {
+            dst[t] = float(q[t]) * s;
+            dst[16 + t] = float(q[32 + t]) * s;
+          }
+        }
+    });
+    return run_panels<T>(a, xf.get());
+  }
+#if defined(__AVX512F__)
+  if (use_vnni()) return run_int4_dynamic_tiles<T, true>(a, xb);
+#endif
+  run_int4_dynamic_tiles<T, false>(a, xb);
+}
+
 }  // namespace
 
 void quantized_linear(const QuantLinearArgs& a) {
   if (a.M == 0 || a.N == 0) return;
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if constexpr (std::is_same_v<T, double>) {
+    if (a.scheme == QuantScheme::Int4Dynamic) {
+      run_int4_dynamic<T>(a);
+    } else if constexpr (std::is_same_v<T, double>) {
       if (a.scheme == QuantScheme::Int8Dynamic)
         run_dynamic<T>(a);
       else

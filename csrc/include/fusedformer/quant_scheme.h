@@ -9,10 +9,13 @@ enum class QuantScheme : int {
   Int4 = 1,         // 4-bit weights two a byte, one float32 scale per group of K; levels -8 .. 7
   Int8Dynamic = 2,  // int8 weights; input rows quantized to int8 on the fly, int32 accumulation
   NF4 = 3,          // Int4's layout and scales; a nibble picks one of the 16 levels of kNF4Levels
+  Int4Dynamic = 4,  // Int4's weights; input rows quantized to int8 in blocks of 32, int32 sums per block
 };
 
 // Schemes whose weights are 4-bit codes in groups (Int4's packing and scales).
-constexpr bool is_4bit(QuantScheme s) { return s == QuantScheme::Int4 || s == QuantScheme::NF4; }
+constexpr bool is_4bit(QuantScheme s) {
+  return s == QuantScheme::Int4 || s == QuantScheme::NF4 || s == QuantScheme::Int4Dynamic;
+}
 
 // The 16 values a 4-bit code stands for, before the group's scale: code c (the nibble, 0 .. 15).
 struct Levels4 {

@@ -15,6 +15,11 @@ Formats (symmetric, no zero point; the schema in csrc/registration.cpp is the au
 - ``"int8_dynamic"``: the weights of ``"int8"``; each input row is quantized on the fly to int8
   (scale max|x| / 127) and the products are int8 x int8 summed exactly in int32 (AVX512-VNNI
   ``vpdpbusd`` where the CPU has it, AVX2 ``vpmaddubsw``), for prefill and encoders.
+- ``"int4_dynamic"``: the weights of ``"int4"``; each input row is quantized on the fly to int8 in
+  blocks of 32 features (a scale max|x| / 127 per block), and each block's products (4-bit code times
+  int8) are summed exactly in int32 (``vpdpbusd``, AVX2 ``vpmaddubsw``), then scaled by the block's and
+  the group's scales (llama.cpp's Q4_0 against Q8_0 activations). The 4-bit widening to float that
+  bounds ``"int4"`` at few rows is gone: decoding reads the packed weights at memory speed.
 
 Weight-only schemes compute in float32 (float64 for float64 input). Few rows (generation) stream the
 packed weights once against all rows; many rows dequantize panels of the weights into the blocked
@@ -30,9 +35,9 @@ from ._checks import check_same_device, check_tensor
 
 _ops = torch.ops.fusedformer
 
-SCHEMES = ("int8", "int4", "nf4", "int8_dynamic")
+SCHEMES = ("int8", "int4", "nf4", "int8_dynamic", "int4_dynamic")
 # the schemes of 4-bit codes in groups along the input features
-GROUPED_SCHEMES = ("int4", "nf4")
+GROUPED_SCHEMES = ("int4", "nf4", "int4_dynamic")
 # group sizes fusedformer.quantize offers for the grouped schemes (the op takes any multiple of 32)
 INT4_GROUP_SIZES = (32, 64, 128)
 # nf4's levels, code c = q + 8 (ascending; csrc/include/fusedformer/quant_scheme.h holds the kernels' copy)
@@ -108,7 +113,7 @@ def round_to_levels(v: torch.Tensor, scheme: str, table: Optional[Tuple[torch.Te
     (weights divided by their scale): int4 rounds half to even and clamps; nf4 takes the nearest of
     ``NF4_LEVELS`` (ties to the lower). Pass the result to :func:`level_values` for the values.
     ``table``: ``nf4_table(v.device)``, for callers that round many times (made here otherwise)."""
-    if scheme == "int4":
+    if scheme != "nf4":  # int4's levels (int4, int4_dynamic)
         return torch.round(v).clamp_(-8, 7)
     _, midpoints = nf4_table(v.device) if table is None else table
     return torch.bucketize(v, midpoints).to(v.dtype).sub_(8)
@@ -118,7 +123,7 @@ def level_values(q: torch.Tensor, scheme: str, table: Optional[Tuple[torch.Tenso
                  ) -> torch.Tensor:
     """The values (before the group's scale) that codes ``q`` in [-8, 7] of the 4-bit ``scheme`` stand
     for; ``table`` as :func:`round_to_levels`'."""
-    if scheme == "int4":
+    if scheme != "nf4":
         return q
     levels, _ = nf4_table(q.device) if table is None else table
     return levels[(q.long() + 8)].to(q.dtype)
@@ -142,7 +147,7 @@ def _group_search(g: torch.Tensor, scheme: str) -> Tuple[torch.Tensor, torch.Ten
     usable = m.abs() >= _INT4_TINY  # else q = 0, scale 0
     zero = torch.zeros_like(m)
     best_fit, best_scale = zero, zero
-    if scheme == "int4":
+    if scheme != "nf4":
         multipliers = [torch.where(usable, -c / m, zero) for c in _INT4_STEPS]
     else:
         multipliers = [torch.where(usable, 1.0 / (c * m.abs()), zero) for c in _NF4_STEPS]
@@ -192,7 +197,8 @@ def _quantized_linear_fake(input, qweight, scale, bias, scheme):
     op = "fusedformer.quantized_linear"
     check_same_device(op, "input", input, qweight=qweight, scale=scale, bias=bias)
     if scheme not in SCHEMES:
-        raise ValueError(f"{op}: scheme must be \"int8\", \"int4\", \"nf4\" or \"int8_dynamic\", got \"{scheme}\"")
+        raise ValueError(f"{op}: scheme must be \"int8\", \"int4\", \"nf4\", \"int8_dynamic\" or \"int4_dynamic\", "
+                         f"got \"{scheme}\"")
     K = input.shape[-1] if input.dim() >= 1 else -1
     cols = 2 * qweight.shape[1] if scheme in GROUPED_SCHEMES and qweight.dim() == 2 else qweight.shape[-1]
     if qweight.dim() != 2 or input.dim() < 1 or cols != K:

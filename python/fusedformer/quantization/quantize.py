@@ -5,7 +5,8 @@ Schemes: ``"int8"`` (weights int8 per output channel, computed in the input's fl
 the one of least squared error), ``"nf4"`` (int4's bytes, with 16 levels at normal quantiles rather
 than evenly spaced: closer to trained weights at the same size and speed) and ``"int8_dynamic"`` (int8
 weights; activations quantized per row on the fly, int8 products summed in int32: for prefill and
-encoders). The LM head (a top-level
+encoders) and ``"int4_dynamic"`` (int4's weights; activations quantized per block of 32 on the fly,
+4-bit x int8 products summed in int32: int4's decoding at memory speed). The LM head (a top-level
 ``head`` / ``lm_head``, or any layer whose weight is an embedding's, as GPT's tied head) is quantized
 too unless ``include_lm_head=False``: in decoding it is the largest single read (GPT-2's tied head is
 a third of the model's weights), so a float head would hold quantized decoding at float speed. A
@@ -42,7 +43,7 @@ def quantize(model: torch.nn.Module, scheme: str, *, group_size: Optional[int] =
              damping: float = 0.1) -> torch.nn.Module:
     """Replaces every ``torch.nn.Linear`` / ``fusedformer.nn.Linear`` of ``model`` (a fusedformer model,
     a ``fusedformer.nn`` model or a patched HF model) by a :class:`QuantizedLinear` of ``scheme``, in
-    place, and returns ``model``. ``group_size``: 32, 64 or 128 for ``"int4"`` and ``"nf4"`` (every quantized
+    place, and returns ``model``. ``group_size``: 32, 64 or 128 for the 4-bit schemes (every quantized
     layer's in_features divisible by it), None otherwise. ``skip``: qualified module names (as
     ``named_modules`` gives them) left float, with their submodules. ``include_lm_head=False`` keeps
     the LM head float (see the module's docstring). ``calibration``: batches of inputs like the data
