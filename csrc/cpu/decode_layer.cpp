@@ -18,6 +18,9 @@ namespace {
 
 constexpr const char* kOp = "fusedformer.decode_layer";
 constexpr size_t kParams = 16, kLinears = 4;
+// rows up to which the exact GELU is the fused kernel, as in fusedformer.models.MLP (FUSED_GELU_ROWS
+// in python/fusedformer/ops/decode_layer.py); beyond, ATen's, which sets up a oneDNN primitive per call
+constexpr int64_t kFusedGeluRows = 16;
 
 // a norm's weight and bias, params[first] and params[first + 1]
 struct Norm {
@@ -131,8 +134,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(const at::Tensor& h, const std::
   if (act == "swiglu") {
     const int64_t f = u.size(-1) / 2;
     u = at::silu(u.narrow(-1, 0, f)).mul_(u.narrow(-1, f, f));
-  } else if (act == "gelu_tanh") {
-    cpu::gelu_inplace(u, "tanh");
+  } else if (act == "gelu_tanh" || (act == "gelu" && B <= kFusedGeluRows)) {
+    cpu::gelu_inplace(u, act == "gelu" ? "none" : "tanh");
   } else if (act == "gelu") {
     at::gelu_(u, "none");
   } else {

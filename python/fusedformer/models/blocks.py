@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops.decode_layer import ACTIVATIONS as DECODE_ACTIVATIONS
+from ..ops.decode_layer import FUSED_GELU_ROWS as DECODE_GELU_ROWS
 from ..nn.linear import Linear
 from ..nn.quantized import QuantizedLinear
 from ..nn.residual import post_norm_add, pre_norm_add
@@ -75,8 +76,11 @@ class MLP(nn.Module):
         elif self.activation in ("gelu_tanh", "gelu"):
             approximate = "tanh" if self.activation == "gelu_tanh" else "none"
             # the fused tanh GELU is 3-5x ATen's forward and backward; the exact one 1.5x in the
-            # backward but 0.8x in the forward, so inference keeps ATen's in-place exact GELU
-            if self.fused and approximate == "tanh" and inplace and h.is_contiguous():
+            # backward but 0.8x in the forward, so inference keeps ATen's in-place exact GELU, except
+            # for a decode step's few rows, where ATen's sets up a oneDNN primitive on every call
+            # (ops.decode_layer does the same)
+            few_rows = h.numel() <= DECODE_GELU_ROWS * h.shape[-1]
+            if self.fused and (approximate == "tanh" or few_rows) and inplace and h.is_contiguous():
                 h = ops.gelu_(h, approximate)
             elif self.fused and (approximate == "tanh" or not inplace):
                 h = ops.gelu(h, approximate)

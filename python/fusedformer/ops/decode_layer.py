@@ -18,6 +18,9 @@ _ops = torch.ops.fusedformer
 
 # the activations of fusedformer.models.MLP the op takes
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
+# rows up to which the exact GELU is the fused in-place kernel (beyond, ATen's; as the MLP module
+# does, so that the op's results equal the module's); csrc/cpu/decode_layer.cpp holds the C++ copy
+FUSED_GELU_ROWS = 16
 
 
 def decode_layer(h: Tensor, delta: Optional[Tensor], params: Sequence[Optional[Tensor]], schemes: Sequence[str],
