@@ -82,8 +82,8 @@ TORCH_LIBRARY(fusedformer, m) {
   // the residual stream and the last block's pending output (none before the first block); returns
   // (h + delta, the MLP's output). params, 16 entries: the attention norm's weight and bias, then
   // the qkv projection's [weight or qweight, scale, bias], the output projection's, the MLP norm's
-  // weight and bias, the MLP's up and down projections'; schemes (4): "" for a float projection
-  // (fusedformer.linear), else its quantized_linear scheme. The new key and value go to position
+  // weight and bias, the MLP's up and down projections'; schemes (4): "" for a float projection on
+  // fusedformer.linear, "torch" for one on torch's (at::linear), else its quantized_linear scheme. The new key and value go to position
   // `position` of k_cache / v_cache (B, Hkv, max_len, E), and attention reads positions 0 ..
   // position with the bool key_mask (B, 1, 1, position + 1) when given. rope_cos / rope_sin (B, 1,
   // 1, E): rotary embedding of q and k (rotate-half). activation: gelu, gelu_tanh, relu or swiglu.

@@ -11,6 +11,7 @@ from fusedformer import models, ops
 from fusedformer.models import GPT, GPTConfig
 from fusedformer.models import gpt as gpt_module
 from fusedformer.models.blocks import Block
+from fusedformer.ops.linear import uses_kernel
 from fusedformer.ops.quantized_linear import GROUPED_SCHEMES
 
 _ops = torch.ops.fusedformer
@@ -105,6 +106,23 @@ def test_left_padded_batch_and_beams(monkeypatch):
         finally:
             Block.fused_decode = True
     assert torch.equal(beams, beams_modules)
+
+
+@pytest.mark.parametrize("dtype, batch", [(torch.float32, 17), (torch.bfloat16, 3)])
+def test_rows_on_torch_linear(dtype, batch, monkeypatch):
+    """Rows that fusedformer.linear gives to torch's product (float32 above SMALL_ROWS; bfloat16 above
+    HALF_ROWS where the CPU has bfloat16 products) take it inside the op too (scheme "torch")."""
+    m = _model("gpt2", dtype=dtype)
+    ids = torch.randint(0, 97, (batch, 4), generator=torch.Generator().manual_seed(4))
+    spy = _Spy(monkeypatch)
+    got, want = _both_paths(m, ids, steps=3)
+    assert spy.calls == 3 * 3 and torch.equal(got, want)
+    h = torch.zeros(batch, 1, 64, dtype=dtype)
+    with torch.inference_mode():
+        schemes = m._decode_plans(h, m.new_cache(batch, 8))[0][1]
+    assert schemes == ([""] * 4 if uses_kernel(h) else ["torch"] * 4)
+    if dtype == torch.float32:
+        assert schemes == ["torch"] * 4
 
 
 def test_float64_and_head_dim_not_power_of_two(monkeypatch):

@@ -22,7 +22,8 @@ QuantizedLinearShape check_quantized_linear(const at::Tensor& input, const at::T
   } else if (scheme == "int4_dynamic") {
     s.scheme = QuantScheme::Int4Dynamic;
   } else {
-    TORCH_CHECK_VALUE(false, op, ": scheme must be \"int8\", \"int4\", \"nf4\", \"int8_dynamic\" or \"int4_dynamic\", got \"",
+    TORCH_CHECK_VALUE(false, op,
+                      ": scheme must be \"int8\", \"int4\", \"nf4\", \"int8_dynamic\" or \"int4_dynamic\", got \"",
                       scheme, "\"");
   }
   check_float_dtype(input, op, "input");

@@ -48,6 +48,7 @@ struct Projection {
                                     bias = params.get(first + 2);
     TORCH_CHECK_VALUE(w.has_value(), kOp, ": params[", first, "] (a projection's weight) must be a tensor");
     if (scheme.empty()) return cpu::linear(x, *w, bias);
+    if (scheme == "torch") return at::linear(x, *w, bias);
     TORCH_CHECK_VALUE(scale.has_value(), kOp, ": params[", first + 1, "] (the scale of a ", scheme,
                       " projection) must be a tensor");
     return cpu::quantized_linear(x, *w, *scale, bias, c10::string_view(scheme.data(), scheme.size()));
@@ -101,13 +102,11 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(const at::Tensor& h, const std::
   // params: the attention norm at 0, the projections qkv, out at 2 and 5, the MLP norm at 8, the
   // projections up and down at 10 and 13
   constexpr size_t kFirst[kLinears] = {2, 5, 10, 13};
-  auto proj = [&](size_t i) {
-    return Projection{params, kFirst[i], schemes[i]};
-  };
+  auto proj = [&](size_t i) { return Projection{params, kFirst[i], schemes[i]}; };
 
   // attention: a = norm(h + delta); q, k, v = qkv(a)
-  auto [a, h1] = norm(delta.has_value() ? *delta : h, delta.has_value() ? std::optional<at::Tensor>(h) : std::nullopt,
-                      Norm(params, 0), rms, eps);
+  const std::optional<at::Tensor> residual = delta.has_value() ? std::optional<at::Tensor>(h) : std::nullopt;
+  auto [a, h1] = norm(delta.has_value() ? *delta : h, residual, Norm(params, 0), rms, eps);
   const at::Tensor qkv = proj(0)(a);
   const int64_t Hq = n_head;
   TORCH_CHECK_VALUE(qkv.size(-1) == (Hq + 2 * Hkv) * E, kOp, ": the qkv projection gives ", qkv.size(-1),
@@ -123,9 +122,9 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(const at::Tensor& h, const std::
   }
   k_cache.narrow(2, position, 1).copy_(k);
   v_cache.narrow(2, position, 1).copy_(v);
-  const at::Tensor y = std::get<0>(cpu::attention_fwd(q, k_cache.narrow(2, 0, position + 1),
-                                                 v_cache.narrow(2, 0, position + 1), key_mask, 0.0, false,
-                                                 1.0 / std::sqrt(static_cast<double>(E)), std::nullopt));
+  const at::Tensor y =
+      std::get<0>(cpu::attention_fwd(q, k_cache.narrow(2, 0, position + 1), v_cache.narrow(2, 0, position + 1),
+                                     key_mask, 0.0, false, 1.0 / std::sqrt(static_cast<double>(E)), std::nullopt));
   const at::Tensor attn_out = proj(1)(y.transpose(1, 2).reshape({B, 1, Hq * E}));
 
   // MLP: a = norm(h1 + attn_out); down(act(up(a)))

@@ -251,7 +251,8 @@ def _hooked(m: nn.Module) -> bool:
 
 def _projection(m: nn.Module, dtype: torch.dtype):
     """(scheme, [weight, scale, bias]) of a projection as ops.decode_layer takes it (scheme "" for a
-    float one), or None for a module whose call it would not reproduce."""
+    float one on fusedformer.linear; GPT makes it "torch" where that sends the rows to torch's), or
+    None for a module whose call it would not reproduce."""
     if _hooked(m):
         return None
     if type(m) is Linear and m.fused:

@@ -155,10 +155,11 @@ class GPT(CheckpointMixin, nn.Module):
         if cache.decode_plans is not None and cache.decode_plans[0] == key:
             return cache.decode_plans[1]
         plans = [blk.decode_plan(h.dtype) for blk in self.blocks]
-        if any(p is None for p in plans) or (any(s == "" for p in plans for s in p[1])
-                                             and not linear_uses_kernel(h)):
-            # (float projections of these rows go to torch's product: see fusedformer.ops.linear)
+        if any(p is None for p in plans):
             plans = None
+        elif not linear_uses_kernel(h):
+            # float projections of these rows go to torch's product, as fusedformer.ops.linear sends them
+            plans = [(params, ["torch" if s == "" else s for s in schemes], kw) for params, schemes, kw in plans]
         cache.decode_plans = (key, plans)
         return plans
 

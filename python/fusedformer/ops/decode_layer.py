@@ -31,8 +31,9 @@ def decode_layer(h: Tensor, delta: Optional[Tensor], params: Sequence[Optional[T
     residual) for ``h`` and ``delta`` (B, 1, D), writing the new key and value at ``position`` of
     ``k_cache`` / ``v_cache`` (B, Hkv, max_len, E) and attending to positions 0 .. position (keys
     masked by the bool ``key_mask`` (B, 1, 1, position + 1) when given). ``params``: the 16 tensors
-    of csrc/registration.cpp's schema; ``schemes``: per projection, "" (float) or its
-    quantized_linear scheme; ``rope``: (cos, sin) (B, 1, 1, E) or None."""
+    of csrc/registration.cpp's schema; ``schemes``: per projection, "" (float, on
+    fusedformer.linear), "torch" (float, on torch.nn.functional.linear: the rows fusedformer.linear
+    sends there) or its quantized_linear scheme; ``rope``: (cos, sin) (B, 1, 1, E) or None."""
     cos, sin = rope if rope is not None else (None, None)
     return _ops.decode_layer(h, delta, list(params), list(schemes), k_cache, v_cache, position, key_mask, cos, sin,
                              n_head, rms, eps, activation)
