@@ -242,12 +242,9 @@ FF_INLINE void tile(const QuantLinearArgs& a, const float* const* x, int64_t n, 
   }
 }
 
-template <typename T, QuantScheme S, int MR, int NR>
-void tile_store(const QuantLinearArgs& a, const float* xc, int64_t m, int64_t n) {
-  const float* xr[MR];
-  for (int i = 0; i < MR; ++i) xr[i] = xc + (m + i) * a.K;
-  float out[kMR][kNRMax];
-  tile<S, MR, NR>(a, xr, n, out);
+// a tile's sums out[i][j] plus the bias into y (rows m.., channels n..) in the output dtype
+template <typename T, int MR, int NR>
+FF_INLINE void store_tile(const QuantLinearArgs& a, const float (*out)[kNRMax], int64_t m, int64_t n) {
   T* y = static_cast<T*>(a.y);
   const T* b = static_cast<const T*>(a.bias);
   for (int i = 0; i < MR; ++i)
@@ -256,6 +253,15 @@ void tile_store(const QuantLinearArgs& a, const float* xc, int64_t m, int64_t n)
       if (b) v += to_float(b[n + j]);
       y[(m + i) * a.N + n + j] = from_float<T>(v);
     }
+}
+
+template <typename T, QuantScheme S, int MR, int NR>
+void tile_store(const QuantLinearArgs& a, const float* xc, int64_t m, int64_t n) {
+  const float* xr[MR];
+  for (int i = 0; i < MR; ++i) xr[i] = xc + (m + i) * a.K;
+  float out[kMR][kNRMax];
+  tile<S, MR, NR>(a, xr, n, out);
+  store_tile<T, MR, NR>(a, out, m, n);
 }
 
 // f(rows, cols) for a tile of mr <= MR rows of x and nr <= NR rows of W, the counts passed as
@@ -845,14 +851,7 @@ void i4tile_store(const QuantLinearArgs& a, const XBlocks& xb, int64_t m, int64_
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) out[i][j] = i4dot<float>(a, xb, m + i, n + j);
 #endif
-  T* y = static_cast<T*>(a.y);
-  const T* b = static_cast<const T*>(a.bias);
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      float v = out[i][j];
-      if (b) v += to_float(b[n + j]);
-      y[(m + i) * a.N + n + j] = from_float<T>(v);
-    }
+  store_tile<T, MR, NR>(a, out, m, n);
 }
 
 template <typename T, bool VNNI>
