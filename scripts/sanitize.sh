@@ -38,7 +38,7 @@ import sys
 sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("_editable_skbc_")]
 PY
 
-SANITIZE_TESTS=(tests/test_softmax.py tests/test_layernorm.py tests/test_gelu.py tests/test_cross_entropy.py tests/test_attention.py tests/test_attention_varlen.py tests/test_linear.py tests/test_paged_attention.py tests/test_quantized_linear.py tests/test_fuzz.py tests/test_errors_isolated.py tests/test_numerics_edges.py tests/test_concurrency.py::test_threads_match_one_thread)
+SANITIZE_TESTS=(tests/test_softmax.py tests/test_layernorm.py tests/test_gelu.py tests/test_cross_entropy.py tests/test_attention.py tests/test_attention_varlen.py tests/test_linear.py tests/test_paged_attention.py tests/test_quantized_linear.py tests/test_decode_layer.py tests/test_fuzz.py tests/test_errors_isolated.py tests/test_numerics_edges.py tests/test_concurrency.py::test_threads_match_one_thread)
 if [ $# -gt 0 ]; then SANITIZE_TESTS=("$@"); fi
 
 # libstdc++ is preloaded too: the ASan runtime looks up __cxa_throw when it starts, and the
